@@ -1,0 +1,423 @@
+"""Distillation losses and the per-epoch samplers they need (RCE-KD, CE-KD, RRD).
+
+Everything here is a pure function of tensors: no model, dataset, config or device choice.
+Tensors stay on whatever device they arrive on. See ``shared/docs/rcekd.md`` for the method;
+step numbers in docstrings refer to its algorithm section.
+
+Shape conventions: ``b`` users in the batch, ``n_items`` items in the catalogue, ``d``/``dT``
+student/teacher embedding sizes, ``K`` top-list size, ``L`` sampled interesting items,
+``M`` depth of the student's ranking read each epoch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "bpr_loss",
+    "subset_ce",
+    "build_teacher_side_set",
+    "rcekd_loss",
+    "ce_kd_loss",
+    "rrd_loss",
+    "interesting_position_counts",
+    "interesting_position_weights",
+    "sample_interesting_positions",
+    "sample_rrd_sets",
+    "pair_scores",
+]
+
+# The spec caps c_u(j) at 50 so that exp((c+1)/T) stays bounded however long the lists are.
+COUNT_CAP = 50
+# Teacher vectors can be wide (2000-dim LightGCN): gather them in user chunks so that the
+# [chunk, k, dT] intermediate stays around this many elements (16 MiB of float32). Measured
+# on CPU (b=2048, 150 items, dT=400): ~0.5 s per batch at this size, 1.3 s unchunked.
+_TEACHER_GATHER_ELEMS = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def pair_scores(user: Tensor, item_table: Tensor, idx: Tensor) -> Tensor:
+    """Dot products of each user with its own list of items.
+
+    user [b, d], item_table [n_items, d], idx [b, k] long -> [b, k].
+    Gathers only the k listed item vectors per user; never forms a users x items matrix.
+    """
+    vecs = item_table[idx]  # [b, k, d]
+    return torch.bmm(vecs, user.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def _teacher_scores(user: Tensor, item_table: Tensor, idx: Tensor) -> Tensor:
+    """``pair_scores`` for a frozen teacher, chunked over users to bound memory."""
+    b, k = idx.shape
+    dim = max(item_table.shape[1], 1)
+    chunk = max(1, _TEACHER_GATHER_ELEMS // max(k * dim, 1))
+    if chunk >= b:
+        return pair_scores(user, item_table, idx)
+    return torch.cat(
+        [pair_scores(user[i : i + chunk], item_table, idx[i : i + chunk]) for i in range(0, b, chunk)]
+    )
+
+
+def _rowwise_isin(x: Tensor, y: Tensor) -> Tensor:
+    """``out[r, i] = x[r, i] in set(y[r])``.  x [b, k], y [b, m] -> bool [b, k].
+
+    Sort + searchsorted costs O(b (k + m) log m) instead of the O(b k m) of broadcasting.
+    """
+    if y.shape[1] == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    y_sorted, _ = torch.sort(y, dim=1)
+    pos = torch.searchsorted(y_sorted, x.contiguous()).clamp_(max=y.shape[1] - 1)
+    return y_sorted.gather(1, pos) == x
+
+
+# --------------------------------------------------------------------------------------------
+# losses
+# --------------------------------------------------------------------------------------------
+
+
+def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
+    """BPR loss, summed over the batch (the spec's L_base).
+
+    pos_scores [b], neg_scores [b] -> scalar ``-sum log sigmoid(pos - neg)``.
+    """
+    return -F.logsigmoid(pos_scores - neg_scores).sum()
+
+
+def subset_ce(teacher_scores: Tensor, student_scores: Tensor, mask: Tensor, tau: float) -> Tensor:
+    """Per-user cross-entropy over a masked subset J, both softmaxes renormalised over J.
+
+    teacher_scores [b, n], student_scores [b, n], mask [b, n] bool (True = in J) -> [b]:
+    ``-sum_{i in J} softmax(t[J]/tau)_i * log softmax(s[J]/tau)_i``.
+    Masked-out entries contribute neither value nor gradient; a user with an empty J gets 0.
+    """
+    if teacher_scores.shape != student_scores.shape or mask.shape != student_scores.shape:
+        raise ValueError(
+            f"shape mismatch: teacher {tuple(teacher_scores.shape)}, "
+            f"student {tuple(student_scores.shape)}, mask {tuple(mask.shape)}"
+        )
+    mask = mask.to(torch.bool)
+    nonempty = mask.any(dim=1)
+    # Treat an empty row as full while computing (so no logsumexp over only -inf, whose
+    # backward is NaN), then zero its loss below.
+    safe_mask = mask | ~nonempty.unsqueeze(1)
+    neg_inf = torch.tensor(float("-inf"), dtype=student_scores.dtype, device=student_scores.device)
+
+    s = student_scores / tau
+    t = teacher_scores / tau
+    # -inf only enters logsumexp/softmax, whose backward gives exact zeros there; the log-prob
+    # itself is taken with `where` so 0 * (-inf) never appears in the forward or the backward.
+    lse = torch.logsumexp(torch.where(safe_mask, s, neg_inf), dim=1, keepdim=True)
+    log_q = torch.where(safe_mask, s - lse, torch.zeros_like(s))
+    p = torch.softmax(torch.where(safe_mask, t, neg_inf.to(t.dtype)), dim=1)
+    loss = -(p * log_q).sum(dim=1)
+    return torch.where(nonempty, loss, torch.zeros_like(loss))
+
+
+def build_teacher_side_set(qt: Tensor, a: Tensor, qs: Tensor) -> tuple[Tensor, Tensor]:
+    """Step 6's set ``B_u = A_u ∪ (QT_u \\ A_u \\ QS_u)`` as a padded list plus a mask.
+
+    qt [b, K] long (distinct per row), a [b, L] long (distinct per row), qs [b, K] long ->
+    (items [b, L + K] long, mask [b, L + K] bool). ``items = [A_u, QT_u]``; the QT part is
+    masked off where the item is already in A_u or QS_u, so every item of B_u counts once.
+    """
+    keep_qt = ~(_rowwise_isin(qt, a) | _rowwise_isin(qt, qs))
+    items = torch.cat([a, qt], dim=1)
+    mask = torch.cat([torch.ones_like(a, dtype=torch.bool), keep_qt], dim=1)
+    return items, mask
+
+
+def rcekd_loss(
+    student_user: Tensor,
+    student_items: Tensor,
+    teacher_user: Tensor,
+    teacher_items: Tensor,
+    qt: Tensor,
+    qs: Tensor,
+    a: Tensor,
+    *,
+    tau: float,
+    beta: float,
+    use_loss_s: bool = True,
+    use_loss_t: bool = True,
+    constant_alpha: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """RCE-KD loss (steps 5-7), summed over the batch's users.
+
+    student_user [b, d], student_items [n_items, d], teacher_user [b, dT],
+    teacher_items [n_items, dT], qt [b, K] (teacher top-K), qs [b, K] (student top-K),
+    a [b, L] (sampled interesting items) -> (scalar ``sum_u loss_KD(u)``, parts).
+
+    ``loss_KD = (1 - alpha) loss_S + alpha loss_T`` with ``alpha = exp(-beta |QT ∩ A| / K)``.
+    Ablations: ``use_loss_s=False`` -> loss_T only ("w/o S"); ``use_loss_t=False`` -> loss_S
+    only ("w/o T"); ``constant_alpha`` replaces the adaptive alpha ("w/ const").
+    parts: detached 0-dim batch means of "loss_s", "loss_t", "alpha", "overlap".
+    """
+    if not (use_loss_s or use_loss_t):
+        raise ValueError("at least one of use_loss_s / use_loss_t must be True")
+    k = qt.shape[1]
+    n_qs = qs.shape[1]
+    b_items, b_mask = build_teacher_side_set(qt, a, qs)
+    # One gather for both subsets: [QS | A | QT].
+    all_items = torch.cat([qs, b_items], dim=1)
+    s_all = pair_scores(student_user, student_items, all_items)
+    t_all = _teacher_scores(teacher_user.detach(), teacher_items.detach(), all_items).to(s_all.dtype)
+
+    full = torch.ones_like(qs, dtype=torch.bool)
+    loss_s = subset_ce(t_all[:, :n_qs], s_all[:, :n_qs], full, tau)
+    loss_t = subset_ce(t_all[:, n_qs:], s_all[:, n_qs:], b_mask, tau)
+
+    overlap = _rowwise_isin(qt, a).sum(dim=1).to(s_all.dtype) / k
+    if constant_alpha is not None:
+        alpha = torch.full_like(overlap, float(constant_alpha))
+    else:
+        alpha = torch.exp(-beta * overlap)
+
+    if use_loss_s and use_loss_t:
+        per_user = (1.0 - alpha) * loss_s + alpha * loss_t
+    elif use_loss_t:
+        per_user = loss_t
+    else:
+        per_user = loss_s
+
+    parts = {
+        "loss_s": loss_s.detach().mean(),
+        "loss_t": loss_t.detach().mean(),
+        "alpha": alpha.detach().mean(),
+        "overlap": overlap.detach().mean(),
+    }
+    return per_user.sum(), parts
+
+
+def ce_kd_loss(
+    student_user: Tensor,
+    student_items: Tensor,
+    teacher_user: Tensor,
+    teacher_items: Tensor,
+    items: Tensor,
+    *,
+    tau: float,
+) -> Tensor:
+    """Vanilla CE-KD over a given item set, summed over users.
+
+    student_user [b, d], student_items [n_items, d], teacher_user [b, dT],
+    teacher_items [n_items, dT], items [b, K] long -> scalar.
+    Pass QT for the teacher-guided variant, QS for the student-guided one.
+    """
+    s = pair_scores(student_user, student_items, items)
+    t = _teacher_scores(teacher_user.detach(), teacher_items.detach(), items).to(s.dtype)
+    return subset_ce(t, s, torch.ones_like(items, dtype=torch.bool), tau).sum()
+
+
+def rrd_loss(
+    student_user: Tensor,
+    student_items: Tensor,
+    interesting: Tensor,
+    uninteresting: Tensor,
+) -> Tensor:
+    """DE-RRD relaxed ranking loss (Plackett-Luce), summed over users.
+
+    student_user [b, d], student_items [n_items, d], interesting [b, L1] long in teacher order
+    (best first), uninteresting [b, L2] long -> scalar
+    ``-sum_u sum_k [ s_k - log( sum_{j>=k} exp(s_j) + sum_{v in uninteresting} exp(s_v) ) ]``.
+    """
+    s_int = pair_scores(student_user, student_items, interesting)  # [b, L1]
+    # log sum_{j >= k} exp(s_j): reversed cumulative logsumexp, stable for large scores.
+    tail = torch.logcumsumexp(s_int.flip(1), dim=1).flip(1)
+    if uninteresting.shape[1] > 0:
+        s_un = pair_scores(student_user, student_items, uninteresting)
+        denom = torch.logaddexp(tail, torch.logsumexp(s_un, dim=1, keepdim=True))
+    else:
+        denom = tail
+    return -(s_int - denom).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# samplers (run once per epoch, outside autograd)
+# --------------------------------------------------------------------------------------------
+
+
+def _gumbel_topk(log_w: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+    """Indices of ``n`` distinct columns per row, drawn without replacement ∝ exp(log_w).
+
+    Gumbel-top-k gives exactly the distribution of successive draws without replacement
+    (what ``torch.multinomial(replacement=False)`` does) but stays in log space, so a small
+    temperature cannot underflow the weights to zero and make sampling fail.
+    """
+    u = torch.rand(log_w.shape, generator=generator, device=log_w.device, dtype=torch.float64)
+    u = u.clamp_(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
+    keys = log_w.to(torch.float64) - torch.log(-torch.log(u))
+    return torch.topk(keys, n, dim=1, sorted=False).indices
+
+
+@torch.no_grad()
+def interesting_position_counts(p: Tensor, qt: Tensor) -> Tensor:
+    """Step 4's ``c_u(j)``: teacher top-K items at position j or deeper in P_u, capped at 50.
+
+    p [n, M] long (student top-M, best first), qt [n, K] long -> [n, M] long.
+    """
+    hit = _rowwise_isin(p, qt).to(torch.long)
+    c = hit.flip(1).cumsum(1).flip(1)
+    return c.clamp_(max=COUNT_CAP)
+
+
+@torch.no_grad()
+def interesting_position_weights(p: Tensor, qt: Tensor, T: float) -> Tensor:
+    """Step 4's unnormalised weights ``exp((c_u(j) + 1) / T)``; [n, M] float64.
+
+    May overflow to inf for T below about 0.08; the sampler works on log weights instead.
+    """
+    c = interesting_position_counts(p, qt)
+    return torch.exp((c.to(torch.float64) + 1.0) / T)
+
+
+@torch.no_grad()
+def sample_interesting_positions(
+    p: Tensor,
+    qt: Tensor,
+    L: int,
+    T: float,
+    generator: torch.Generator | None = None,
+    block: int = 8192,
+) -> Tensor:
+    """Step 4: sample ``A_u``, L distinct positions of P_u with probability ∝ w_u(j).
+
+    p [n_users, M] long (student top-M, best first), qt [n_users, K] long ->
+    a [n_users, L] long item ids, listed in the student's order. Requires L <= M.
+    """
+    n, m = p.shape
+    if L > m:
+        raise ValueError(f"cannot sample L={L} distinct positions from M={m}")
+    out = torch.empty((n, L), dtype=p.dtype, device=p.device)
+    for start in range(0, n, block):
+        pb, qb = p[start : start + block], qt[start : start + block]
+        c = interesting_position_counts(pb, qb)
+        # Log weights (c+1)/T; the row max is irrelevant to Gumbel-top-k (shift invariant).
+        log_w = (c.to(torch.float64) + 1.0) / T
+        pos = _gumbel_topk(log_w, L, generator)
+        pos, _ = torch.sort(pos, dim=1)
+        out[start : start + block] = pb.gather(1, pos)
+    return out
+
+
+@torch.no_grad()
+def sample_rrd_sets(
+    teacher_topm: Tensor,
+    n_items: int,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    L1: int,
+    L2: int,
+    T: float,
+    generator: torch.Generator | None = None,
+    block: int = 8192,
+    max_rounds: int = 100,
+) -> tuple[Tensor, Tensor]:
+    """DE-RRD's per-epoch sets for every user.
+
+    teacher_topm [n_users, M] long (teacher's top-M, best first), n_items, train positives as
+    CSR (indptr [n_users + 1], indices [nnz]) -> (interesting [n_users, L1] long in teacher
+    order, uninteresting [n_users, L2] long).
+    Interesting: L1 distinct positions ∝ exp(-rank / T) (rank 1-based), sorted by rank.
+    Uninteresting: L2 independent uniform draws (with replacement, as in DE-RRD) from the
+    items outside the teacher's top-M and the user's positives, by vectorised rejection.
+    """
+    n, m = teacher_topm.shape
+    if L1 > m:
+        raise ValueError(f"cannot sample L1={L1} distinct positions from M={m}")
+    if len(indptr) != n + 1:
+        raise ValueError(f"indptr has {len(indptr)} entries, expected n_users + 1 = {n + 1}")
+    device = teacher_topm.device
+    indptr_np = np.asarray(indptr, dtype=np.int64)
+    indices_np = np.asarray(indices, dtype=np.int64)
+
+    # Users with no allowed item would make rejection sampling loop forever.
+    pos_counts = np.diff(indptr_np)
+    if L2 > 0:
+        n_pos_outside = _count_positives_outside(teacher_topm.cpu(), indptr_np, indices_np)
+        allowed = n_items - m - n_pos_outside
+        if (allowed <= 0).any():
+            bad = int(np.flatnonzero(allowed <= 0)[0])
+            raise ValueError(f"user {bad} has no item outside its teacher top-M and positives")
+
+    # Sorted keys user * n_items + item of all positives, for a vectorised membership test.
+    rows = np.repeat(np.arange(n, dtype=np.int64), pos_counts)
+    pos_keys = torch.from_numpy(np.sort(rows * n_items + indices_np)).to(device)
+
+    ranks = torch.arange(1, m + 1, dtype=torch.float64, device=device)
+    log_w = (-ranks / T).expand(n, m)
+    interesting = torch.empty((n, L1), dtype=torch.long, device=device)
+    uninteresting = torch.empty((n, L2), dtype=torch.long, device=device)
+    for start in range(0, n, block):
+        tb = teacher_topm[start : start + block].to(torch.long)
+        nb = tb.shape[0]
+        pos = _gumbel_topk(log_w[:nb], L1, generator)
+        pos, _ = torch.sort(pos, dim=1)  # teacher order
+        interesting[start : start + nb] = tb.gather(1, pos)
+        if L2 > 0:
+            user_ids = torch.arange(start, start + nb, device=device)
+            uninteresting[start : start + nb] = _sample_outside(
+                tb, user_ids, n_items, pos_keys, L2, generator, max_rounds
+            )
+    return interesting, uninteresting
+
+
+def _count_positives_outside(topm: Tensor, indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Per user, how many training positives are not in its teacher top-M."""
+    n = topm.shape[0]
+    counts = np.diff(indptr)
+    rows = np.repeat(np.arange(n, dtype=np.int64), counts)
+    topm_np = topm.numpy().astype(np.int64)
+    n_items_bound = int(max(topm_np.max(initial=0), indices.max(initial=0))) + 1
+    topm_keys = np.sort((np.arange(n, dtype=np.int64)[:, None] * n_items_bound + topm_np).ravel())
+    pos_keys = rows * n_items_bound + indices
+    inside = np.isin(pos_keys, topm_keys)
+    return np.bincount(rows[~inside], minlength=n)
+
+
+def _sample_outside(
+    topm: Tensor,
+    user_ids: Tensor,
+    n_items: int,
+    pos_keys: Tensor,
+    n_draw: int,
+    generator: torch.Generator | None,
+    max_rounds: int,
+) -> Tensor:
+    """Uniform items per row outside ``topm[row]`` and the row's positives, by rejection."""
+    nb, m = topm.shape
+    out = torch.full((nb, n_draw), -1, dtype=torch.long, device=topm.device)
+    filled = torch.zeros(nb, dtype=torch.long, device=topm.device)
+    # Oversample by the worst-case rejection rate among rows, so one round usually suffices.
+    oversample = max(2, int(math.ceil(2.0 * n_items / max(n_items - m, 1))))
+    todo = torch.arange(nb, device=topm.device)
+    for _ in range(max_rounds):
+        if todo.numel() == 0:
+            return out
+        need = n_draw * oversample
+        cand = torch.randint(
+            0, n_items, (todo.numel(), need), generator=generator, device=topm.device
+        )
+        bad = _rowwise_isin(cand, topm[todo])
+        if pos_keys.numel() > 0:
+            keys = user_ids[todo].unsqueeze(1) * n_items + cand
+            idx = torch.searchsorted(pos_keys, keys).clamp_(max=pos_keys.numel() - 1)
+            bad |= pos_keys[idx] == keys
+        ok = ~bad
+        # Place accepted candidates after what each row already holds, in draw order.
+        slot = filled[todo].unsqueeze(1) + ok.cumsum(1) - 1
+        take = ok & (slot < n_draw)
+        r = todo.unsqueeze(1).expand_as(cand)[take]
+        out[r, slot[take]] = cand[take]
+        filled[todo] += take.sum(1)
+        todo = todo[filled[todo] < n_draw]
+    raise RuntimeError(f"rejection sampling did not finish in {max_rounds} rounds")

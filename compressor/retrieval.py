@@ -1,0 +1,271 @@
+"""Top-K items for a set of users by inner product, via FAISS.
+
+The one module that owns "top-K items for these users" (steps 1-2 of RCE-KD, evaluation
+candidates, RRD's teacher lists). numpy float32 in, numpy out; never a users x items matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+__all__ = [
+    "TopKSearcher",
+    "measure_recall",
+    "set_thread_count",
+    "topk_cached",
+    "blocked_torch_topk",
+]
+
+logger = logging.getLogger("compressor.retrieval")
+
+_EXACT_FACTORIES = frozenset({"Flat", "FlatIP"})
+# Bound on gathered floats when recomputing true scores of approximate results (64 MiB).
+_GATHER_ELEMS = 1 << 24
+
+
+def set_thread_count(n: int) -> None:
+    """Set FAISS's OpenMP thread count (and nothing else)."""
+    faiss.omp_set_num_threads(int(n))
+
+
+def _as_f32(x: np.ndarray, name: str) -> np.ndarray:
+    arr = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [n, dim], got shape {arr.shape}")
+    return arr
+
+
+class TopKSearcher:
+    """Maximum-inner-product search over a fixed set of item vectors.
+
+    ``factory`` is a FAISS index-factory string. "Flat"/"FlatIP" is exact (IndexFlatIP);
+    anything else (e.g. "IVF64,Flat", "HNSW32") is approximate and searched through the
+    inner-product -> L2 reduction (``transform == "ip2l2"``). ``params`` holds search-time
+    parameters such as {"nprobe": 16} or {"efSearch": 128}. Scores returned are always the
+    true inner products.
+    """
+
+    def __init__(
+        self,
+        item_vectors: np.ndarray,
+        factory: str = "Flat",
+        use_gpu: bool = False,
+        params: Mapping[str, int | float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        items = _as_f32(item_vectors, "item_vectors")
+        self.factory = factory
+        self.is_exact = factory in _EXACT_FACTORIES
+        self.n_items, self.dim = items.shape
+        self.params = dict(params or {})
+        self.on_gpu = False
+        self._items = items  # kept to recompute true scores for approximate results
+        self._gpu_res = None
+
+        if self.is_exact:
+            self.transform = "none"
+            index = faiss.IndexFlatIP(self.dim)
+            index.add(items)
+        else:
+            # Inner-product -> L2 reduction (Bachrach et al. 2014): append sqrt(R^2 - |x|^2)
+            # to items and 0 to queries, so |q' - x'|^2 = |q|^2 + R^2 - 2 q.x and the L2 order
+            # is the IP order. Trained MF item vectors have very skewed norms; IVF with raw IP
+            # clusters by direction and then misses the long vectors that win most queries,
+            # which costs recall. After the reduction every item has norm R and k-means works.
+            self.transform = "ip2l2"
+            sq = np.einsum("ij,ij->i", items, items, dtype=np.float64)
+            self._max_sq_norm = float(sq.max()) if len(sq) else 0.0
+            extra = np.sqrt(np.maximum(self._max_sq_norm - sq, 0.0)).astype(np.float32)
+            aug = np.ascontiguousarray(np.hstack([items, extra[:, None]]))
+            index = faiss.index_factory(self.dim + 1, factory, faiss.METRIC_L2)
+            ivf = _try_extract_ivf(index)
+            if ivf is not None:
+                ivf.cp.seed = int(seed)  # reproducible k-means
+            if not index.is_trained:
+                index.train(aug)
+            index.add(aug)
+
+        if use_gpu:
+            index = self._to_gpu(index)
+        self.index = index
+        self._apply_params()
+
+    def _to_gpu(self, index: faiss.Index) -> faiss.Index:
+        """Move the index to GPU 0 when this FAISS build can; otherwise warn and stay on CPU."""
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+            logger.warning("use_gpu requested but FAISS has no usable GPU; searching on CPU")
+            return index
+        try:
+            self._gpu_res = faiss.StandardGpuResources()
+            gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+        except RuntimeError as exc:  # e.g. HNSW has no GPU implementation
+            logger.warning("could not move %r index to GPU (%s); searching on CPU", self.factory, exc)
+            self._gpu_res = None
+            return index
+        self.on_gpu = True
+        return gpu_index
+
+    def _apply_params(self) -> None:
+        if not self.params:
+            return
+        space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
+        for name, value in self.params.items():
+            space.set_index_parameter(self.index, name, value)
+
+    def search(
+        self, user_vectors: np.ndarray, k: int, block: int = 4096
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items per user, best first.
+
+        user_vectors [n, dim] -> (scores [n, k] float32 true inner products,
+        ids [n, k] int64). Searches ``block`` users at a time. An approximate index that
+        finds fewer than k items for a user pads with id -1 and score -inf.
+        """
+        users = _as_f32(user_vectors, "user_vectors")
+        if users.shape[1] != self.dim:
+            raise ValueError(f"user_vectors have dim {users.shape[1]}, items have {self.dim}")
+        if not 0 < k <= self.n_items:
+            raise ValueError(f"k must be in 1..{self.n_items}, got {k}")
+        n = users.shape[0]
+        scores = np.empty((n, k), dtype=np.float32)
+        ids = np.empty((n, k), dtype=np.int64)
+        for start in range(0, n, block):
+            q = users[start : start + block]
+            if self.is_exact:
+                s, i = self.index.search(q, k)
+            else:
+                s, i = self._search_ip2l2(q, k)
+            scores[start : start + len(q)] = s
+            ids[start : start + len(q)] = i
+        return scores, ids
+
+    def _search_ip2l2(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # Put each query on the items' sphere (norm R). The item order is unchanged, since
+        # |q' - x'|^2 = |q'|^2 + R^2 - 2 q'.x for every x, but a query left near the origin
+        # would rank IVF centroids (norm < R) by their norm, not their direction.
+        q_norm = np.linalg.norm(q, axis=1, keepdims=True)
+        scale = np.where(q_norm > 0, np.sqrt(self._max_sq_norm) / np.maximum(q_norm, 1e-30), 1.0)
+        q_aug = np.hstack([q * scale.astype(np.float32), np.zeros((len(q), 1), dtype=np.float32)])
+        q_aug = np.ascontiguousarray(q_aug, dtype=np.float32)
+        _, ids = self.index.search(q_aug, k)
+        ids = ids.astype(np.int64, copy=False)
+        valid = ids >= 0
+        # L2 distances of the augmented vectors lose precision for large norms, so recompute
+        # the true inner products of the returned ids and re-sort by them.
+        safe = np.where(valid, ids, 0)
+        s = np.empty(ids.shape, dtype=np.float32)
+        # Gather in sub-blocks so [rows, k, dim] stays small even for wide teacher vectors.
+        rows = max(1, _GATHER_ELEMS // max(k * self.dim, 1))
+        for r in range(0, len(q), rows):
+            vecs = self._items[safe[r : r + rows]]  # [rows, k, dim]
+            s[r : r + rows] = np.einsum("bkd,bd->bk", vecs, q[r : r + rows])
+        s[~valid] = -np.inf
+        order = np.argsort(-s, axis=1, kind="stable")
+        return np.take_along_axis(s, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def _try_extract_ivf(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def measure_recall(
+    searcher: TopKSearcher,
+    user_vectors: np.ndarray,
+    item_vectors: np.ndarray,
+    k: int,
+    sample_users: int = 1000,
+    seed: int = 0,
+) -> float:
+    """Recall@k of ``searcher`` against exact search, on a random sample of users.
+
+    Mean over sampled users of |approx top-k ∩ exact top-k| / k.
+    """
+    users = _as_f32(user_vectors, "user_vectors")
+    rng = np.random.default_rng(seed)
+    n = users.shape[0]
+    pick = rng.choice(n, size=min(sample_users, n), replace=False)
+    sample = users[np.sort(pick)]
+    _, exact = TopKSearcher(item_vectors, "Flat").search(sample, k)
+    _, approx = searcher.search(sample, k)
+    hits = sum(len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approx, exact))
+    return hits / (len(sample) * k)
+
+
+def _cache_name(fingerprint: str, k: int, factory: str) -> str:
+    key = json.dumps([fingerprint, int(k), factory], separators=(",", ":"))
+    return "topk-" + hashlib.sha256(key.encode("utf-8")).hexdigest() + ".npy"
+
+
+def topk_cached(
+    cache_dir: str | os.PathLike,
+    fingerprint: str,
+    user_vectors: np.ndarray,
+    item_vectors: np.ndarray,
+    k: int,
+    factory: str = "Flat",
+) -> np.ndarray:
+    """Top-k item ids per user [n, k] int64, computed once and kept in ``cache_dir``.
+
+    The file name is a sha256 of (fingerprint, k, factory); ``fingerprint`` must identify the
+    vectors (e.g. the teacher checkpoint's hash). A cached array with the wrong shape is
+    recomputed. Writes are atomic (temp file, fsync, os.replace).
+    """
+    cache = Path(cache_dir)
+    path = cache / _cache_name(fingerprint, k, factory)
+    n_users = np.asarray(user_vectors).shape[0]
+    if path.exists():
+        ids = np.load(path, allow_pickle=False)
+        if ids.shape == (n_users, k) and ids.dtype == np.int64:
+            logger.info("top-%d cache reused: %s", k, path)
+            return ids
+        logger.warning("top-%d cache %s has shape %s, expected %s; recomputing",
+                       k, path, ids.shape, (n_users, k))
+    _, ids = TopKSearcher(item_vectors, factory).search(user_vectors, k)
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, ids, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("top-%d computed (%s) and cached: %s", k, factory, path)
+    return ids
+
+
+def blocked_torch_topk(
+    user_vectors: np.ndarray, item_vectors: np.ndarray, k: int, block: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Baseline: matmul + torch.topk over ``block`` users at a time.
+
+    user_vectors [n, dim], item_vectors [n_items, dim] (numpy or torch) ->
+    (scores [n, k] float32, ids [n, k] int64), best first.
+    """
+    import torch  # only this baseline needs torch
+
+    users = torch.as_tensor(np.asarray(user_vectors, dtype=np.float32))
+    items = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32))
+    scores, ids = [], []
+    with torch.no_grad():
+        for start in range(0, users.shape[0], block):
+            s, i = torch.topk(users[start : start + block] @ items.T, k, dim=1)
+            scores.append(s)
+            ids.append(i)
+    if not scores:
+        return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+    return torch.cat(scores).numpy(), torch.cat(ids).numpy().astype(np.int64)
