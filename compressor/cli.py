@@ -1,0 +1,236 @@
+"""`compress`: the command line. The only module that touches compressor, export and serving together."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+log = logging.getLogger("compressor")
+
+DEVICE_OPT = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                          help="Where to train: auto picks CUDA when present, else CPU.")
+SEED_OPT = click.option("--seed", type=int, default=None, help="Seed for initialisation and sampling "
+                        "(overrides train.seed).")
+EPOCHS_OPT = click.option("--epochs", type=int, default=None, help="Maximum epochs (overrides train.epochs).")
+SET_OPT = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                       help="Override a config key, e.g. --set train.lr=0.002 (repeatable; value parsed as YAML).")
+THREADS_OPT = click.option("--threads", type=int, default=None,
+                           help="CPU threads for torch and FAISS (overrides train.threads; 0 = all cores).")
+QUIET_OPT = click.option("--quiet", is_flag=True, help="No progress bars; log warnings and the summary only.")
+
+
+def _setup_logging(quiet: bool = False, logfile: Path | None = None) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    sh.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.addHandler(sh)
+    if logfile is not None:
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(logfile)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    for noisy in ("urllib3", "mlflow", "alembic", "httpx", "matplotlib", "PIL", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors(fn):
+    """Turn the project's user-facing errors into a one-line `Error: ...` and exit status 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import USER_ERRORS
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; the last completed epoch is saved (use --resume to continue)", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _load_cfg(config_path, overrides, epochs=None, seed=None, threads=None):
+    import yaml
+
+    from .config import ConfigError, from_dict, load_config, to_dict
+
+    cfg = load_config(config_path)
+    raw = to_dict(cfg)
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {ov!r}: expected KEY=VALUE")
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"--set: unknown config key '{key}'")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"--set: unknown config key '{key}'")
+        node[parts[-1]] = yaml.safe_load(value)
+    if epochs is not None:
+        raw["train"]["epochs"] = epochs
+    if seed is not None:
+        raw["train"]["seed"] = seed
+    if threads is not None:
+        raw["train"]["threads"] = threads
+    cfg = from_dict(raw, str(config_path or "<defaults>"))
+    # Record where the data really is, so `evaluate` and `--resume` find it from any directory.
+    if not cfg.data.path.startswith("builtin:"):
+        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    return cfg
+
+
+def _load_data(cfg):
+    from .data import load_dataset
+
+    d = cfg.data
+    return load_dataset(d.path, d.format, d.min_user_interactions, d.min_item_interactions, d.split.order,
+                        tuple(d.split.ratios), d.split.seed)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="compress")
+def main():
+    """Compress large recommenders into small, fast ones and ship them to serving.
+
+    \b
+    Workflow:
+      compress train    --config configs/citeulike/mf-teacher.yaml --out runs/teacher
+      compress distill  --teacher runs/teacher --config configs/citeulike/mf-rcekd.yaml --out runs/student
+      compress evaluate runs/student --json
+    """
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), required=False,
+              help="YAML recipe (see configs/). Defaults: MF on the bundled CiteULike-t.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Run directory: checkpoints, metrics.jsonl, train.log, result.json.")
+@EPOCHS_OPT
+@SEED_OPT
+@DEVICE_OPT
+@THREADS_OPT
+@SET_OPT
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
+@QUIET_OPT
+@user_errors
+def train(config_path, out, epochs, seed, device, threads, overrides, resume, quiet):
+    """Train a model (typically the teacher) with BPR, early stopping on validation NDCG@10."""
+    from .objectives import Scratch
+
+    _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, Scratch(), "train")
+
+
+def _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, objective, command,
+                  extra_meta=None, prepare=None):
+    from .device import configure_threads, resolve_device
+    from .trainer import Trainer
+
+    out = Path(out)
+    if resume and config_path is None and (out / "config.yaml").exists():
+        config_path = out / "config.yaml"  # a resumed run keeps its own resolved config
+    cfg = _load_cfg(config_path, overrides, epochs, seed, threads)
+    _setup_logging(quiet, out / "train.log")
+    dev = resolve_device(device)
+    configure_threads(cfg.train.threads)
+    data = _load_data(cfg)
+    if prepare is not None:
+        objective, extra_meta = prepare(cfg, data, dev)
+    trainer = Trainer(cfg, data, objective, out, dev, command=command, extra_meta=extra_meta,
+                      progress=not quiet)
+    result = trainer.fit(resume=resume)
+    click.echo(json.dumps({"out": str(out), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                           "test": {k: round(v, 6) for k, v in result.test.items() if k != "users"},
+                           "wall_time_s": round(result.wall_time_s, 1)}))
+    return result
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
+              help="Which held-out split to rank.")
+@click.option("--data", "data_path", default=None,
+              help="Evaluate on this data instead of the data recorded in the checkpoint (ids must match).")
+@click.option("--k", "ks", type=int, multiple=True, help="Cut-offs K (repeatable; default: the run's eval_ks).")
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON object of the metrics.")
+@DEVICE_OPT
+@user_errors
+def evaluate(checkpoint, split, data_path, ks, as_json, device):
+    """Full-ranking Recall@K / NDCG@K of CHECKPOINT (a run directory or a .safetensors file).
+
+    All items are ranked except the user's training items; users without held-out items are skipped.
+    """
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .config import from_dict
+    from .device import configure_threads, resolve_device
+    from .evaluation import evaluate as run_eval
+
+    _setup_logging(quiet=as_json)
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(resolve_source(checkpoint))
+    cfg = from_dict(ckpt.meta["config"], str(ckpt.path))
+    configure_threads(cfg.train.threads)
+    if data_path:
+        cfg.data.path = data_path
+    data = _load_data(cfg)
+    _check_ids(ckpt, data, str(ckpt.path))
+    model = ckpt.build_model(dev)
+    with torch.no_grad():
+        u, i = model.vectors()
+        target = data.valid if split == "valid" else data.test
+        res = run_eval(u, i, data.train.indptr, data.train.items, target.indptr, target.items,
+                       ks=ks or cfg.train.eval_ks, block=cfg.train.eval_block)
+    metrics = {k: v for k, v in res.items() if k != "users"}
+    if as_json:
+        click.echo(json.dumps(metrics))
+    else:
+        click.echo(f"{ckpt.path} on {split} ({res['users']:,} users):")
+        for k, v in metrics.items():
+            click.echo(f"  {k:<10} {v:.5f}")
+
+
+def _check_ids(ckpt, data, where: str) -> None:
+    from .errors import MismatchError
+
+    if len(ckpt.user_ids) != data.num_users or len(ckpt.item_ids) != data.num_items:
+        raise MismatchError(f"{where}: model has {len(ckpt.user_ids):,} users x {len(ckpt.item_ids):,} items, "
+                            f"data has {data.num_users:,} x {data.num_items:,}")
+    if not (ckpt.user_ids == data.user_ids).all() or not (ckpt.item_ids == data.item_ids).all():
+        raise MismatchError(f"{where}: model's user/item ids differ from the data's")
+
+
+def resolve_source(source: str) -> str:
+    """A checkpoint path, or a `models:/NAME/VERSION` / `models:/NAME@ALIAS` registry URI (downloaded)."""
+    if source.startswith("models:/"):
+        from .tracking import download_registered_checkpoint
+        return str(download_registered_checkpoint(source))
+    return source
+
+
+@main.command("config-reference")
+def config_reference():
+    """Print every config key with its type, default and meaning (Markdown)."""
+    from .config import reference_markdown
+
+    click.echo(reference_markdown(), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,252 @@
+"""Typed, validated run configuration.
+
+A YAML recipe maps onto nested dataclasses. Unknown or misspelled keys are errors that name the key (with its
+dotted path and the file), wrong types and out-of-range values likewise. Every field carries a help string, from
+which the README's configuration reference is generated (``compress config-reference``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or override; the message names the key."""
+
+
+def _f(default, help: str, choices=None, min=None):  # noqa: A002 - mirrors argparse's names
+    kw = {"metadata": {"help": help, "choices": choices, "min": min}}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), **kw)
+    return field(default=default, **kw)
+
+
+@dataclass
+class SplitConfig:
+    order: str = _f("file", "How each user's interactions are ordered before the 8:1:1 cut.",
+                    choices=("file", "timestamp", "random"))
+    ratios: list = _f([0.8, 0.1, 0.1], "train/valid/test shares per user (must sum to 1).")
+    seed: int = _f(0, "Seed of the shuffle when order is 'random'.")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("builtin:citeulike-t", "A file, a directory with train/valid/test files, or builtin:citeulike-t.")
+    format: str = _f("auto", "Input format.", choices=("auto", "pairs", "lists", "users_dat"))
+    min_user_interactions: int = _f(0, "k-core: drop users with fewer interactions (0 = keep all).", min=0)
+    min_item_interactions: int = _f(0, "k-core: drop items with fewer interactions (0 = keep all).", min=0)
+    split: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "Per-user split of a single file."})
+
+
+@dataclass
+class ModelConfig:
+    kind: str = _f("mf", "Model family.", choices=("mf", "lightgcn"))
+    dim: int = _f(64, "Embedding dimension.", min=1)
+    layers: int = _f(3, "LightGCN propagation layers (ignored by MF).", min=0)
+    init_std: float = _f(0.01, "Std of the normal initialisation of the embeddings.", min=0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(1000, "Maximum number of epochs.", min=1)
+    batch_size: int = _f(2048, "Training interactions per BPR batch.", min=1)
+    lr: float = _f(1e-3, "Adam learning rate.", min=0)
+    weight_decay: float = _f(0.0, "Adam weight decay (L2).", min=0)
+    eval_every: int = _f(1, "Validate every N epochs.", min=1)
+    patience: int = _f(30, "Stop after this many validations without a better validation metric.", min=1)
+    metric: str = _f("ndcg@10", "Validation metric for early stopping and model selection.")
+    eval_ks: list = _f([10, 20], "Cut-offs K for Recall@K and NDCG@K.")
+    seed: int = _f(0, "Seed of initialisation and sampling.")
+    threads: int = _f(0, "torch and FAISS CPU threads (0 = number of cores).", min=0)
+    eval_block: int = _f(1024, "Users per block in full-ranking evaluation (bounds memory).", min=1)
+
+
+@dataclass
+class RRDConfig:
+    interesting: int = _f(100, "L1: interesting items sampled from the teacher's top-M.", min=1)
+    top_m: int = _f(500, "M: depth of the teacher ranking the interesting items come from.", min=1)
+    temperature: float = _f(10.0, "T: sampling probability of rank r is proportional to exp(-r/T).", min=0)
+    uninteresting: int = _f(200, "L2: uniformly sampled items pushed below the interesting ones.", min=1)
+
+
+@dataclass
+class DistillConfig:
+    method: str = _f("rcekd", "Distillation objective.", choices=("rcekd", "ce", "rrd", "scratch"))
+    lambda_kd: float = _f(500.0, "lambda: weight of the KD loss against the BPR loss.", min=0)
+    tau: float = _f(1.0, "Softmax temperature of the CE terms.", min=0)
+    K: int = _f(50, "Size of the teacher's and the student's top lists.", min=1)
+    M: int = _f(200, "Depth of the student's ranking read each epoch (>= K).", min=1)
+    L: int = _f(50, "Items sampled per user from the student's top-M (<= M).", min=1)
+    T: float = _f(10.0, "Sampling temperature of the closure weights.", min=0)
+    beta: float = _f(3.0, "Strength of the adaptive weight alpha = exp(-beta * overlap).", min=0)
+    use_loss_s: bool = _f(True, "Ablation: keep loss_S (CE over the student's top-K).")
+    use_loss_t: bool = _f(True, "Ablation: keep loss_T (CE over sampled + teacher-top items).")
+    constant_alpha: typing.Optional[float] = _f(None, "Ablation: a constant alpha instead of the adaptive one.")
+    ce_target: str = _f("student", "Vanilla CE baseline: CE over the student's or the teacher's top-K.",
+                        choices=("student", "teacher"))
+    index: str = _f("Flat", "FAISS factory string for the top-K retrievals (Flat = exact).")
+    index_params: dict = _f({}, "FAISS search parameters, e.g. {nprobe: 32} or {efSearch: 128}.")
+    rrd: RRDConfig = field(default_factory=RRDConfig, metadata={"help": "RRD baseline settings."})
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Input data."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model trained by this run."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation and evaluation."})
+    distill: DistillConfig = field(default_factory=DistillConfig,
+                                   metadata={"help": "Distillation (used by `compress distill`)."})
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+def _type_ok(value, tp) -> tuple[bool, typing.Any]:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None
+        return _type_ok(value, next(a for a in args if a is not type(None)))
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is list:
+        return isinstance(value, list), value
+    if tp is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _build(cls, raw, where: str, source: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where or 'config'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(fields)})"
+            raise ConfigError(f"{source}: unknown config key '{path}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path, source)
+            continue
+        ok, value = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"{source}: '{path}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+        meta = fields[key].metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{source}: '{path}' is {value!r}; expected one of {', '.join(meta['choices'])}")
+        if meta.get("min") is not None and value is not None and value < meta["min"]:
+            raise ConfigError(f"{source}: '{path}' must be >= {meta['min']}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _check(cfg: Config, source: str) -> Config:
+    r = cfg.data.split.ratios
+    if len(r) != 3 or any(not isinstance(x, (int, float)) or x < 0 for x in r) or abs(sum(r) - 1) > 1e-6:
+        raise ConfigError(f"{source}: 'data.split.ratios' must be three non-negative numbers summing to 1, got {r}")
+    for k in cfg.train.eval_ks:
+        if not isinstance(k, int) or k < 1:
+            raise ConfigError(f"{source}: 'train.eval_ks' must be positive integers, got {cfg.train.eval_ks}")
+    m = cfg.train.metric
+    name, _, k = m.partition("@")
+    if name not in ("ndcg", "recall") or not k.isdigit() or int(k) not in cfg.train.eval_ks:
+        raise ConfigError(f"{source}: 'train.metric' must be ndcg@K or recall@K with K in train.eval_ks, got {m!r}")
+    d = cfg.distill
+    if d.M < d.K:
+        raise ConfigError(f"{source}: 'distill.M' ({d.M}) must be >= 'distill.K' ({d.K})")
+    if d.L > d.M:
+        raise ConfigError(f"{source}: 'distill.L' ({d.L}) must be <= 'distill.M' ({d.M})")
+    if d.rrd.interesting > d.rrd.top_m:
+        raise ConfigError(f"{source}: 'distill.rrd.interesting' must be <= 'distill.rrd.top_m'")
+    if not d.use_loss_s and not d.use_loss_t:
+        raise ConfigError(f"{source}: 'distill.use_loss_s' and 'distill.use_loss_t' cannot both be false")
+    return cfg
+
+
+def from_dict(raw: dict, source: str = "<config>") -> Config:
+    return _check(_build(Config, raw, "", source), source)
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return from_dict({}, "<defaults>")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    return from_dict(raw or {}, str(path))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1} (MLflow params)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def reference_markdown() -> str:
+    """Every config key with its type, default and help, generated from the dataclasses above."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+            helptext = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                helptext += f" One of: {', '.join(f.metadata['choices'])}."
+            lines.append(f"| `{key}` | {tname} | `{default}` | {helptext} |")
+
+    walk(Config, "")
+    return "\n".join(lines) + "\n"

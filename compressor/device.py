@@ -1,0 +1,37 @@
+"""The one place that chooses the device and the CPU thread counts."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """auto: CUDA when present, else CPU. Asking for cuda without one is a clear error, not a crash later."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device auto or cpu)")
+    if choice not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu or cuda, got {choice!r}")
+    return torch.device(choice)
+
+
+def configure_threads(threads: int = 0) -> int:
+    """Set torch's and FAISS's CPU thread pools deliberately (0 = one per core).
+
+    Both libraries start their own OpenMP pool; leaving both at their defaults oversubscribes small machines,
+    which makes FAISS many times slower. Training alternates between them, so each gets all cores in turn.
+    """
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    try:
+        import faiss  # optional here: only retrieval needs it
+        faiss.omp_set_num_threads(n)
+    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
+        pass
+    return n

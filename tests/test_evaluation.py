@@ -1,0 +1,69 @@
+import math
+
+import numpy as np
+import torch
+
+from compressor.evaluation import evaluate
+
+
+def _csr(rows, n_users):
+    indptr = [0]
+    indices = []
+    for u in range(n_users):
+        items = rows.get(u, [])
+        indices += items
+        indptr.append(len(indices))
+    return np.array(indptr, dtype=np.int64), np.array(indices, dtype=np.int64)
+
+
+def test_hand_computed_example():
+    # one user, 6 items; scores rank items 0 > 1 > 2 > 3 > 4 > 5; item 0 is a training item (excluded)
+    item_vecs = torch.tensor([[6.0], [5.0], [4.0], [3.0], [2.0], [1.0]])
+    user_vecs = torch.tensor([[1.0]])
+    train = _csr({0: [0]}, 1)
+    test = _csr({0: [2, 5]}, 1)  # ranking after exclusion: 1, 2, 3, 4, 5 -> hits at ranks 2 and 5
+    res = evaluate(user_vecs, item_vecs, *train, *test, ks=(2, 5))
+    assert math.isclose(res["recall@2"], 0.5)
+    assert math.isclose(res["recall@5"], 1.0)
+    idcg2 = 1 + 1 / math.log2(3)
+    assert math.isclose(res["ndcg@2"], (1 / math.log2(3)) / idcg2)
+    assert math.isclose(res["ndcg@5"], (1 / math.log2(3) + 1 / math.log2(6)) / idcg2)
+
+
+def _dense_reference(U, I, train, test, ks):
+    scores = U @ I.T
+    out = {f"{m}@{k}": [] for k in ks for m in ("recall", "ndcg")}
+    for u in range(U.shape[0]):
+        t = set(test.get(u, []))
+        if not t:
+            continue
+        s = scores[u].copy()
+        s[train.get(u, [])] = -np.inf
+        ranked = np.argsort(-s, kind="stable")
+        for k in ks:
+            top = ranked[:k]
+            hits = [1.0 if i in t else 0.0 for i in top]
+            out[f"recall@{k}"].append(sum(hits) / len(t))
+            dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits))
+            idcg = sum(1 / math.log2(r + 2) for r in range(min(k, len(t))))
+            out[f"ndcg@{k}"].append(dcg / idcg)
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def test_matches_dense_brute_force_with_blocks():
+    rng = np.random.default_rng(0)
+    nu, ni, d = 97, 60, 8
+    U = rng.normal(size=(nu, d)).astype(np.float32)
+    I = rng.normal(size=(ni, d)).astype(np.float32)
+    train = {u: sorted(rng.choice(ni, size=rng.integers(1, 20), replace=False).tolist()) for u in range(nu)}
+    test = {}
+    for u in range(nu):
+        if u % 7 == 0:
+            continue  # users without test items are skipped
+        rest = sorted(set(range(ni)) - set(train[u]))
+        test[u] = sorted(rng.choice(rest, size=rng.integers(1, 6), replace=False).tolist())
+    ref = _dense_reference(U, I, train, test, (5, 10))
+    res = evaluate(torch.from_numpy(U), torch.from_numpy(I), *_csr(train, nu), *_csr(test, nu), ks=(5, 10), block=16)
+    for k, v in ref.items():
+        assert math.isclose(res[k], v, rel_tol=1e-9, abs_tol=1e-12), k
+    assert res["users"] == len(test)
