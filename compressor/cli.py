@@ -161,6 +161,50 @@ def _run_training(config_path, out, epochs, seed, device, threads, overrides, re
 
 
 @main.command()
+@click.option("--teacher", default=None,
+              help="Frozen teacher: a `compress train` run dir or .safetensors, a models:/ URI, or an .npz with "
+                   "user_vectors, item_vectors, user_ids, item_ids. Not needed for --method scratch.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), required=False,
+              help="Student recipe, e.g. configs/citeulike/mf-rcekd.yaml (model = the student).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory of the student.")
+@click.option("--method", type=click.Choice(["rcekd", "ce", "rrd", "scratch"]), default=None,
+              help="Objective (overrides distill.method): rcekd (default), ce (vanilla CE-KD), rrd, scratch.")
+@EPOCHS_OPT
+@SEED_OPT
+@DEVICE_OPT
+@THREADS_OPT
+@SET_OPT
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
+@QUIET_OPT
+@user_errors
+def distill(teacher, config_path, out, method, epochs, seed, device, threads, overrides, resume, quiet):
+    """Distil a small student from a frozen teacher with RCE-KD (or a baseline, for a fair comparison).
+
+    The teacher's top-K is computed once with FAISS and cached beside the run (reused by later runs with
+    the same teacher); the student's top-M is refreshed at the start of every epoch.
+    """
+    from .distill import TeacherError, build_objective, load_teacher
+
+    if method:
+        overrides = (*overrides, f"distill.method={method}")
+
+    def prepare(cfg, data, dev):
+        t = None
+        meta = {"teacher": None}
+        if cfg.distill.method != "scratch":
+            if teacher is None:
+                raise TeacherError(f"--method {cfg.distill.method} needs --teacher")
+            t = load_teacher(resolve_source(teacher), data)
+            meta["teacher"] = {"source": teacher, "fingerprint": t.fingerprint, **t.info}
+            log.info("teacher %s: %s dim %s, fingerprint %s", teacher, t.info.get("kind"), t.info.get("dim"),
+                     t.fingerprint)
+        return build_objective(cfg, t, dev, Path(out)), meta
+
+    _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, None, "distill",
+                  prepare=prepare)
+
+
+@main.command()
 @click.argument("checkpoint")
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
               help="Which held-out split to rank.")

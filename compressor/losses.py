@@ -30,6 +30,8 @@ __all__ = [
     "sample_interesting_positions",
     "sample_rrd_sets",
     "pair_scores",
+    "rcekd_items",
+    "teacher_pair_scores",
 ]
 
 # The spec caps c_u(j) at 50 so that exp((c+1)/T) stays bounded however long the lists are.
@@ -136,6 +138,22 @@ def build_teacher_side_set(qt: Tensor, a: Tensor, qs: Tensor) -> tuple[Tensor, T
     return items, mask
 
 
+def _rcekd_items_and_mask(qt: Tensor, qs: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    b_items, b_mask = build_teacher_side_set(qt, a, qs)
+    return torch.cat([qs, b_items], dim=1), b_mask
+
+
+def rcekd_items(qt: Tensor, qs: Tensor, a: Tensor) -> Tensor:
+    """The item layout ``[QS | A | QT]`` [b, K + L + K] whose teacher scores ``rcekd_loss`` reads."""
+    return _rcekd_items_and_mask(qt, qs, a)[0]
+
+
+@torch.no_grad()
+def teacher_pair_scores(user: Tensor, item_table: Tensor, idx: Tensor) -> Tensor:
+    """Frozen-teacher scores of per-user item lists: user [b, dT], item_table [n, dT], idx [b, k] -> [b, k]."""
+    return _teacher_scores(user, item_table, idx)
+
+
 def rcekd_loss(
     student_user: Tensor,
     student_items: Tensor,
@@ -150,6 +168,7 @@ def rcekd_loss(
     use_loss_s: bool = True,
     use_loss_t: bool = True,
     constant_alpha: float | None = None,
+    teacher_scores: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """RCE-KD loss (steps 5-7), summed over the batch's users.
 
@@ -161,16 +180,24 @@ def rcekd_loss(
     Ablations: ``use_loss_s=False`` -> loss_T only ("w/o S"); ``use_loss_t=False`` -> loss_S
     only ("w/o T"); ``constant_alpha`` replaces the adaptive alpha ("w/ const").
     parts: detached 0-dim batch means of "loss_s", "loss_t", "alpha", "overlap".
+
+    ``teacher_scores`` [b, K + L + K]: the teacher's scores of ``rcekd_items(qt, qs, a)``, when
+    the caller has them already (the sets are fixed for an epoch, so a trainer can score them once
+    per epoch instead of gathering wide teacher vectors every batch); then ``teacher_user`` and
+    ``teacher_items`` are not read and may be None.
     """
     if not (use_loss_s or use_loss_t):
         raise ValueError("at least one of use_loss_s / use_loss_t must be True")
     k = qt.shape[1]
     n_qs = qs.shape[1]
-    b_items, b_mask = build_teacher_side_set(qt, a, qs)
-    # One gather for both subsets: [QS | A | QT].
-    all_items = torch.cat([qs, b_items], dim=1)
+    all_items, b_mask = _rcekd_items_and_mask(qt, qs, a)
     s_all = pair_scores(student_user, student_items, all_items)
-    t_all = _teacher_scores(teacher_user.detach(), teacher_items.detach(), all_items).to(s_all.dtype)
+    if teacher_scores is None:
+        t_all = _teacher_scores(teacher_user.detach(), teacher_items.detach(), all_items).to(s_all.dtype)
+    else:
+        if teacher_scores.shape != all_items.shape:
+            raise ValueError(f"teacher_scores {tuple(teacher_scores.shape)} must be {tuple(all_items.shape)}")
+        t_all = teacher_scores.detach().to(s_all.dtype)
 
     full = torch.ones_like(qs, dtype=torch.bool)
     loss_s = subset_ce(t_all[:, :n_qs], s_all[:, :n_qs], full, tau)
@@ -206,6 +233,7 @@ def ce_kd_loss(
     items: Tensor,
     *,
     tau: float,
+    teacher_scores: Tensor | None = None,
 ) -> Tensor:
     """Vanilla CE-KD over a given item set, summed over users.
 
@@ -214,7 +242,10 @@ def ce_kd_loss(
     Pass QT for the teacher-guided variant, QS for the student-guided one.
     """
     s = pair_scores(student_user, student_items, items)
-    t = _teacher_scores(teacher_user.detach(), teacher_items.detach(), items).to(s.dtype)
+    if teacher_scores is None:
+        t = _teacher_scores(teacher_user.detach(), teacher_items.detach(), items).to(s.dtype)
+    else:  # [b, K] precomputed teacher scores of ``items``
+        t = teacher_scores.detach().to(s.dtype)
     return subset_ce(t, s, torch.ones_like(items, dtype=torch.bool), tau).sum()
 
 
