@@ -1,0 +1,113 @@
+import json
+
+import numpy as np
+import pytest
+
+from compressor.checkpoint import load_checkpoint
+
+from .conftest import TINY_TRAIN, run_cli
+
+SMALL_KD = ["--set", "distill.K=10", "--set", "distill.M=30", "--set", "distill.L=10", "--set", "model.dim=8",
+            "--set", "distill.rrd.top_m=40", "--set", "distill.rrd.interesting=10",
+            "--set", "distill.rrd.uninteresting=20"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, slice_data):
+    out = tmp_path_factory.mktemp("kd") / "teacher"
+    run_cli("train", "--out", out, "--set", f"data.path={slice_data}", "--set", "model.dim=64", "--epochs", 12,
+            "--set", "train.lr=0.005", *TINY_TRAIN)
+    return out
+
+
+def _history(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rcekd_end_to_end_improves_over_first_epoch_and_logs_diagnostics(teacher, slice_data, tmp_path):
+    out = tmp_path / "rcekd"
+    run_cli("distill", "--teacher", teacher, "--out", out, "--config", "configs/citeulike/mf-rcekd.yaml",
+            "--set", f"data.path={slice_data}", "--epochs", 6, "--set", "train.lr=0.005", *SMALL_KD, *TINY_TRAIN)
+    hist = _history(out)
+    assert max(h["valid_ndcg@10"] for h in hist) > hist[0]["valid_ndcg@10"]
+    for key in ("loss_base", "loss_kd", "kd_loss_s", "kd_loss_t", "kd_alpha", "diag_topk_overlap",
+                "time_retrieval_s", "time_epoch_s"):
+        assert key in hist[0], key
+    assert 0 < hist[-1]["kd_alpha"] <= 1
+    ck = load_checkpoint(out)
+    assert ck.meta["teacher"]["fingerprint"] == load_checkpoint(teacher).fingerprint
+    assert ck.meta["method"] == "rcekd" and ck.meta["model"]["dim"] == 8
+    # the teacher's top-K was cached beside the run and is reused by the next run
+    cache = list((tmp_path / ".topk-cache").glob("topk-*.npy"))
+    assert len(cache) == 1
+    p = run_cli("distill", "--teacher", teacher, "--out", tmp_path / "again", "--config",
+                "configs/citeulike/mf-rcekd.yaml", "--set", f"data.path={slice_data}", "--epochs", 1, *SMALL_KD,
+                *TINY_TRAIN[:-1])
+    assert "cache reused" in p.stderr
+
+
+@pytest.mark.parametrize("method,extra", [("ce", []), ("ce", ["--set", "distill.ce_target=teacher"]),
+                                          ("rrd", []), ("scratch", []),
+                                          ("rcekd", ["--set", "distill.use_loss_s=false"]),
+                                          ("rcekd", ["--set", "distill.constant_alpha=0.5"]),
+                                          ("rcekd", ["--set", "distill.index=IVF8,Flat",
+                                                     "--set", "distill.index_params={nprobe: 8}"])])
+def test_every_method_runs_on_the_same_trainer(teacher, slice_data, tmp_path, method, extra):
+    out = tmp_path / method
+    run_cli("distill", "--teacher", teacher, "--method", method, "--out", out, "--set", f"data.path={slice_data}",
+            "--epochs", 2, *SMALL_KD, *extra, *TINY_TRAIN)
+    hist = _history(out)
+    assert len(hist) == 2 and load_checkpoint(out).meta["method"] == method
+    if "IVF8,Flat" in extra:
+        assert hist[0]["diag_retrieval_recall"] >= 0.95  # nprobe = nlist: the IVF search is exhaustive
+
+
+def _npz(path, ck, **override):
+    import torch
+    with torch.no_grad():
+        u, i = ck.build_model().vectors()
+    arrays = {"user_vectors": u.detach().numpy(), "item_vectors": i.detach().numpy(), "user_ids": ck.user_ids,
+              "item_ids": ck.item_ids}
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_teacher_from_another_system(teacher, slice_data, tmp_path):
+    ck = load_checkpoint(teacher)
+    perm = np.random.default_rng(0).permutation(len(ck.user_ids))  # rows in another order: aligned by id
+    with_perm = _npz(tmp_path / "t.npz", ck)
+    z = dict(np.load(with_perm))
+    np.savez(tmp_path / "perm.npz", user_vectors=z["user_vectors"][perm], item_vectors=z["item_vectors"],
+             user_ids=z["user_ids"][perm], item_ids=z["item_ids"])
+    for src in (with_perm, tmp_path / "perm.npz"):
+        run_cli("distill", "--teacher", src, "--out", tmp_path / src.stem, "--set", f"data.path={slice_data}",
+                "--epochs", 1, *SMALL_KD, *TINY_TRAIN)
+    a = np.load(next((tmp_path / ".topk-cache").glob("*.npy")))
+    assert len(list((tmp_path / ".topk-cache").glob("*.npy"))) == 2  # two fingerprints
+    b = [np.load(p) for p in (tmp_path / ".topk-cache").glob("*.npy")]
+    assert (b[0] == b[1]).all() and (a == b[0]).all()  # same teacher, same top-K, whatever the row order
+
+
+def test_teacher_data_mismatch_is_a_clear_error_before_training(teacher, slice_data, tmp_path):
+    ck = load_checkpoint(teacher)
+    cases = {
+        "fewer.npz": dict(user_ids=ck.user_ids[:-1]),
+        "unknown.npz": dict(user_ids=np.array([f"x{i}" for i in range(len(ck.user_ids))])),
+    }
+    for name, override in cases.items():
+        src = _npz(tmp_path / name, ck, **override)
+        if name == "fewer.npz":
+            z = dict(np.load(src))
+            np.savez(src, **(z | {"user_vectors": z["user_vectors"][:-1]}))
+        p = run_cli("distill", "--teacher", src, "--out", tmp_path / f"run-{name}", "--set", f"data.path={slice_data}",
+                    "--epochs", 1, *SMALL_KD, *TINY_TRAIN, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert str(src) in p.stderr
+        assert not (tmp_path / f"run-{name}" / "metrics.jsonl").exists()
+    shapes = _npz(tmp_path / "shapes.npz", ck, item_vectors=np.zeros((len(ck.item_ids), 3), np.float32))
+    p = run_cli("distill", "--teacher", shapes, "--out", tmp_path / "s", "--set", f"data.path={slice_data}",
+                *SMALL_KD, *TINY_TRAIN, check=False)
+    assert p.returncode == 1 and "same dimension" in p.stderr
+    p = run_cli("distill", "--out", tmp_path / "nt", "--set", f"data.path={slice_data}", *TINY_TRAIN, check=False)
+    assert p.returncode == 1 and "needs --teacher" in p.stderr
