@@ -1,0 +1,141 @@
+"""Export a compressor checkpoint as a serving bundle (the one export module that imports torch).
+
+Vectors come from the checkpoint's own model (`Checkpoint.build_model().vectors()`, for
+LightGCN the propagated vectors) under `torch.no_grad()`. The checkpoint's own top-k
+for a sample of users (torch matmul in user blocks, training items masked) is handed to
+`write_bundle` as the reference that the exact bundle must reproduce.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compressor.checkpoint import load_checkpoint
+from export.bundle import ExportError, write_bundle
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_USERS = 200
+REFERENCE_SEED = 0
+SCORE_BLOCK_USERS = 256  # block of users scored at once: 256 x I float32 stays small
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("compress-recsys")
+    except importlib.metadata.PackageNotFoundError:
+        import compressor  # not installed (running from a checkout): use the source's version
+
+        return str(getattr(compressor, "__version__", "0+unknown"))
+
+
+def reference_topk(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    k: int,
+    num_users: int = REFERENCE_USERS,
+    seed: int = REFERENCE_SEED,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Top-k (training items masked) for a seeded sample of users that have >= k unseen items.
+
+    Returns (users (S,), items (S, k)) or None when no user has k unseen items.
+    """
+    n_users, n_items = user_vecs.shape[0], item_vecs.shape[0]
+    # np.diff counts duplicate training rows twice, so this never admits a user with < k unseen.
+    eligible = np.flatnonzero(n_items - np.diff(indptr) >= k)
+    if eligible.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    users = np.sort(rng.choice(eligible, min(num_users, eligible.size), replace=False)).astype(np.int64)
+    out = np.empty((users.size, k), dtype=np.int64)
+    with torch.no_grad():
+        for start in range(0, users.size, SCORE_BLOCK_USERS):
+            block = users[start : start + SCORE_BLOCK_USERS]
+            scores = user_vecs[torch.as_tensor(block)] @ item_vecs.T
+            lens = indptr[block + 1] - indptr[block]
+            rows = np.repeat(np.arange(block.size), lens)
+            cols = np.concatenate([indices[indptr[u] : indptr[u + 1]] for u in block]) if lens.sum() else np.empty(0, np.int64)
+            scores[torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)] = -torch.inf
+            out[start : start + block.size] = torch.topk(scores, k, dim=1).indices.numpy()
+    return users, out
+
+
+def export_checkpoint(
+    checkpoint_path: str | Path,
+    out_dir: str | Path,
+    *,
+    index_factory: str = "auto",
+    k_max: int = 100,
+    recall_floor: float = 0.95,
+    force: bool = False,
+    overwrite: bool = False,
+    lineage_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load a checkpoint (run dir or .safetensors), compute its vectors and write a verified bundle.
+
+    Returns the manifest. Raises ExportError (and CheckpointError from loading).
+    """
+    ckpt = load_checkpoint(checkpoint_path)
+    meta = ckpt.meta
+    model = ckpt.build_model()
+    model.eval()
+    with torch.no_grad():
+        user_t, item_t = model.vectors()
+        user_t, item_t = user_t.detach().float().contiguous(), item_t.detach().float().contiguous()
+    user_vecs = user_t.numpy()
+    item_vecs = item_t.numpy()
+    indptr = np.asarray(ckpt.train_indptr, dtype=np.int64)
+    indices = np.asarray(ckpt.train_indices, dtype=np.int64)
+    if user_vecs.shape[0] != len(ckpt.user_ids) or item_vecs.shape[0] != len(ckpt.item_ids):
+        raise ExportError(
+            f"{checkpoint_path}: model has {user_vecs.shape[0]} users / {item_vecs.shape[0]} items but the checkpoint "
+            f"lists {len(ckpt.user_ids)} / {len(ckpt.item_ids)} ids"
+        )
+    k_ref = min(int(k_max), item_vecs.shape[0])
+    reference = reference_topk(user_t, item_t, indptr, indices, k_ref)
+    if reference is None:
+        logger.warning("no user has %d unseen items: exporting without a reference top-k check", k_ref)
+
+    model_spec = meta.get("model", {})
+    lineage: dict[str, Any] = {
+        "checkpoint_path": str(getattr(ckpt, "path", checkpoint_path)),
+        "checkpoint_fingerprint": meta.get("fingerprint"),
+        "model_kind": model_spec.get("kind"),
+        "model": model_spec,
+        "method": meta.get("method"),
+        "data_fingerprint": meta.get("data_fingerprint"),
+        "mlflow_run_id": meta.get("mlflow_run_id"),
+        "mlflow_model_version": meta.get("mlflow_model_version"),
+    }
+    lineage.update(lineage_extra or {})
+    metrics = (meta.get("metrics") or {}).get("test") or {}
+    logger.info(
+        "exporting %s (%s, %d users, %d items, dim %d) to %s",
+        checkpoint_path, model_spec.get("kind"), user_vecs.shape[0], item_vecs.shape[0], user_vecs.shape[1], out_dir,
+    )
+    return write_bundle(
+        out_dir,
+        user_vectors=user_vecs,
+        item_vectors=item_vecs,
+        user_ids=np.asarray(ckpt.user_ids),
+        item_ids=np.asarray(ckpt.item_ids),
+        seen_indptr=indptr,
+        seen_indices=indices,
+        index_factory=index_factory,
+        k_max=k_max,
+        recall_floor=recall_floor,
+        force=force,
+        overwrite=overwrite,
+        lineage=lineage,
+        metrics=metrics,
+        reference_topk=reference,
+        package_version=_package_version(),
+    )

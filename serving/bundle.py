@@ -1,0 +1,392 @@
+"""Load and check a serving bundle written by `export.bundle.write_bundle`.
+
+The bundle layout is documented in `export/bundle.py`; the constants below fix the
+file names both sides use. This module imports only numpy, onnx, onnxruntime and
+faiss: it must never import torch or `compressor`, not even transitively.
+
+Every check reads the bytes that were hashed (each file is read once, hashed, and
+parsed from memory), so a file swapped between the hash check and the parse cannot
+slip through. A failed check raises `BundleError("<file>: <check that failed>")`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import faiss
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx.external_data_helper import uses_external_data
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+INDEX_FILE = "items.faiss"
+USER_IDS_FILE = "user_ids.npy"
+ITEM_IDS_FILE = "item_ids.npy"
+SEEN_FILE = "seen.npz"
+DATA_FILES: tuple[str, ...] = (MODEL_FILE, INDEX_FILE, USER_IDS_FILE, ITEM_IDS_FILE, SEEN_FILE)
+QUERY_TRANSFORMS = ("none", "ip2l2")
+METRIC = "inner_product"
+
+
+class BundleError(Exception):
+    """A bundle failed a check; the message is one line: '<file>: <check that failed>'."""
+
+
+@dataclass(eq=False)
+class Bundle:
+    """Everything the recommender needs, loaded and cross-checked.
+
+    `item_vectors` are reconstructed from the FAISS index (without the ip2l2 extra
+    coordinate): exact for Flat/HNSW-Flat/IVF-Flat storage, the codec's approximation
+    for SQ/PQ storage. They are used to compute inner-product scores of results.
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    session: ort.InferenceSession
+    input_name: str
+    output_name: str
+    index: faiss.Index
+    item_vectors: np.ndarray
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    user_index: dict[str, int]
+    seen_indptr: np.ndarray
+    seen_indices: np.ndarray
+    dim: int
+    query_transform: str
+    search_params: dict[str, int]
+    # HNSW ignores k > efSearch (it returns fewer results), so the recommender
+    # raises efSearch per call to the over-fetch size; only valid for a bare IndexHNSW.
+    is_hnsw: bool = False
+    checks: list[str] = field(default_factory=list)
+
+    @property
+    def num_users(self) -> int:
+        return int(self.user_ids.shape[0])
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_ids.shape[0])
+
+    def seen(self, user: int) -> np.ndarray:
+        """Training item indices of one user index (a view into the CSR)."""
+        return self.seen_indices[self.seen_indptr[user] : self.seen_indptr[user + 1]]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fail(name: str, what: str) -> BundleError:
+    # Keep messages on one line whatever the underlying library printed.
+    return BundleError(f"{name}: {' '.join(str(what).split())}")
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise _fail(MANIFEST_FILE, f"missing in {root}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(MANIFEST_FILE, f"not parseable JSON ({_short(exc)})") from exc
+    if not isinstance(manifest, dict):
+        raise _fail(MANIFEST_FILE, "top level is not a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise _fail(
+            MANIFEST_FILE,
+            f"format_version {manifest.get('format_version')!r} unsupported (expected {FORMAT_VERSION})",
+        )
+    for key, typ in (
+        ("dim", int),
+        ("num_users", int),
+        ("num_items", int),
+        ("metric", str),
+        ("index", dict),
+        ("onnx", dict),
+        ("files", dict),
+    ):
+        if not isinstance(manifest.get(key), typ) or isinstance(manifest.get(key), bool):
+            raise _fail(MANIFEST_FILE, f"key {key!r} missing or not {typ.__name__}")
+    if manifest["metric"] != METRIC:
+        raise _fail(MANIFEST_FILE, f"metric {manifest['metric']!r} unsupported (expected {METRIC!r})")
+    for key in ("dim", "num_users", "num_items"):
+        if manifest[key] <= 0:
+            raise _fail(MANIFEST_FILE, f"{key} must be positive, got {manifest[key]}")
+    index = manifest["index"]
+    if index.get("query_transform") not in QUERY_TRANSFORMS:
+        raise _fail(MANIFEST_FILE, f"index.query_transform {index.get('query_transform')!r} not in {QUERY_TRANSFORMS}")
+    if not isinstance(index.get("search_params", {}), dict):
+        raise _fail(MANIFEST_FILE, "index.search_params is not an object")
+    for key in ("input", "output"):
+        if not isinstance(manifest["onnx"].get(key), str):
+            raise _fail(MANIFEST_FILE, f"onnx.{key} missing or not a string")
+    return manifest
+
+
+def _read_hashed(root: Path, manifest: dict[str, Any], checks: list[str]) -> dict[str, bytes]:
+    files = manifest["files"]
+    blobs: dict[str, bytes] = {}
+    for name in DATA_FILES:
+        entry = files.get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):
+            raise _fail(MANIFEST_FILE, f"files.{name} missing sha256/bytes")
+        path = root / name
+        if not path.is_file():
+            raise _fail(name, "missing")
+        data = path.read_bytes()
+        if len(data) != entry["bytes"]:
+            raise _fail(name, f"size {len(data)} bytes != manifest {entry['bytes']} (truncated or replaced)")
+        if sha256_bytes(data) != entry["sha256"]:
+            raise _fail(name, "sha256 does not match manifest (file modified)")
+        blobs[name] = data
+    checks.append("files: size and sha256 match manifest for " + ", ".join(DATA_FILES))
+    return blobs
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and tensor attributes, recursing into subgraphs (If/Loop bodies)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+def _table_shape(model: onnx.ModelProto, input_name: str) -> tuple[int, ...] | None:
+    """Shape of the user-vector table if the graph is Gather(initializer, input), else None."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == input_name and node.input[0] in inits:
+            return tuple(int(d) for d in inits[node.input[0]].dims)
+    return None
+
+
+def _load_model(
+    data: bytes, manifest: dict[str, Any], intra_op_num_threads: int, checks: list[str]
+) -> tuple[ort.InferenceSession, str, str]:
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise _fail(MODEL_FILE, f"not a parseable ONNX model ({_short(exc)})") from exc
+    for tensor in _all_tensors(model.graph):
+        if uses_external_data(tensor) or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise _fail(MODEL_FILE, f"tensor {tensor.name!r} uses external data (bundle models must be self-contained)")
+    checks.append(f"{MODEL_FILE}: no external data")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise _fail(MODEL_FILE, f"onnx.checker failed ({_short(exc)})") from exc
+    checks.append(f"{MODEL_FILE}: onnx.checker full_check passed")
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_num_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise _fail(MODEL_FILE, f"onnxruntime cannot load it ({_short(exc)})") from exc
+    checks.append(f"{MODEL_FILE}: loads in onnxruntime")
+
+    want_in, want_out = manifest["onnx"]["input"], manifest["onnx"]["output"]
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or inputs[0].name != want_in or inputs[0].type != "tensor(int64)":
+        got = [(i.name, i.type) for i in inputs]
+        raise _fail(MODEL_FILE, f"expected one int64 input {want_in!r}, model has {got}")
+    out = next((o for o in outputs if o.name == want_out), None)
+    if out is None or out.type != "tensor(float)":
+        got = [(o.name, o.type) for o in outputs]
+        raise _fail(MODEL_FILE, f"expected float32 output {want_out!r}, model has {got}")
+    dim, num_users = manifest["dim"], manifest["num_users"]
+    shape = list(out.shape)
+    if len(shape) != 2 or shape[1] != dim:
+        raise _fail(MODEL_FILE, f"output shape {shape} != [batch, manifest dim {dim}]")
+    table = _table_shape(model, want_in)
+    if table is not None and table != (num_users, dim):
+        raise _fail(MODEL_FILE, f"user table shape {list(table)} != [num_users {num_users}, dim {dim}]")
+    # Probe the first and last user (and, when the table is not a plain initializer,
+    # that one past the last is rejected) so the row count is checked either way.
+    try:
+        probe = session.run([want_out], {want_in: np.array([0, num_users - 1], dtype=np.int64)})[0]
+    except Exception as exc:
+        raise _fail(MODEL_FILE, f"probe of users 0 and {num_users - 1} failed ({_short(exc)})") from exc
+    if probe.shape != (2, dim) or probe.dtype != np.float32:
+        raise _fail(MODEL_FILE, f"probe output {probe.dtype}{list(probe.shape)} != float32[2, {dim}]")
+    if table is None:
+        try:
+            session.run([want_out], {want_in: np.array([num_users], dtype=np.int64)})
+        except Exception:
+            pass
+        else:
+            raise _fail(MODEL_FILE, f"accepts user index {num_users} = num_users (table has more rows than users)")
+    checks.append(f"{MODEL_FILE}: int64[batch] -> float32[batch, {dim}], {num_users} user rows")
+    return session, want_in, want_out
+
+
+def _load_index(data: bytes, manifest: dict[str, Any], checks: list[str]) -> tuple[faiss.Index, np.ndarray, bool]:
+    spec = manifest["index"]
+    dim, num_items = manifest["dim"], manifest["num_items"]
+    try:
+        # np.array(copy) rather than frombuffer: faiss wants a writable buffer.
+        index = faiss.deserialize_index(np.array(bytearray(data), dtype=np.uint8))
+    except Exception as exc:
+        raise _fail(INDEX_FILE, f"cannot be read by faiss ({_short(exc)})") from exc
+    ip2l2 = spec["query_transform"] == "ip2l2"
+    # ip2l2 adds the norm coordinate plus any zero padding a PQ/SQ codec needed.
+    want_d = spec.get("index_dim", dim + 1 if ip2l2 else dim)
+    if not isinstance(want_d, int) or (want_d < dim + 1 if ip2l2 else want_d != dim):
+        raise _fail(MANIFEST_FILE, f"index.index_dim {want_d!r} inconsistent with dim {dim} and {spec['query_transform']!r}")
+    if index.d != want_d:
+        raise _fail(
+            INDEX_FILE,
+            f"index dim {index.d} != manifest dim {dim}" + (f" + {want_d - dim} (ip2l2)" if ip2l2 else ""),
+        )
+    want_metric = faiss.METRIC_L2 if ip2l2 else faiss.METRIC_INNER_PRODUCT
+    if index.metric_type != want_metric:
+        raise _fail(
+            INDEX_FILE,
+            f"metric {index.metric_type} != {'L2' if ip2l2 else 'inner product'} required by query_transform {spec['query_transform']!r}",
+        )
+    if index.ntotal != num_items:
+        raise _fail(INDEX_FILE, f"ntotal {index.ntotal} != num_items {num_items}")
+    if not index.is_trained:
+        raise _fail(INDEX_FILE, "index is not trained")
+    checks.append(f"{INDEX_FILE}: d={index.d}, metric matches {spec['query_transform']!r}, ntotal={num_items}")
+
+    params = spec.get("search_params", {}) or {}
+    space = faiss.ParameterSpace()
+    for key, value in params.items():
+        try:
+            space.set_index_parameter(index, str(key), float(value))
+        except Exception as exc:
+            raise _fail(INDEX_FILE, f"cannot apply search param {key}={value} ({_short(exc)})") from exc
+    if params:
+        checks.append(f"{INDEX_FILE}: applied search params {params}")
+
+    # IVF indexes need a direct map before reconstruct(); harmless for search.
+    try:
+        faiss.extract_index_ivf(index).make_direct_map()
+    except Exception:
+        pass
+    try:
+        vectors = index.reconstruct_n(0, num_items)
+    except Exception as exc:
+        raise _fail(INDEX_FILE, f"cannot reconstruct item vectors for scoring ({_short(exc)})") from exc
+    vectors = np.ascontiguousarray(vectors[:, :dim], dtype=np.float32)
+    checks.append(f"{INDEX_FILE}: item vectors reconstructed ({num_items}x{dim})")
+    is_hnsw = isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
+    return index, vectors, is_hnsw
+
+
+def _load_ids(name: str, data: bytes, expected: int, what: str, checks: list[str]) -> np.ndarray:
+    try:
+        ids = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise _fail(name, f"not a loadable .npy without pickle ({_short(exc)})") from exc
+    if ids.ndim != 1 or ids.dtype.kind != "U":
+        raise _fail(name, f"expected a 1-D unicode array, got {ids.dtype}{list(ids.shape)}")
+    if ids.shape[0] != expected:
+        raise _fail(name, f"length {ids.shape[0]} != {what} {expected}")
+    if np.unique(ids).shape[0] != ids.shape[0]:
+        raise _fail(name, "external ids are not unique")
+    checks.append(f"{name}: {expected} unique ids")
+    return ids
+
+
+def _load_seen(data: bytes, num_users: int, num_items: int, checks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            indptr, indices = npz["indptr"], npz["indices"]
+    except Exception as exc:
+        raise _fail(SEEN_FILE, f"not a loadable .npz with indptr and indices ({_short(exc)})") from exc
+    if indptr.ndim != 1 or indices.ndim != 1 or indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+        raise _fail(SEEN_FILE, "indptr/indices must be 1-D integer arrays")
+    indptr, indices = indptr.astype(np.int64), indices.astype(np.int64)
+    if indptr.shape[0] != num_users + 1:
+        raise _fail(SEEN_FILE, f"indptr length {indptr.shape[0]} != num_users + 1 = {num_users + 1}")
+    if indptr[0] != 0 or indptr[-1] != indices.shape[0] or np.any(np.diff(indptr) < 0):
+        raise _fail(SEEN_FILE, "indptr is not a monotone 0..len(indices) CSR pointer")
+    if indices.size and (indices.min() < 0 or indices.max() >= num_items):
+        raise _fail(SEEN_FILE, f"indices outside [0, num_items={num_items})")
+    checks.append(f"{SEEN_FILE}: CSR {num_users} users x {num_items} items, {indices.shape[0]} entries")
+    return indptr, indices
+
+
+def _load(path: str | Path, intra_op_num_threads: int, faiss_threads: int | None) -> Bundle:
+    root = Path(path)
+    if not root.is_dir():
+        raise _fail(str(root), "bundle directory does not exist")
+    if faiss_threads is not None:
+        # Serving answers one small query per request: OpenMP fan-out only adds latency
+        # and fights the HTTP workers for cores.
+        faiss.omp_set_num_threads(faiss_threads)
+    checks: list[str] = []
+    manifest = _read_manifest(root)
+    checks.append(f"{MANIFEST_FILE}: parsed, format_version {FORMAT_VERSION}")
+    blobs = _read_hashed(root, manifest, checks)
+    session, input_name, output_name = _load_model(blobs[MODEL_FILE], manifest, intra_op_num_threads, checks)
+    index, item_vectors, is_hnsw = _load_index(blobs[INDEX_FILE], manifest, checks)
+    user_ids = _load_ids(USER_IDS_FILE, blobs[USER_IDS_FILE], manifest["num_users"], "num_users", checks)
+    item_ids = _load_ids(ITEM_IDS_FILE, blobs[ITEM_IDS_FILE], manifest["num_items"], "num_items", checks)
+    indptr, indices = _load_seen(blobs[SEEN_FILE], manifest["num_users"], manifest["num_items"], checks)
+    search_params = {str(k): int(v) for k, v in (manifest["index"].get("search_params") or {}).items()}
+    bundle = Bundle(
+        path=root,
+        manifest=manifest,
+        session=session,
+        input_name=input_name,
+        output_name=output_name,
+        index=index,
+        item_vectors=item_vectors,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        user_index={uid: i for i, uid in enumerate(user_ids.tolist())},
+        seen_indptr=indptr,
+        seen_indices=indices,
+        dim=manifest["dim"],
+        query_transform=manifest["index"]["query_transform"],
+        search_params=search_params,
+        is_hnsw=is_hnsw,
+        checks=checks,
+    )
+    logger.info(
+        "opened bundle %s: %d users, %d items, dim %d, index %s",
+        root, bundle.num_users, bundle.num_items, bundle.dim, manifest["index"].get("factory"),
+    )
+    return bundle
+
+
+def open_bundle(path: str | Path, *, intra_op_num_threads: int = 1, faiss_threads: int | None = 1) -> Bundle:
+    """Open a bundle directory, running every check; raises BundleError on the first failure.
+
+    `faiss_threads` sets FAISS's process-wide OpenMP thread count (None leaves it alone).
+    """
+    return _load(path, intra_op_num_threads, faiss_threads)
+
+
+def verify_bundle(path: str | Path) -> list[str]:
+    """Run every check `open_bundle` runs and return their descriptions; raises BundleError."""
+    return list(_load(path, 1, None).checks)
