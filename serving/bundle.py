@@ -250,8 +250,8 @@ def _load_index(data: bytes, manifest: dict[str, Any], checks: list[str]) -> tup
     spec = manifest["index"]
     dim, num_items = manifest["dim"], manifest["num_items"]
     try:
-        # np.array(copy) rather than frombuffer: faiss wants a writable buffer.
-        index = faiss.deserialize_index(np.array(bytearray(data), dtype=np.uint8))
+        # A bytearray-backed array: faiss wants a writable buffer (one copy, not two).
+        index = faiss.deserialize_index(np.frombuffer(bytearray(data), dtype=np.uint8))
     except Exception as exc:
         raise _fail(INDEX_FILE, f"cannot be read by faiss ({_short(exc)})") from exc
     ip2l2 = spec["query_transform"] == "ip2l2"

@@ -152,6 +152,7 @@ class Recommender:
             queries = np.hstack([vecs, np.zeros((vecs.shape[0], self._query_pad), dtype=np.float32)])
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.bundle.is_hnsw:
+            # Per-call parameters, not index.hnsw.efSearch: concurrent requests share the index.
             params = faiss.SearchParametersHNSW()
             params.efSearch = max(self._ef_search, fetch)
             _, ids = self.bundle.index.search(queries, fetch, params=params)
