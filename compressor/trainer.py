@@ -178,7 +178,8 @@ class Trainer:
     def _run_epoch(self, epoch: int) -> dict:
         cfg = self.cfg.train
         rng = np.random.default_rng([cfg.seed, epoch])
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 100003 + epoch)
+        # torch sampling (KD sets) happens on the training device, so its generator lives there too
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 100003 + epoch)
         t0 = time.perf_counter()
         diag = self.objective.on_epoch_start(self.model, epoch, rng, gen) or {}
         t1 = time.perf_counter()

@@ -1,0 +1,241 @@
+"""Quality benchmark: teachers, students and distillation methods on real data, several seeds, in parallel.
+
+Each job is a real `compress train` / `compress distill` subprocess; results are read back from each run's
+result.json. Writes OUT/summary.json and OUT/summary.md (tables: mean ± std over seeds, the share of the
+scratch -> teacher NDCG@20 gap recovered, paired per-seed comparisons). Finished runs are reused, so the script
+can be rerun after an interruption or with more suites.
+
+    python benchmarks/quality.py --out bench-out/quality --suites main --seeds 0 1 2 3 4 --workers 2
+    suites: main (CiteULike MF400 -> MF20: scratch, ce, rrd, rcekd), ablation (3 seeds: full, w/o S, w/o T,
+            const alpha), hetero (CiteULike LightGCN2000 -> MF20), gowalla (MF300 -> MF20: scratch, rcekd)
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+
+
+def job(name, args, deps=()):
+    return {"name": name, "args": [str(a) for a in args], "deps": list(deps)}
+
+
+def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: int | None):
+    common = ["--device", device, "--threads", threads, "--quiet"] + (["--epochs", max_epochs] if max_epochs else [])
+    jobs = []
+    cite_t = out / "cite-mf400-teacher"
+    need_cite_t = bool({"main", "ablation"} & set(suites))
+    if need_cite_t:
+        jobs.append(job("cite-mf400-teacher", ["train", "--config", "configs/citeulike/mf-teacher.yaml", "--out",
+                                                cite_t, "--seed", 0, *common]))
+    if "main" in suites:
+        for s in seeds:
+            jobs.append(job(f"cite-scratch-s{s}", ["distill", "--method", "scratch", "--config",
+                                                   "configs/citeulike/mf-student.yaml", "--out",
+                                                   out / f"cite-scratch-s{s}", "--seed", s, *common]))
+            for m in ("ce", "rrd", "rcekd"):
+                jobs.append(job(f"cite-{m}-s{s}", ["distill", "--teacher", cite_t, "--config",
+                                                   f"configs/citeulike/mf-{m}.yaml", "--out", out / f"cite-{m}-s{s}",
+                                                   "--seed", s, *common], deps=["cite-mf400-teacher"]))
+    if "ablation" in suites:
+        variants = {"full": [], "wo_S": ["--set", "distill.use_loss_s=false"],
+                    "wo_T": ["--set", "distill.use_loss_t=false"],
+                    "const_alpha": ["--set", "distill.constant_alpha=0.5"]}
+        for s in seeds[:3]:
+            for v, extra in variants.items():
+                name = f"cite-rcekd-s{s}" if v == "full" and "main" in suites else f"abl-{v}-s{s}"
+                if any(j["name"] == name for j in jobs):
+                    continue
+                jobs.append(job(name, ["distill", "--teacher", cite_t, "--config", "configs/citeulike/mf-rcekd.yaml",
+                                       "--out", out / name, "--seed", s, *extra, *common],
+                                deps=["cite-mf400-teacher"]))
+    if "hetero" in suites:
+        lt = out / "cite-lgcn2000-teacher"
+        jobs.append(job("cite-lgcn2000-teacher", ["train", "--config", "configs/citeulike/lightgcn-teacher.yaml",
+                                                   "--out", lt, "--seed", 0, *common]))
+        jobs.append(job("hetero-rcekd-s0", ["distill", "--teacher", lt, "--config",
+                                            "configs/citeulike/lightgcn-mf-rcekd.yaml", "--out",
+                                            out / "hetero-rcekd-s0", "--seed", 0, *common],
+                        deps=["cite-lgcn2000-teacher"]))
+        if "main" not in suites:
+            jobs.append(job("cite-scratch-s0", ["distill", "--method", "scratch", "--config",
+                                                "configs/citeulike/mf-student.yaml", "--out", out / "cite-scratch-s0",
+                                                "--seed", 0, *common]))
+    if "gowalla" in suites:
+        gt = out / "gow-mf300-teacher"
+        jobs.append(job("gow-mf300-teacher", ["train", "--config", "configs/gowalla/mf-teacher.yaml", "--out", gt,
+                                               "--seed", 0, *common]))
+        jobs.append(job("gow-scratch-s0", ["distill", "--method", "scratch", "--config",
+                                           "configs/gowalla/mf-student.yaml", "--out", out / "gow-scratch-s0",
+                                           "--seed", 0, *common]))
+        jobs.append(job("gow-rcekd-s0", ["distill", "--teacher", gt, "--config", "configs/gowalla/mf-rcekd.yaml",
+                                         "--out", out / "gow-rcekd-s0", "--seed", 0, *common],
+                        deps=["gow-mf300-teacher"]))
+    return jobs
+
+
+def run_job(j, out: Path, env):
+    run_dir = Path(j["args"][j["args"].index("--out") + 1])
+    if (run_dir / "result.json").exists():
+        return j["name"], "reused", 0.0
+    args = list(j["args"])
+    if (run_dir / "last.safetensors").exists():
+        args.append("--resume")  # an interrupted earlier attempt: continue it
+    t0 = time.time()
+    with open(out / "logs" / f"{j['name']}.log", "w") as log:
+        p = subprocess.run([sys.executable, "-m", "compressor.cli", *args], cwd=ROOT, env=env, stdout=log,
+                           stderr=subprocess.STDOUT)
+    return j["name"], "ok" if p.returncode == 0 else f"failed ({p.returncode})", time.time() - t0
+
+
+def schedule(jobs, out: Path, workers: int, deadline: float):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MLFLOW_DISABLE_TELEMETRY="true")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    done, failed, status = set(), set(), {}
+    pending = list(jobs)
+    running = {}
+    with cf.ThreadPoolExecutor(workers) as pool:
+        while pending or running:
+            for j in list(pending):
+                if len(running) >= workers or time.time() > deadline:
+                    break
+                if any(d in failed for d in j["deps"]):
+                    pending.remove(j)
+                    failed.add(j["name"])
+                    status[j["name"]] = "skipped (dependency failed)"
+                elif all(d in done for d in j["deps"]):
+                    pending.remove(j)
+                    running[pool.submit(run_job, j, out, env)] = j
+            if not running:
+                if time.time() > deadline:
+                    for j in pending:
+                        status[j["name"]] = "not started (deadline)"
+                    break
+                time.sleep(1)
+                continue
+            finished, _ = cf.wait(list(running), timeout=5, return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                j = running.pop(f)
+                name, st, secs = f.result()
+                status[name] = f"{st} {secs:.0f}s"
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: {status[name]}", flush=True)
+                (done if st in ("ok", "reused") else failed).add(name)
+    return status
+
+
+def _load(out: Path, name: str):
+    p = out / name / "result.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _fmt(vals):
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return f"{vals[0]:.4f}"
+    return f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}"
+
+
+def summarise(out: Path, seeds) -> dict:
+    results = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))}
+    lines = []
+    summary = {"runs": results, "tables": {}}
+
+    def group(prefix_by_row):
+        rows = []
+        for label, names in prefix_by_row:
+            res = [results[n] for n in names if n in results]
+            vals = {m: [r["test"][m] for r in res] for m in METRICS}
+            epochs = [r["best_epoch"] for r in res]
+            walls = [r["wall_time_s"] for r in res]
+            rows.append((label, len(res), vals, epochs, walls))
+        return rows
+
+    def table(title, rows, teacher_ndcg=None, scratch_ndcg=None):
+        lines.append(f"\n### {title}\n")
+        head = "| run | n | R@10 | N@10 | R@20 | N@20 | gap recovered (N@20) | best epoch | wall s |"
+        lines.extend([head, "|" + "---|" * 9])
+        for label, n, vals, epochs, walls in rows:
+            gap = "—"
+            if teacher_ndcg and scratch_ndcg is not None and vals["ndcg@20"] and teacher_ndcg != scratch_ndcg:
+                gap = f"{100 * (statistics.mean(vals['ndcg@20']) - scratch_ndcg) / (teacher_ndcg - scratch_ndcg):.0f}%"
+            ep = f"{statistics.median(epochs):.0f}" if epochs else "—"
+            wall = f"{statistics.median(walls):.0f}" if walls else "—"
+            lines.append(f"| {label} | {n} | " + " | ".join(_fmt(vals[m]) for m in METRICS) + f" | {gap} | {ep} | {wall} |")
+            summary["tables"].setdefault(title, []).append(
+                {"run": label, "n": n, **{m: vals[m] for m in METRICS}, "gap_recovered": gap})
+
+    t = results.get("cite-mf400-teacher")
+    if t:
+        rows = group([("teacher MF400", ["cite-mf400-teacher"])] +
+                     [(m, [f"cite-{m}-s{s}" for s in seeds]) for m in ("scratch", "ce", "rrd", "rcekd")])
+        sc = rows[1][2]["ndcg@20"]
+        table("CiteULike MF400 -> MF20", rows, t["test"]["ndcg@20"], statistics.mean(sc) if sc else None)
+        # paired comparison across seeds
+        lines.append("\nPaired per seed (RCE-KD minus baseline, test NDCG@20):\n")
+        for base in ("scratch", "ce", "rrd"):
+            diffs = [results[f"cite-rcekd-s{s}"]["test"]["ndcg@20"] - results[f"cite-{base}-s{s}"]["test"]["ndcg@20"]
+                     for s in seeds if f"cite-rcekd-s{s}" in results and f"cite-{base}-s{s}" in results]
+            if diffs:
+                wins = sum(d > 0 for d in diffs)
+                lines.append(f"- vs {base}: RCE-KD ahead on {wins}/{len(diffs)} seeds, mean difference "
+                             f"{statistics.mean(diffs):+.4f}")
+                summary.setdefault("paired", {})[base] = diffs
+        abl = [("full", [f"cite-rcekd-s{s}" if f"cite-rcekd-s{s}" in results else f"abl-full-s{s}"
+                         for s in seeds[:3]])]
+        abl += [(v, [f"abl-{v}-s{s}" for s in seeds[:3]]) for v in ("wo_S", "wo_T", "const_alpha")]
+        if any(f"abl-{v}-s{s}" in results for v in ("wo_S", "wo_T", "const_alpha") for s in seeds[:3]):
+            table("Ablation, CiteULike MF400 -> MF20 (3 seeds)", group(abl), t["test"]["ndcg@20"],
+                  statistics.mean(sc) if sc else None)
+    lt = results.get("cite-lgcn2000-teacher")
+    if lt:
+        rows = group([("teacher LightGCN2000", ["cite-lgcn2000-teacher"]), ("scratch MF20", ["cite-scratch-s0"]),
+                      ("RCE-KD MF20", ["hetero-rcekd-s0"])])
+        sc = results.get("cite-scratch-s0")
+        table("CiteULike LightGCN2000 -> MF20 (seed 0)", rows, lt["test"]["ndcg@20"],
+              sc["test"]["ndcg@20"] if sc else None)
+    gt = results.get("gow-mf300-teacher")
+    if gt:
+        rows = group([("teacher MF300", ["gow-mf300-teacher"]), ("scratch MF20", ["gow-scratch-s0"]),
+                      ("RCE-KD MF20", ["gow-rcekd-s0"])])
+        sc = results.get("gow-scratch-s0")
+        table("Gowalla MF300 -> MF20 (seed 0)", rows, gt["test"]["ndcg@20"], sc["test"]["ndcg@20"] if sc else None)
+    md = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(md)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench-out/quality"))
+    ap.add_argument("--suites", nargs="+", default=["main"], choices=["main", "ablation", "hetero", "gowalla"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--workers", type=int, default=2, help="runs in parallel")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-epochs", type=int, default=None)
+    ap.add_argument("--deadline-s", type=float, default=1e9, help="start no new run after this many seconds")
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    jobs = build_jobs(a.suites, a.seeds, a.out.resolve(), a.device, a.threads, a.max_epochs)
+    t0 = time.time()
+    status = schedule(jobs, a.out, a.workers, t0 + a.deadline_s)
+    (a.out / "status.json").write_text(json.dumps(status, indent=1))
+    summarise(a.out, a.seeds)
+    print((a.out / "summary.md").read_text())
+    print(f"total {time.time() - t0:.0f}s; command: {' '.join(sys.argv)}")
+
+
+if __name__ == "__main__":
+    main()
