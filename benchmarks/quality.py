@@ -30,8 +30,9 @@ def job(name, args, deps=()):
     return {"name": name, "args": [str(a) for a in args], "deps": list(deps)}
 
 
-def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: int | None):
-    common = ["--device", device, "--threads", threads, "--quiet"] + (["--epochs", max_epochs] if max_epochs else [])
+def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: int | None, ckpt_every: int = 1):
+    common = ["--device", device, "--threads", threads, "--quiet", "--set", f"train.checkpoint_every={ckpt_every}"]
+    common += ["--epochs", max_epochs] if max_epochs else []
     jobs = []
     cite_t = out / "cite-mf400-teacher"
     need_cite_t = bool({"main", "ablation"} & set(suites))
@@ -81,6 +82,8 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
         jobs.append(job("gow-rcekd-s0", ["distill", "--teacher", gt, "--config", "configs/gowalla/mf-rcekd.yaml",
                                          "--out", out / "gow-rcekd-s0", "--seed", 0, *common],
                         deps=["gow-mf300-teacher"]))
+    # Longest chains first: teachers (everything else waits on them), then the rest in order.
+    jobs.sort(key=lambda j: (not j["name"].endswith("teacher"), not j["name"].startswith("gow")))
     return jobs
 
 
@@ -225,10 +228,11 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-epochs", type=int, default=None)
+    ap.add_argument("--checkpoint-every", type=int, default=1, help="train.checkpoint_every of every run")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="start no new run after this many seconds")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    jobs = build_jobs(a.suites, a.seeds, a.out.resolve(), a.device, a.threads, a.max_epochs)
+    jobs = build_jobs(a.suites, a.seeds, a.out.resolve(), a.device, a.threads, a.max_epochs, a.checkpoint_every)
     t0 = time.time()
     status = schedule(jobs, a.out, a.workers, t0 + a.deadline_s)
     (a.out / "status.json").write_text(json.dumps(status, indent=1))

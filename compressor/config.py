@@ -65,6 +65,8 @@ class TrainConfig:
     seed: int = _f(0, "Seed of initialisation and sampling.")
     threads: int = _f(0, "torch and FAISS CPU threads (0 = number of cores).", min=0)
     eval_block: int = _f(1024, "Users per block in full-ranking evaluation (bounds memory).", min=1)
+    checkpoint_every: int = _f(1, "Write the resume checkpoint every N epochs (the best model is always saved "
+                                  "when it improves; a resumed run replays the epochs since, identically).", min=1)
 
 
 @dataclass

@@ -248,7 +248,8 @@ class Trainer:
             self.history.append(row)
             if improved:
                 self._save(MODEL_FILE, "training", with_optimizer=False, metrics={"valid": valid})
-            self._save(RESUME_FILE, "training", with_optimizer=True)
+            if epoch % cfg.checkpoint_every == 0:
+                self._save(RESUME_FILE, "training", with_optimizer=True)
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             for cb in self.callbacks:

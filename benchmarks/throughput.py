@@ -1,0 +1,103 @@
+"""Training throughput, evaluation time and peak memory of `compress train` on real data sets.
+
+Each configuration runs in its own subprocess (so its peak RSS is its own): a few BPR epochs, timing each epoch
+(interactions/s = training interactions / epoch seconds, negative sampling included) and one full-ranking
+evaluation of the validation split. Reports medians.
+
+    python benchmarks/throughput.py --epochs 3 --threads 2 --out bench-out/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+CASES = [
+    ("citeulike-t", "builtin:citeulike-t", 5, "mf", 20),
+    ("citeulike-t", "builtin:citeulike-t", 5, "mf", 400),
+    ("citeulike-t", "builtin:citeulike-t", 5, "lightgcn", 20),
+    ("gowalla", str(SHARED / "gowalla"), 0, "mf", 20),
+    ("gowalla", str(SHARED / "gowalla"), 0, "mf", 300),
+]
+
+
+def measure(data_path: str, min_user: int, kind: str, dim: int, epochs: int, threads: int) -> dict:
+    import torch
+
+    from compressor.config import from_dict
+    from compressor.data import load_dataset
+    from compressor.device import configure_threads
+    from compressor.objectives import Scratch
+    from compressor.trainer import Trainer
+
+    configure_threads(threads)
+    t0 = time.perf_counter()
+    data = load_dataset(data_path, min_user_interactions=min_user)
+    load_s = time.perf_counter() - t0
+    cfg = from_dict({"data": {"path": data_path, "min_user_interactions": min_user},
+                     "model": {"kind": kind, "dim": dim, "init_std": 0.1 if kind == "lightgcn" else 0.01},
+                     "train": {"epochs": epochs, "threads": threads}})
+    tr = Trainer(cfg, data, Scratch(), Path("/tmp/unused"), torch.device("cpu"), progress=False)
+    tr.objective.setup(tr)
+    epoch_s = []
+    for e in range(1, epochs + 1):
+        row = tr._run_epoch(e)
+        epoch_s.append(row["time_epoch_s"])
+    eval_s = []
+    for _ in range(2):
+        t = time.perf_counter()
+        tr._evaluate("valid")
+        eval_s.append(time.perf_counter() - t)
+    n = len(data.train)
+    return {"users": data.num_users, "items": data.num_items, "train_interactions": n, "load_s": load_s,
+            "epoch_s_median": statistics.median(epoch_s), "interactions_per_s": n / statistics.median(epoch_s),
+            "eval_valid_s_median": statistics.median(eval_s),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench-out/throughput.json"))
+    ap.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # internal: run one case in this process
+    a = ap.parse_args()
+    if a.one:
+        name, path, mu, kind, dim = a.one
+        print(json.dumps(measure(path, int(mu), kind, int(dim), a.epochs, a.threads)))
+        return
+    rows = []
+    for name, path, mu, kind, dim in CASES:
+        if not path.startswith("builtin:") and not Path(path).exists():
+            print(f"skip {name}: {path} not found", file=sys.stderr)
+            continue
+        p = subprocess.run([sys.executable, __file__, "--epochs", str(a.epochs), "--threads", str(a.threads),
+                            "--one", name, path, str(mu), kind, str(dim)], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if p.returncode != 0:
+            print(p.stderr[-2000:], file=sys.stderr)
+            continue
+        r = {"data": name, "model": f"{kind}-{dim}", **json.loads(p.stdout.strip().splitlines()[-1])}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(rows, indent=1))
+    print("\n| data | model | train interactions | epoch s (median) | interactions/s | full-ranking eval s "
+          "(valid) | peak RSS MB |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['data']} | {r['model']} | {r['train_interactions']:,} | {r['epoch_s_median']:.2f} | "
+              f"{r['interactions_per_s']:,.0f} | {r['eval_valid_s_median']:.2f} | {r['peak_rss_mb']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
