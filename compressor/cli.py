@@ -26,6 +26,64 @@ THREADS_OPT = click.option("--threads", type=int, default=None,
 QUIET_OPT = click.option("--quiet", is_flag=True, help="No progress bars; log warnings and the summary only.")
 
 
+# --- MLflow tracking and registry options (compressor.tracking) ----------------------------------------------
+def _export_tracking_uri(ctx, param, value):
+    """Make --tracking-uri visible to everything that resolves models:/ URIs in this process."""
+    import os
+
+    if value:
+        os.environ["MLFLOW_TRACKING_URI"] = value
+    return value
+
+
+TRACKING_URI_HELP = ("MLflow tracking server or store (default: $MLFLOW_TRACKING_URI, else MLflow's own default, "
+                     "sqlite:///mlflow.db in the working directory).")
+MLFLOW_OPTS = [
+    click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI",
+                 callback=_export_tracking_uri, help=TRACKING_URI_HELP),
+    click.option("--experiment", envvar="MLFLOW_EXPERIMENT_NAME", default="compress", show_default=True,
+                 help="MLflow experiment of the run (created when missing)."),
+    click.option("--no-mlflow", is_flag=True, envvar="COMPRESS_NO_MLFLOW",
+                 help="Do not track this run in MLflow (env COMPRESS_NO_MLFLOW=1)."),
+    click.option("--mlflow-optional", is_flag=True,
+                 help="If the tracking server is unreachable at start, warn and train untracked instead of failing."),
+    click.option("--register", metavar="NAME", default=None,
+                 help="Register the final model as a new version of MLflow registered model NAME (pyfunc top-k)."),
+    click.option("--alias", default=None, help="With --register: alias (e.g. champion) moved to the new version "
+                 "if it passes the promotion gate; otherwise the version is registered without it."),
+    click.option("--gate-share", type=float, default=0.9, show_default=True,
+                 help="Promotion gate: student test NDCG@20 must reach this share of its teacher's."),
+]
+_MLFLOW_NAMES = ("tracking_uri", "experiment", "no_mlflow", "mlflow_optional", "register", "alias", "gate_share")
+
+
+def mlflow_options(fn):
+    """Add the MLflow options to a training command; they arrive as one dict argument `mlflow_opts`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        kwargs["mlflow_opts"] = {n: kwargs.pop(n) for n in _MLFLOW_NAMES}
+        return fn(*args, **kwargs)
+
+    for opt in reversed(MLFLOW_OPTS):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+def _tracking_callbacks(command: str, opts: dict) -> list:
+    """[] with --no-mlflow, else an MlflowTracker (probes the server now: fails fast when it is unreachable)."""
+    from .tracking import MlflowTracker, TrackingError
+
+    if opts["no_mlflow"]:
+        if opts["register"]:
+            raise TrackingError("--register needs MLflow; drop --no-mlflow")
+        return []
+    return [MlflowTracker(command, tracking_uri=opts["tracking_uri"], experiment=opts["experiment"],
+                          register=opts["register"], alias=opts["alias"], gate_share=opts["gate_share"],
+                          optional=opts["mlflow_optional"])]
+# --- end of MLflow options -----------------------------------------------------------------------------------
+
+
 def _setup_logging(quiet: bool = False, logfile: Path | None = None) -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -128,16 +186,18 @@ def main():
 @SET_OPT
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 @QUIET_OPT
+@mlflow_options
 @user_errors
-def train(config_path, out, epochs, seed, device, threads, overrides, resume, quiet):
+def train(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, mlflow_opts):
     """Train a model (typically the teacher) with BPR, early stopping on validation NDCG@10."""
     from .objectives import Scratch
 
-    _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, Scratch(), "train")
+    _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, Scratch(), "train",
+                  callbacks=lambda: _tracking_callbacks("train", mlflow_opts))
 
 
 def _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, objective, command,
-                  extra_meta=None, prepare=None):
+                  extra_meta=None, prepare=None, callbacks=None):
     from .device import configure_threads, resolve_device
     from .trainer import Trainer
 
@@ -146,14 +206,22 @@ def _run_training(config_path, out, epochs, seed, device, threads, overrides, re
         config_path = out / "config.yaml"  # a resumed run keeps its own resolved config
     cfg = _load_cfg(config_path, overrides, epochs, seed, threads)
     _setup_logging(quiet, out / "train.log")
+    if callable(callbacks):  # built after the config and logging: config errors first, tracker warnings logged
+        callbacks = callbacks()
     dev = resolve_device(device)
     configure_threads(cfg.train.threads)
     data = _load_data(cfg)
     if prepare is not None:
         objective, extra_meta = prepare(cfg, data, dev)
     trainer = Trainer(cfg, data, objective, out, dev, command=command, extra_meta=extra_meta,
-                      progress=not quiet)
-    result = trainer.fit(resume=resume)
+                      callbacks=callbacks, progress=not quiet)
+    try:
+        result = trainer.fit(resume=resume)
+    except BaseException as e:
+        for cb in callbacks or ():
+            if hasattr(cb, "on_error"):
+                cb.on_error(trainer, e)
+        raise
     click.echo(json.dumps({"out": str(out), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                            "test": {k: round(v, 6) for k, v in result.test.items() if k != "users"},
                            "wall_time_s": round(result.wall_time_s, 1)}))
@@ -176,8 +244,9 @@ def _run_training(config_path, out, epochs, seed, device, threads, overrides, re
 @SET_OPT
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 @QUIET_OPT
+@mlflow_options
 @user_errors
-def distill(teacher, config_path, out, method, epochs, seed, device, threads, overrides, resume, quiet):
+def distill(teacher, config_path, out, method, epochs, seed, device, threads, overrides, resume, quiet, mlflow_opts):
     """Distil a small student from a frozen teacher with RCE-KD (or a baseline, for a fair comparison).
 
     The teacher's top-K is computed once with FAISS and cached beside the run (reused by later runs with
@@ -201,7 +270,7 @@ def distill(teacher, config_path, out, method, epochs, seed, device, threads, ov
         return build_objective(cfg, t, dev, Path(out)), meta
 
     _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, None, "distill",
-                  prepare=prepare)
+                  prepare=prepare, callbacks=lambda: _tracking_callbacks("distill", mlflow_opts))
 
 
 @main.command()
@@ -213,6 +282,9 @@ def distill(teacher, config_path, out, method, epochs, seed, device, threads, ov
 @click.option("--k", "ks", type=int, multiple=True, help="Cut-offs K (repeatable; default: the run's eval_ks).")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object of the metrics.")
 @DEVICE_OPT
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI", expose_value=False,
+              callback=_export_tracking_uri, help="MLflow server that resolves a models:/ CHECKPOINT. "
+              + TRACKING_URI_HELP)
 @user_errors
 def evaluate(checkpoint, split, data_path, ks, as_json, device):
     """Full-ranking Recall@K / NDCG@K of CHECKPOINT (a run directory or a .safetensors file).
@@ -266,6 +338,28 @@ def resolve_source(source: str) -> str:
         from .tracking import download_registered_checkpoint
         return str(download_registered_checkpoint(source))
     return source
+
+
+@main.command()
+@click.argument("name")
+@click.argument("version")
+@click.option("--alias", required=True, help="Alias to move to NAME/VERSION, e.g. champion.")
+@click.option("--force", is_flag=True, help="Move the alias even if the promotion gate blocks it.")
+@click.option("--gate-share", type=float, default=0.9, show_default=True,
+              help="Promotion gate: student test NDCG@20 must reach this share of its teacher's.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI",
+              callback=_export_tracking_uri, help=TRACKING_URI_HELP)
+@user_errors
+def promote(name, version, alias, force, gate_share, tracking_uri):
+    """Point ALIAS of registered model NAME at VERSION, through the same gate as `--register --alias`.
+
+    Exits 1 without moving the alias when the gate blocks (the reason is tagged on the version).
+    """
+    from .tracking import promote as promote_version
+
+    _setup_logging()
+    click.echo(json.dumps(promote_version(name, version, alias, share=gate_share, force=force,
+                                          tracking_uri=tracking_uri)))
 
 
 @main.command("config-reference")
