@@ -102,7 +102,8 @@ def run_job(j, out: Path, env):
 
 
 def schedule(jobs, out: Path, workers: int, deadline: float):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MLFLOW_DISABLE_TELEMETRY="true")
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     done, failed, status = set(), set(), {}
     pending = list(jobs)

@@ -19,8 +19,8 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config
 from .data import Dataset
-from .losses import (ce_kd_loss, rcekd_items, rcekd_loss, rrd_loss, sample_interesting_positions, sample_rrd_sets,
-                     teacher_pair_scores)
+from .losses import (ce_kd_loss, rcekd_loss_on_sets, rcekd_sets, rrd_loss, sample_interesting_positions,
+                     sample_rrd_sets, teacher_pair_scores)
 from .objectives import Scratch
 from .retrieval import TopKSearcher, measure_recall, topk_cached
 
@@ -164,7 +164,8 @@ class RCEKD(_KDBase):
         self.a = sample_interesting_positions(p, self.qt, self.d.L, self.d.T, generator=gen)  # step 4
         # The sets are fixed for the epoch, so score them with the (wide, frozen) teacher once here instead of
         # gathering teacher vectors in every batch: [U, K+L+K] floats instead of batches x [b, K+L+K, dT].
-        self.t_scores = self._score_teacher(rcekd_items(self.qt, self.qs, self.a))
+        self.sets = rcekd_sets(self.qt, self.qs, self.a)
+        self.t_scores = self._score_teacher(self.sets.items)
         diag["time_kd_sampling_s"] = time.perf_counter() - t0
         # closure gap: how much of the teacher's top-K the student's own top-K already holds
         diag["topk_overlap"] = float((self.qs.unsqueeze(2) == self.qt.unsqueeze(1)).any(2).float().mean())
@@ -173,10 +174,9 @@ class RCEKD(_KDBase):
     def batch_loss(self, model, users, pos, neg):
         base, u, i = self.base_loss(model, users, pos, neg)
         bu = self._batch_users(users)
-        kd, parts = rcekd_loss(u[bu], i, None, None, self.qt[bu], self.qs[bu], self.a[bu],
-                               tau=self.d.tau, beta=self.d.beta, use_loss_s=self.d.use_loss_s,
-                               use_loss_t=self.d.use_loss_t, constant_alpha=self.d.constant_alpha,
-                               teacher_scores=self.t_scores[bu])
+        kd, parts = rcekd_loss_on_sets(u[bu], i, self.sets.rows(bu), self.t_scores[bu], tau=self.d.tau,
+                                       beta=self.d.beta, use_loss_s=self.d.use_loss_s,
+                                       use_loss_t=self.d.use_loss_t, constant_alpha=self.d.constant_alpha)
         loss = base + self.d.lambda_kd * kd
         return loss, {"loss": loss.detach(), "loss_base": base.detach(), "loss_kd": kd.detach(),
                       "kd_loss_s": parts["loss_s"], "kd_loss_t": parts["loss_t"], "kd_alpha": parts["alpha"],

@@ -12,6 +12,7 @@ student/teacher embedding sizes, ``K`` top-list size, ``L`` sampled interesting 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ __all__ = [
     "sample_rrd_sets",
     "pair_scores",
     "rcekd_items",
+    "rcekd_sets",
+    "rcekd_loss_on_sets",
+    "RCEKDSets",
     "teacher_pair_scores",
 ]
 
@@ -186,24 +190,66 @@ def rcekd_loss(
     per epoch instead of gathering wide teacher vectors every batch); then ``teacher_user`` and
     ``teacher_items`` are not read and may be None.
     """
+    sets = rcekd_sets(qt, qs, a)
+    if teacher_scores is None:
+        teacher_scores = _teacher_scores(teacher_user.detach(), teacher_items.detach(), sets.items)
+    return rcekd_loss_on_sets(student_user, student_items, sets, teacher_scores, tau=tau, beta=beta,
+                              use_loss_s=use_loss_s, use_loss_t=use_loss_t, constant_alpha=constant_alpha)
+
+
+class RCEKDSets(NamedTuple):
+    """Steps 5-7's index sets for a group of users, derived from (QT, QS, A) alone.
+
+    items [b, K + L + K] = [QS | A | QT]; mask_t [b, L + K] marks B_u inside [A | QT] (each item once);
+    overlap_count [b] = |QT ∩ A| (long); k = |QT_u|; n_qs = K (where loss_S's part of ``items`` ends).
+    The sets are fixed for an epoch, so a trainer builds them once per epoch for all users and
+    indexes rows per batch.
+    """
+
+    items: Tensor
+    mask_t: Tensor
+    overlap_count: Tensor
+    k: int
+    n_qs: int
+
+    def rows(self, idx: Tensor) -> "RCEKDSets":
+        return RCEKDSets(self.items[idx], self.mask_t[idx], self.overlap_count[idx], self.k, self.n_qs)
+
+
+@torch.no_grad()
+def rcekd_sets(qt: Tensor, qs: Tensor, a: Tensor) -> RCEKDSets:
+    """qt [b, K], qs [b, K], a [b, L] -> RCEKDSets (see there)."""
+    items, mask_t = _rcekd_items_and_mask(qt, qs, a)
+    return RCEKDSets(items, mask_t, _rowwise_isin(qt, a).sum(dim=1), qt.shape[1], qs.shape[1])
+
+
+def rcekd_loss_on_sets(
+    student_user: Tensor,
+    student_items: Tensor,
+    sets: RCEKDSets,
+    teacher_scores: Tensor,
+    *,
+    tau: float,
+    beta: float,
+    use_loss_s: bool = True,
+    use_loss_t: bool = True,
+    constant_alpha: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``rcekd_loss`` over prebuilt sets: student_user [b, d], student_items [n_items, d],
+    sets (b rows), teacher_scores [b, K + L + K] of ``sets.items`` -> (scalar sum, parts)."""
     if not (use_loss_s or use_loss_t):
         raise ValueError("at least one of use_loss_s / use_loss_t must be True")
-    k = qt.shape[1]
-    n_qs = qs.shape[1]
-    all_items, b_mask = _rcekd_items_and_mask(qt, qs, a)
-    s_all = pair_scores(student_user, student_items, all_items)
-    if teacher_scores is None:
-        t_all = _teacher_scores(teacher_user.detach(), teacher_items.detach(), all_items).to(s_all.dtype)
-    else:
-        if teacher_scores.shape != all_items.shape:
-            raise ValueError(f"teacher_scores {tuple(teacher_scores.shape)} must be {tuple(all_items.shape)}")
-        t_all = teacher_scores.detach().to(s_all.dtype)
+    n_qs = sets.n_qs
+    s_all = pair_scores(student_user, student_items, sets.items)
+    if teacher_scores.shape != sets.items.shape:
+        raise ValueError(f"teacher_scores {tuple(teacher_scores.shape)} must be {tuple(sets.items.shape)}")
+    t_all = teacher_scores.detach().to(s_all.dtype)
 
-    full = torch.ones_like(qs, dtype=torch.bool)
+    full = torch.ones_like(sets.items[:, :n_qs], dtype=torch.bool)
     loss_s = subset_ce(t_all[:, :n_qs], s_all[:, :n_qs], full, tau)
-    loss_t = subset_ce(t_all[:, n_qs:], s_all[:, n_qs:], b_mask, tau)
+    loss_t = subset_ce(t_all[:, n_qs:], s_all[:, n_qs:], sets.mask_t, tau)
 
-    overlap = _rowwise_isin(qt, a).sum(dim=1).to(s_all.dtype) / k
+    overlap = sets.overlap_count.to(s_all.dtype) / sets.k
     if constant_alpha is not None:
         alpha = torch.full_like(overlap, float(constant_alpha))
     else:

@@ -12,6 +12,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# CLI tests track nothing unless they ask to (tests/test_mlflow.py does, against its own server).
+os.environ.setdefault("COMPRESS_NO_MLFLOW", "1")
 
 
 def write_slice(path: Path, n_users: int = 400, min_items: int = 5) -> Path:
