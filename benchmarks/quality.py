@@ -102,7 +102,7 @@ def run_job(j, out: Path, env):
 
 
 def schedule(jobs, out: Path, workers: int, deadline: float):
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true",
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", COMPRESS_NO_MLFLOW=os.environ.get("COMPRESS_NO_MLFLOW", "1"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     done, failed, status = set(), set(), {}

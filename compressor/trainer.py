@@ -226,7 +226,6 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_start(self)
         cfg = self.cfg.train
-        t_start = time.perf_counter()
         log.info("%s %s on %s: %s, model %s dim %d, device %s", self.command, getattr(self.objective, "name", ""),
                  self.data.source, self.data.summary(), self.cfg.model.kind, self.cfg.model.dim, self.device)
         while self.epoch < cfg.epochs and not self.stopper.stop:
@@ -261,7 +260,8 @@ class Trainer:
         self.model.load_state_dict({k: v.to(self.device) for k, v in best.model_state.items()}, strict=False)
         test = self._evaluate("test")
         valid = best.meta["metrics"]["valid"]
-        wall = time.perf_counter() - t_start
+        # training time over all sessions of the run (a resumed run counts the epochs before the kill too)
+        wall = sum(h.get("time_epoch_s", 0.0) + h.get("time_eval_s", 0.0) for h in self.history)
         last_epoch = self.epoch
         self.epoch = self.stopper.best_epoch
         meta = self._save(MODEL_FILE, "finished", with_optimizer=False, metrics={"valid": valid, "test": test})
