@@ -1,0 +1,100 @@
+"""The compression report: a Markdown table and PNG figures from finished runs (plain numbers in, files out).
+
+The caller (the CLI's pipeline) gathers each entry's numbers — test metrics, parameter count, bundle bytes,
+in-process serving latency — and this module only lays them out, so it never touches export or serving.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+
+
+@dataclass
+class ReportEntry:
+    label: str  # "teacher", "scratch student", "RCE-KD student"
+    run_dir: Path
+    params: int  # embedding parameters (users + items) x dim
+    dim: int
+    test: dict
+    bundle_bytes: int | None = None
+    latency_ms: dict = field(default_factory=dict)  # {"p50": .., "p99": ..} single-user, in-process
+    history: list = field(default_factory=list)  # metrics.jsonl rows
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def gap_recovered(student: float, scratch: float, teacher: float) -> float | None:
+    """Share of the scratch -> teacher gap that the student closes (1.0 = matches the teacher)."""
+    if teacher == scratch:
+        return None
+    return (student - scratch) / (teacher - scratch)
+
+
+def _mb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def write_report(out_dir: Path, teacher: ReportEntry, scratch: ReportEntry, student: ReportEntry,
+                 title: str = "Compression report", notes: list[str] | None = None) -> Path:
+    """Write report.md, valid_ndcg10.png and metrics.png into out_dir; returns the Markdown path."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = [teacher, scratch, student]
+    rows = ["| model | dim | parameters | bundle | p50 / p99 latency | R@10 | R@20 | N@10 | N@20 | "
+            "gap recovered (N@20) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        gap = gap_recovered(e.test["ndcg@20"], scratch.test["ndcg@20"], teacher.test["ndcg@20"])
+        gap_s = "—" if gap is None or e is teacher or e is scratch else f"{100 * gap:.0f}%"
+        lat = (f"{e.latency_ms['p50']:.2f} / {e.latency_ms['p99']:.2f} ms" if e.latency_ms else "—")
+        rows.append(f"| {e.label} | {e.dim} | {e.params:,} | {_mb(e.bundle_bytes)} | {lat} | "
+                    + " | ".join(f"{e.test[m]:.4f}" for m in METRICS) + f" | {gap_s} |")
+    shrink = teacher.params / max(student.params, 1)
+    lines = [f"# {title}", "", "\n".join(rows), "",
+             f"The RCE-KD student has {shrink:.0f}x fewer embedding parameters than its teacher. "
+             "Metrics: full ranking over all items, training items excluded, test split, best validation epoch. "
+             "Latency: one user per call, in-process (ONNX Runtime user tower -> FAISS search -> seen items "
+             "removed), 1 thread.", "", "![validation NDCG@10](valid_ndcg10.png)", "",
+             "![test metrics](metrics.png)", ""]
+    for n in notes or []:
+        lines.append(f"- {n}")
+    md = out_dir / "report.md"
+    md.write_text("\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for e in entries:
+        pts = [(h["epoch"], h["valid_ndcg@10"]) for h in e.history if "valid_ndcg@10" in h]
+        if pts:
+            ax.plot(*zip(*pts), label=f"{e.label} (dim {e.dim})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation NDCG@10")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "valid_ndcg10.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.25
+    for j, e in enumerate(entries):
+        ax.bar([i + (j - 1) * width for i in range(len(METRICS))], [e.test[m] for m in METRICS], width,
+               label=e.label)
+    ax.set_xticks(range(len(METRICS)), [m.upper().replace("NDCG", "NDCG") for m in METRICS])
+    ax.set_ylabel("test")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "metrics.png", dpi=110)
+    plt.close(fig)
+    return md
