@@ -370,5 +370,116 @@ def config_reference():
     click.echo(reference_markdown(), nl=False)
 
 
+# --- export and serve (export/, serving/) ----------------------------------------------------------------------
+@main.command("export")
+@click.argument("source", required=False)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Bundle directory to write (written to a temp dir beside it, verified, then renamed into place).")
+@click.option("--verify", "verify_dir", type=click.Path(file_okay=False), default=None, metavar="BUNDLE_DIR",
+              help="Instead of exporting, run every check the server runs at startup on BUNDLE_DIR.")
+@click.option("--index", "index_factory", default="auto", show_default=True, metavar="auto|FACTORY",
+              help="FAISS factory string (Flat, HNSW32, IVF256,SQ8 ...), or auto: exact Flat up to 50,000 items, "
+                   "else HNSW32 tuned to --recall-floor (Flat when it cannot reach it).")
+@click.option("--k-max", type=click.IntRange(min=1), default=100, show_default=True,
+              help="k at which an approximate index's recall, and the exact index's top-k, are checked.")
+@click.option("--recall-floor", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Refuse an approximate index whose recall@k-max is lower.")
+@click.option("--force", is_flag=True, help="Write an approximate index even when it misses --recall-floor.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI", expose_value=False,
+              callback=_export_tracking_uri, help="MLflow server that resolves a models:/ SOURCE. " + TRACKING_URI_HELP)
+def export_command(source, out, verify_dir, index_factory, k_max, recall_floor, force, overwrite):
+    """Export SOURCE (a run dir, .safetensors or models:/ URI) as a serving bundle for `compress serve`.
+
+    \b
+    The bundle: model.onnx (user tower), items.faiss, id maps, seen items, manifest.json with hashes.
+      compress export runs/student --out bundles/student
+      compress export --verify bundles/student
+    """
+    if verify_dir is not None:
+        if source is not None or out is not None:
+            raise click.UsageError("--verify BUNDLE_DIR takes no SOURCE and no --out")
+        from serving.bundle import BundleError, verify_bundle
+
+        try:
+            checks = verify_bundle(verify_dir)
+        except BundleError as e:
+            msg = str(e)
+            raise click.ClickException(msg if msg.startswith(str(verify_dir)) else f"{verify_dir}: {msg}") from None
+        for line in checks:
+            click.echo(line)
+        click.echo(f"ok: {verify_dir} passed {len(checks)} checks")
+        return
+    if source is None or out is None:
+        raise click.UsageError("give SOURCE and --out BUNDLE_DIR (or --verify BUNDLE_DIR)")
+    _setup_logging()
+    _export_bundle(source, out, index_factory, k_max, recall_floor, force, overwrite)
+
+
+@user_errors
+def _export_bundle(source, out, index_factory, k_max, recall_floor, force, overwrite):
+    from export.bundle import ExportError
+    from export.from_checkpoint import export_checkpoint
+    from serving.bundle import BundleError
+
+    extra = {"registered_model_uri": source} if source.startswith("models:/") else None
+    try:
+        manifest = export_checkpoint(resolve_source(source), out, index_factory=index_factory, k_max=k_max,
+                                     recall_floor=recall_floor, force=force, overwrite=overwrite, lineage_extra=extra)
+    except (ExportError, BundleError) as e:
+        raise click.ClickException(str(e)) from None
+    index = manifest["index"]
+    click.echo(json.dumps({"out": str(out), "num_users": manifest["num_users"], "num_items": manifest["num_items"],
+                           "dim": manifest["dim"], "index": index["factory"], "exact": index["exact"],
+                           "recall_at_k": index["recall_at_k"], "k": index["k"], "auto_note": index["auto_note"]}))
+
+
+def _resolve_bundle(source: str) -> str:
+    """A bundle directory, or the bundle logged for a `models:/NAME@ALIAS` (or /VERSION) model version."""
+    if not source.startswith("models:/"):
+        return source
+    from .tracking import TrackingError, download_registered_bundle
+
+    try:
+        return str(download_registered_bundle(source))
+    except TrackingError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@click.argument("source")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; the default answers this machine only (0.0.0.0 for every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes, each with one ONNX Runtime and one FAISS thread [default: one per core].")
+@click.option("--max-k", type=click.IntRange(min=1), default=1000, show_default=True, help="Largest k a request may ask.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Most user ids in one /recommend/batch request.")
+@click.option("--fallback", type=click.Choice(["none", "popular"]), default="none", show_default=True,
+              help="popular: answer unknown users with the most popular items, marked \"fallback\": \"popular\", "
+                   "instead of 404.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI", expose_value=False,
+              callback=_export_tracking_uri, help="MLflow server that resolves a models:/ SOURCE. " + TRACKING_URI_HELP)
+def serve(source, host, port, workers, max_k, max_batch, fallback):
+    """Serve SOURCE (a bundle directory or models:/NAME@ALIAS) over HTTP: POST /recommend, /recommend/batch;
+    GET /healthz, /readyz, /metadata, /metrics.
+
+    The bundle is verified before the port is bound (a corrupt bundle: exit status 1). The server runs as
+    `python -m serving`, a fresh process that never imports torch or compressor.
+    """
+    import os
+
+    bundle = _resolve_bundle(source)
+    argv = [sys.executable, "-m", "serving", bundle, "--host", host, "--port", str(port), "--max-k", str(max_k),
+            "--max-batch", str(max_batch), "--fallback", fallback]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+# --- end of export and serve ---------------------------------------------------------------------------------
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
