@@ -329,8 +329,12 @@ def fastapi_baseline_app():
 # ------------------------------------------------------------------------------------ reporting
 def markdown(report: dict) -> str:
     m = report["machine"]
+    lineage = report["bundle"].get("lineage") or {}
+    what = lineage.get("source") or ", ".join(f"{k} {lineage[k]}" for k in ("model_kind", "method", "checkpoint_fingerprint")
+                                             if lineage.get(k)) or "unknown lineage"
     lines = [
-        f"Load test of `compress serve` ({report['bundle']['num_users']:,} users x {report['bundle']['num_items']:,} "
+        f"Load test of `compress serve` on {Path(report['bundle']['path']).name} ({what}; "
+        f"{report['bundle']['num_users']:,} users x {report['bundle']['num_items']:,} "
         f"items, dim {report['bundle']['dim']}, index {report['bundle']['index']}; {report['workers']} workers x 1 ORT "
         f"+ 1 FAISS thread), wrk 1 thread on the same machine over loopback, {report['duration_s']:g} s per row, "
         f"k={K}, exclude_seen. Machine: {m['cpus']} cores ({m['cpu']}), load average {m['loadavg_before']} before "
