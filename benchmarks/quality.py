@@ -41,13 +41,15 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
                                                 cite_t, "--seed", 0, *common]))
     if "main" in suites:
         for s in seeds:
-            jobs.append(job(f"cite-scratch-s{s}", ["distill", "--method", "scratch", "--config",
-                                                   "configs/citeulike/mf-student.yaml", "--out",
-                                                   out / f"cite-scratch-s{s}", "--seed", s, *common]))
-            for m in ("ce", "rrd", "rcekd"):
+            scratch = job(f"cite-scratch-s{s}", ["distill", "--method", "scratch", "--config",
+                                                 "configs/citeulike/mf-student.yaml", "--out",
+                                                 out / f"cite-scratch-s{s}", "--seed", s, *common])
+            for m in ("rcekd", "ce", "rrd"):
                 jobs.append(job(f"cite-{m}-s{s}", ["distill", "--teacher", cite_t, "--config",
                                                    f"configs/citeulike/mf-{m}.yaml", "--out", out / f"cite-{m}-s{s}",
                                                    "--seed", s, *common], deps=["cite-mf400-teacher"]))
+                if m == "rcekd":
+                    jobs.append(scratch)  # per seed: the method first, then its baseline, then the other KDs
     if "ablation" in suites:
         variants = {"full": [], "wo_S": ["--set", "distill.use_loss_s=false"],
                     "wo_T": ["--set", "distill.use_loss_t=false"],

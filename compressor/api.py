@@ -104,16 +104,13 @@ def train(config: str | Path | Config | None = None, out: str | Path = "runs/tra
                 callbacks=callbacks, progress=progress, data=data)
 
 
-def distill(teacher: str | Path | None, config: str | Path | Config | None = None, out: str | Path = "runs/student",
-            *, method: str | None = None, overrides=None, device: str = "auto", resume: bool = False,
-            callbacks=None, progress: bool = True, data: Dataset | None = None, teacher_label: str | None = None):
-    """Distil a student from a frozen teacher (a run dir, .safetensors or .npz) with RCE-KD or a baseline."""
+def distill_objective(teacher: str | Path | None, out: str | Path, label: str | None = None):
+    """The trainer's objective factory for `distill`: (cfg, data, device) -> (objective, checkpoint metadata).
+
+    Loads and id-aligns the teacher (a run dir, .safetensors or .npz) before any training."""
     import logging
 
     from .distill import TeacherError, build_objective, load_teacher
-
-    ov = _override_pairs(overrides) + ([("distill.method", method)] if method else [])
-    cfg = make_config(config, ov)
 
     def prepare(c, d, dev):
         meta = {"teacher": None}
@@ -122,11 +119,22 @@ def distill(teacher: str | Path | None, config: str | Path | Config | None = Non
             if teacher is None:
                 raise TeacherError(f"--method {c.distill.method} needs --teacher")
             t = load_teacher(teacher, d)
-            meta["teacher"] = {"source": teacher_label or str(teacher), "fingerprint": t.fingerprint, **t.info}
-            logging.getLogger("compressor").info("teacher %s: %s dim %s, fingerprint %s", teacher_label or teacher,
+            meta["teacher"] = {"source": str(label or teacher), "fingerprint": t.fingerprint, **t.info}
+            logging.getLogger("compressor").info("teacher %s: %s dim %s, fingerprint %s", label or teacher,
                                                  t.info.get("kind"), t.info.get("dim"), t.fingerprint)
         return build_objective(c, t, dev, Path(out)), meta
 
+    return prepare
+
+
+def distill(teacher: str | Path | None, config: str | Path | Config | None = None, out: str | Path = "runs/student",
+            *, method: str | None = None, overrides=None, device: str = "auto", resume: bool = False,
+            callbacks=None, progress: bool = True, data: Dataset | None = None, teacher_label: str | None = None):
+    """Distil a student from a frozen teacher (a run dir, .safetensors or .npz) with RCE-KD or a baseline."""
+    ov = _override_pairs(overrides) + ([("distill.method", method)] if method else [])
+    cfg = make_config(config, ov)
+
+    prepare = distill_objective(teacher, out, label=teacher_label)
     return _fit(cfg, out, prepare, command="distill", device=device, resume=resume, callbacks=callbacks,
                 progress=progress, data=data)
 

@@ -121,44 +121,13 @@ def user_errors(fn):
 
 
 def _load_cfg(config_path, overrides, epochs=None, seed=None, threads=None):
-    import yaml
+    from .api import make_config
 
-    from .config import ConfigError, from_dict, load_config, to_dict
-
-    cfg = load_config(config_path)
-    raw = to_dict(cfg)
-    for ov in overrides:
-        key, sep, value = ov.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {ov!r}: expected KEY=VALUE")
-        node = raw
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                raise ConfigError(f"--set: unknown config key '{key}'")
-            node = node[p]
-        if parts[-1] not in node:
-            raise ConfigError(f"--set: unknown config key '{key}'")
-        node[parts[-1]] = yaml.safe_load(value)
-    if epochs is not None:
-        raw["train"]["epochs"] = epochs
-    if seed is not None:
-        raw["train"]["seed"] = seed
-    if threads is not None:
-        raw["train"]["threads"] = threads
-    cfg = from_dict(raw, str(config_path or "<defaults>"))
-    # Record where the data really is, so `evaluate` and `--resume` find it from any directory.
-    if not cfg.data.path.startswith("builtin:"):
-        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
-    return cfg
-
-
-def _load_data(cfg):
-    from .data import load_dataset
-
-    d = cfg.data
-    return load_dataset(d.path, d.format, d.min_user_interactions, d.min_item_interactions, d.split.order,
-                        tuple(d.split.ratios), d.split.seed)
+    pairs = list(overrides)
+    pairs += [("train.epochs", epochs)] if epochs is not None else []
+    pairs += [("train.seed", seed)] if seed is not None else []
+    pairs += [("train.threads", threads)] if threads is not None else []
+    return make_config(config_path, pairs)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -192,14 +161,13 @@ def train(config_path, out, epochs, seed, device, threads, overrides, resume, qu
     """Train a model (typically the teacher) with BPR, early stopping on validation NDCG@10."""
     from .objectives import Scratch
 
-    _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, Scratch(), "train",
-                  callbacks=lambda: _tracking_callbacks("train", mlflow_opts))
+    _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, "train",
+                  lambda cfg, data, dev: (Scratch(), {}), callbacks=lambda: _tracking_callbacks("train", mlflow_opts))
 
 
-def _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, objective, command,
-                  extra_meta=None, prepare=None, callbacks=None):
-    from .device import configure_threads, resolve_device
-    from .trainer import Trainer
+def _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, command, prepare,
+                  callbacks=None):
+    from .api import _fit
 
     out = Path(out)
     if resume and config_path is None and (out / "config.yaml").exists():
@@ -208,20 +176,8 @@ def _run_training(config_path, out, epochs, seed, device, threads, overrides, re
     _setup_logging(quiet, out / "train.log")
     if callable(callbacks):  # built after the config and logging: config errors first, tracker warnings logged
         callbacks = callbacks()
-    dev = resolve_device(device)
-    configure_threads(cfg.train.threads)
-    data = _load_data(cfg)
-    if prepare is not None:
-        objective, extra_meta = prepare(cfg, data, dev)
-    trainer = Trainer(cfg, data, objective, out, dev, command=command, extra_meta=extra_meta,
-                      callbacks=callbacks, progress=not quiet)
-    try:
-        result = trainer.fit(resume=resume)
-    except BaseException as e:
-        for cb in callbacks or ():
-            if hasattr(cb, "on_error"):
-                cb.on_error(trainer, e)
-        raise
+    result = _fit(cfg, out, prepare, command=command, device=device, resume=resume, callbacks=callbacks,
+                  progress=not quiet)
     click.echo(json.dumps({"out": str(out), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                            "test": {k: round(v, 6) for k, v in result.test.items() if k != "users"},
                            "wall_time_s": round(result.wall_time_s, 1)}))
@@ -252,25 +208,14 @@ def distill(teacher, config_path, out, method, epochs, seed, device, threads, ov
     The teacher's top-K is computed once with FAISS and cached beside the run (reused by later runs with
     the same teacher); the student's top-M is refreshed at the start of every epoch.
     """
-    from .distill import TeacherError, build_objective, load_teacher
+    from .api import distill_objective
 
     if method:
         overrides = (*overrides, f"distill.method={method}")
-
-    def prepare(cfg, data, dev):
-        t = None
-        meta = {"teacher": None}
-        if cfg.distill.method != "scratch":
-            if teacher is None:
-                raise TeacherError(f"--method {cfg.distill.method} needs --teacher")
-            t = load_teacher(resolve_source(teacher), data)
-            meta["teacher"] = {"source": teacher, "fingerprint": t.fingerprint, **t.info}
-            log.info("teacher %s: %s dim %s, fingerprint %s", teacher, t.info.get("kind"), t.info.get("dim"),
-                     t.fingerprint)
-        return build_objective(cfg, t, dev, Path(out)), meta
-
-    _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, None, "distill",
-                  prepare=prepare, callbacks=lambda: _tracking_callbacks("distill", mlflow_opts))
+    source = resolve_source(teacher) if teacher else None
+    _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, "distill",
+                  distill_objective(source, out, label=teacher),
+                  callbacks=lambda: _tracking_callbacks("distill", mlflow_opts))
 
 
 @main.command()
@@ -291,45 +236,18 @@ def evaluate(checkpoint, split, data_path, ks, as_json, device):
 
     All items are ranked except the user's training items; users without held-out items are skipped.
     """
-    import torch
-
-    from .checkpoint import load_checkpoint
-    from .config import from_dict
-    from .device import configure_threads, resolve_device
-    from .evaluation import evaluate as run_eval
+    from .api import evaluate as run_eval
 
     _setup_logging(quiet=as_json)
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(resolve_source(checkpoint))
-    cfg = from_dict(ckpt.meta["config"], str(ckpt.path))
-    configure_threads(cfg.train.threads)
-    if data_path:
-        cfg.data.path = data_path
-    data = _load_data(cfg)
-    _check_ids(ckpt, data, str(ckpt.path))
-    model = ckpt.build_model(dev)
-    with torch.no_grad():
-        u, i = model.vectors()
-        target = data.valid if split == "valid" else data.test
-        res = run_eval(u, i, data.train.indptr, data.train.items, target.indptr, target.items,
-                       ks=ks or cfg.train.eval_ks, block=cfg.train.eval_block)
+    path = resolve_source(checkpoint)
+    res = run_eval(path, split, data_path, ks or None, device)
     metrics = {k: v for k, v in res.items() if k != "users"}
     if as_json:
         click.echo(json.dumps(metrics))
     else:
-        click.echo(f"{ckpt.path} on {split} ({res['users']:,} users):")
+        click.echo(f"{path} on {split} ({res['users']:,} users):")
         for k, v in metrics.items():
             click.echo(f"  {k:<10} {v:.5f}")
-
-
-def _check_ids(ckpt, data, where: str) -> None:
-    from .errors import MismatchError
-
-    if len(ckpt.user_ids) != data.num_users or len(ckpt.item_ids) != data.num_items:
-        raise MismatchError(f"{where}: model has {len(ckpt.user_ids):,} users x {len(ckpt.item_ids):,} items, "
-                            f"data has {data.num_users:,} x {data.num_items:,}")
-    if not (ckpt.user_ids == data.user_ids).all() or not (ckpt.item_ids == data.item_ids).all():
-        raise MismatchError(f"{where}: model's user/item ids differ from the data's")
 
 
 def resolve_source(source: str) -> str:
@@ -479,6 +397,75 @@ def serve(source, host, port, workers, max_k, max_batch, fallback):
     sys.stderr.flush()
     os.execv(sys.executable, argv)
 # --- end of export and serve ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default="runs/pipeline", show_default=True,
+              help="Pipeline directory: teacher/, scratch/, rcekd/ runs, bundles/, report/.")
+@click.option("--data", default=None, help="Interactions to use instead of the recipes' (any format `compress "
+              "train` reads); default: the bundled CiteULike-t.")
+@click.option("--teacher", default=None, help="Use this trained teacher (run dir, .safetensors or models:/ URI) "
+              "instead of training one.")
+@click.option("--teacher-config", default="configs/citeulike/mf-teacher.yaml", show_default=True,
+              help="Teacher recipe.")
+@click.option("--student-config", default="configs/citeulike/mf-student.yaml", show_default=True,
+              help="Student recipe, trained from scratch (the baseline).")
+@click.option("--kd-config", default="configs/citeulike/mf-rcekd.yaml", show_default=True,
+              help="Student recipe with RCE-KD settings.")
+@EPOCHS_OPT
+@click.option("--patience", type=int, default=None,
+              help="Early-stopping patience of every stage (overrides train.patience; the recipes use 30).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every stage.")
+@DEVICE_OPT
+@THREADS_OPT
+@SET_OPT
+@click.option("--index", default="auto", show_default=True, help="FAISS index of the bundles (see compress export).")
+@click.option("--fresh", is_flag=True, help="Redo every stage instead of reusing finished ones.")
+@QUIET_OPT
+@mlflow_options
+@user_errors
+def pipeline(out, data, teacher, teacher_config, student_config, kd_config, epochs, patience, seed, device, threads,
+             overrides, index, fresh, quiet, mlflow_opts):
+    """The main job: teacher -> scratch and RCE-KD students -> evaluation -> verified bundles -> MLflow
+    registration -> report, on the bundled CiteULike-t unless --data is given.
+
+    \b
+    Re-running reuses finished stages (a killed stage resumes from its last epoch); --fresh redoes them.
+    Ends by printing where everything is and the `compress serve` command for the student's bundle.
+    """
+    from .cli_pipeline import PipelineOptions, run_pipeline
+
+    out = Path(out)
+    _setup_logging(quiet, out / "pipeline.log")
+    if quiet:
+        logging.getLogger("compressor.pipeline").setLevel(logging.INFO)
+        for h in logging.getLogger().handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.addFilter(lambda r: r.name == "compressor.pipeline" or r.levelno >= logging.WARNING)
+                h.setLevel(logging.INFO)
+    if mlflow_opts["no_mlflow"] and mlflow_opts["register"]:
+        raise click.UsageError("--register needs MLflow; drop --no-mlflow")
+    tracking = None
+    if not mlflow_opts["no_mlflow"]:
+        _tracking_callbacks("pipeline", {**mlflow_opts, "register": None, "alias": None})  # probe now: fail fast
+        tracking = {"tracking_uri": mlflow_opts["tracking_uri"], "experiment": mlflow_opts["experiment"],
+                    "optional": mlflow_opts["mlflow_optional"]}
+    opts = PipelineOptions(out=out, data=data, teacher=resolve_source(teacher) if teacher else None,
+                           teacher_config=teacher_config, student_config=student_config, kd_config=kd_config,
+                           overrides=overrides, epochs=epochs, patience=patience, seed=seed, device=device,
+                           threads=threads, fresh=fresh, quiet=quiet, mlflow=tracking,
+                           register=mlflow_opts["register"], alias=mlflow_opts["alias"],
+                           gate_share=mlflow_opts["gate_share"], index=index)
+    summary = run_pipeline(opts)
+    click.echo("", err=True)
+    click.echo(f"teacher:  {summary['teacher']}\nstudents: {summary['scratch']}  {summary['rcekd']}\n"
+               f"bundle:   {summary['bundle']}\nreport:   {summary['report']}", err=True)
+    reg = summary.get("registered")
+    if reg:
+        click.echo(f"registry: {reg['model_uri']}" + (f" (alias {reg['alias']})" if reg.get("alias") else
+                                                      f" (no alias: {reg.get('gate_reason')})"), err=True)
+    click.echo("next:     compress serve " + summary["bundle"], err=True)
+    click.echo(json.dumps(summary))
 
 
 if __name__ == "__main__":  # pragma: no cover

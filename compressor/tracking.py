@@ -747,3 +747,26 @@ def promote(name: str, version: str, alias: str, share: float = DEFAULT_GATE_SHA
         raise TrackingError(f"models:/{name}/{mv.version} not promoted to '{alias}': {reason} "
                             f"(--force overrides the gate)")
     return {"name": name, "version": mv.version, "alias": alias, "gate": decision, "reason": reason}
+
+
+def register_checkpoint(checkpoint: str | Path, name: str, alias: str | None = None,
+                        gate_share: float = DEFAULT_GATE_SHARE, tracking_uri: str | None = None) -> dict:
+    """Register a finished, tracked run's model as a new version of NAME (same gate and tags as ``--register``).
+
+    For pipelines that register only after later stages (export) succeeded. The checkpoint must carry the MLflow
+    run id of its training run (it does when the run was tracked)."""
+    checkpoint = Path(checkpoint)
+    meta = _checkpoint_meta(checkpoint)
+    run_id = meta.get("mlflow_run_id")
+    if not run_id:
+        raise TrackingError(f"{checkpoint}: this run was not tracked in MLflow, so it cannot be registered "
+                            f"(train it without --no-mlflow)")
+    tracker = MlflowTracker("register", tracking_uri=tracking_uri, register=name, alias=alias, gate_share=gate_share)
+    tracker.run_id = run_id
+    try:
+        return tracker._register(checkpoint, meta)
+    except TrackingError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise TrackingError(f"MLflow at {redact(tracker.uri)}: cannot register {checkpoint} as '{name}' "
+                            f"({type(e).__name__}: {e})") from None

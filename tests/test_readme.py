@@ -20,3 +20,20 @@ def test_readme_set_up_commands_are_the_ci_commands():
     assert "pytest" in blocks[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert blocks[1].strip() in ci
+
+
+def test_readme_python_api_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"### Python API.*?```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace('"configs/', f'"{ROOT}/configs/')
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "5,219 users" in p.stdout and "'ndcg@20'" in p.stdout
+    assert (tmp_path / "runs" / "api-bundle" / "manifest.json").exists()

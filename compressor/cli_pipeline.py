@@ -1,0 +1,267 @@
+"""`compress pipeline`: interactions in, a served-ready, verified, registered student out, with a report.
+
+Part of the CLI layer (like cli.py, the only code that touches compressor, export and serving together).
+Stages, each a directory under OUT that is reused when finished, resumed when interrupted, redone with --fresh:
+
+  teacher/   compress train (or --teacher: an existing checkpoint, used as is)
+  scratch/   the student recipe trained with BPR only (the baseline the report compares against)
+  rcekd/     the student distilled with RCE-KD from the teacher
+  bundles/   the three models exported (ONNX + FAISS), verified; bundles/rcekd is what `compress serve` serves
+  report/    report.md + PNG figures; registered.json when the student was registered in MLflow
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("compressor.pipeline")
+
+STAGE_RUNS = ("teacher", "scratch", "rcekd")
+
+
+@dataclass
+class PipelineOptions:
+    out: Path
+    data: str | None = None
+    teacher: str | None = None
+    teacher_config: str = "configs/citeulike/mf-teacher.yaml"
+    student_config: str = "configs/citeulike/mf-student.yaml"
+    kd_config: str = "configs/citeulike/mf-rcekd.yaml"
+    overrides: tuple = ()
+    epochs: int | None = None
+    patience: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    fresh: bool = False
+    quiet: bool = False
+    mlflow: dict | None = None  # None: untracked; else {"tracking_uri", "experiment", "optional", ...}
+    register: str | None = None
+    alias: str | None = None
+    gate_share: float = 0.9
+    index: str = "auto"
+
+
+def _recipe(path: str) -> str:
+    """A recipe path as given, or the shipped recipe of that name when run outside the project directory."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (Path(__file__).resolve().parents[1] / p).exists():
+        return str(Path(__file__).resolve().parents[1] / p)
+    return path
+
+
+def _run_done(run_dir: Path) -> dict | None:
+    p = run_dir / "result.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _prepare_run_dir(run_dir: Path) -> bool:
+    """True: resume the interrupted run there. A dir without a resumable checkpoint is cleared: it holds no
+    finished epoch (killed during the first one), so nothing is lost."""
+    if (run_dir / "last.safetensors").exists():
+        return True
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return False
+
+
+def _overrides(o: PipelineOptions) -> list[str]:
+    ov = list(o.overrides)
+    if o.data:
+        ov.append(f"data.path={o.data}")
+    if o.epochs is not None:
+        ov.append(f"train.epochs={o.epochs}")
+    if o.patience is not None:
+        ov.append(f"train.patience={o.patience}")
+    if o.threads is not None:
+        ov.append(f"train.threads={o.threads}")
+    ov.append(f"train.seed={o.seed}")
+    return ov
+
+
+def _callbacks(o: PipelineOptions, command: str) -> list:
+    if o.mlflow is None:
+        return []
+    from .tracking import MlflowTracker
+
+    return [MlflowTracker(command, tracking_uri=o.mlflow.get("tracking_uri"), experiment=o.mlflow.get("experiment"),
+                          optional=o.mlflow.get("optional", False))]
+
+
+def _stage(name: str, run_dir: Path, fn) -> dict:
+    done = _run_done(run_dir)
+    if done is not None:
+        log.info("stage %-8s reused: %s (finished earlier; test ndcg@20 %.4f) — --fresh redoes it", name, run_dir,
+                 done["test"]["ndcg@20"])
+        return done
+    resume = _prepare_run_dir(run_dir)
+    log.info("stage %-8s %s: %s", name, "resuming" if resume else "running", run_dir)
+    t0 = time.perf_counter()
+    fn(resume)
+    done = _run_done(run_dir)
+    log.info("stage %-8s finished in %.0fs: test ndcg@20 %.4f", name, time.perf_counter() - t0,
+             done["test"]["ndcg@20"])
+    return done
+
+
+def _export(name: str, checkpoint: Path, bundle_dir: Path, index: str) -> dict:
+    from export.from_checkpoint import export_checkpoint
+    from serving.bundle import BundleError, verify_bundle
+
+    from .checkpoint import load_checkpoint
+
+    fingerprint = load_checkpoint(checkpoint).fingerprint
+    manifest_path = bundle_dir / "manifest.json"
+    if manifest_path.exists():
+        try:
+            verify_bundle(bundle_dir)
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("lineage", {}).get("checkpoint_fingerprint") == fingerprint:
+                log.info("stage export   reused: %s (verified, same checkpoint %s)", bundle_dir, fingerprint)
+                return manifest
+        except BundleError as e:
+            log.warning("stage export   %s failed verification (%s); exporting again", bundle_dir, e)
+    log.info("stage export   %s -> %s", name, bundle_dir)
+    return export_checkpoint(checkpoint, bundle_dir, index_factory=index, overwrite=True)
+
+
+def _latency(bundle_dir: Path, n: int = 2000, k: int = 20) -> dict:
+    """Single-user recommend latency in-process (ONNX Runtime -> FAISS -> exclude seen), 1 thread."""
+    from serving.bundle import open_bundle
+    from serving.recommender import Recommender
+
+    rec = Recommender(open_bundle(bundle_dir))
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, rec.bundle.num_users, size=n + 100)
+    times = []
+    for i, u in enumerate(users):
+        t0 = time.perf_counter()
+        rec.recommend(np.array([u]), k, exclude_seen=True)
+        if i >= 100:  # warm-up
+            times.append((time.perf_counter() - t0) * 1000)
+    return {"p50": float(np.percentile(times, 50)), "p99": float(np.percentile(times, 99)), "calls": n, "k": k}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
+
+
+def run_pipeline(o: PipelineOptions) -> dict:
+    from . import api
+    from .checkpoint import load_checkpoint
+    from .report import ReportEntry, read_history, write_report
+
+    out = o.out
+    if o.fresh and out.exists():
+        log.info("--fresh: removing %s and the cached teacher top-K beside it", out)
+        for sub in (*STAGE_RUNS, "bundles", "report", ".topk-cache"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    ov = _overrides(o)
+    t_start = time.perf_counter()
+    progress = not o.quiet
+
+    # 1. teacher
+    if o.teacher:
+        teacher_ckpt = Path(o.teacher)
+        log.info("stage teacher  given: %s", o.teacher)
+        teacher_res = {"test": load_checkpoint(teacher_ckpt).meta.get("metrics", {}).get("test")}
+        if not teacher_res["test"]:
+            from .errors import MismatchError
+            raise MismatchError(f"{o.teacher}: the teacher checkpoint has no test metrics (train it with compress)")
+        teacher_dir = teacher_ckpt if teacher_ckpt.is_dir() else teacher_ckpt.parent
+    else:
+        teacher_dir = out / "teacher"
+        teacher_res = _stage("teacher", teacher_dir, lambda resume: api.train(
+            _recipe(o.teacher_config), teacher_dir, overrides=ov, device=o.device, resume=resume,
+            callbacks=_callbacks(o, "train"), progress=progress))
+        teacher_ckpt = teacher_dir
+    # 2. scratch student, 3. RCE-KD student (the same student recipe, with and without the teacher)
+    scratch_res = _stage("scratch", out / "scratch", lambda resume: api.distill(
+        None, _recipe(o.student_config), out / "scratch", method="scratch", overrides=ov, device=o.device, resume=resume,
+        callbacks=_callbacks(o, "distill"), progress=progress))
+    rcekd_res = _stage("rcekd", out / "rcekd", lambda resume: api.distill(
+        teacher_ckpt, _recipe(o.kd_config), out / "rcekd", method="rcekd", overrides=ov, device=o.device, resume=resume,
+        callbacks=_callbacks(o, "distill"), progress=progress, teacher_label=str(o.teacher or teacher_dir)))
+    # 4. export all three (the RCE-KD bundle is the product; the others size and time the comparison)
+    manifests = {}
+    for name, run in (("teacher", teacher_ckpt), ("scratch", out / "scratch"), ("rcekd", out / "rcekd")):
+        manifests[name] = _export(name, Path(run), out / "bundles" / name, o.index)
+    bundle = out / "bundles" / "rcekd"
+    # 5. register the RCE-KD student (after its bundle verified), with the gated alias
+    registered = None
+    if o.register:
+        registered = _register(o, out / "rcekd", bundle)
+    # 6. report
+    entries = []
+    for label, name, res in (("teacher", "teacher", teacher_res), ("scratch student", "scratch", scratch_res),
+                             ("RCE-KD student", "rcekd", rcekd_res)):
+        m = manifests[name]
+        run_dir = teacher_dir if name == "teacher" else out / name
+        entries.append(ReportEntry(label, run_dir, params=(m["num_users"] + m["num_items"]) * m["dim"], dim=m["dim"],
+                                   test=res["test"], bundle_bytes=_dir_bytes(out / "bundles" / name),
+                                   latency_ms=_latency(out / "bundles" / name), history=read_history(run_dir)))
+    notes = [f"Data: {load_checkpoint(out / 'rcekd').meta['data_source']}.",
+             f"Bundle index: {manifests['rcekd']['index']['factory']} "
+             f"({'exact' if manifests['rcekd']['index']['exact'] else 'approximate'}).",
+             f"Pipeline wall time this invocation: {time.perf_counter() - t_start:.0f}s (stages reused: see log)."]
+    if registered:
+        notes.append(f"Registered as {registered['model_uri']}"
+                     + (f" with alias '{registered['alias']}'" if registered.get("alias")
+                        else f" without alias ({registered.get('gate_reason')})") + ".")
+    report = write_report(out / "report", *entries, title="Compression report", notes=notes)
+    if o.mlflow is not None:
+        _log_report(o, out / "report")
+    summary = {"out": str(out), "teacher": str(teacher_dir), "scratch": str(out / "scratch"),
+               "rcekd": str(out / "rcekd"), "bundle": str(bundle), "report": str(report),
+               "test_ndcg@20": {e.label: e.test["ndcg@20"] for e in entries}, "registered": registered,
+               "serve": f"compress serve {bundle}"}
+    (out / "report" / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _register(o: PipelineOptions, run_dir: Path, bundle: Path) -> dict | None:
+    from .checkpoint import load_checkpoint
+    from .tracking import log_bundle_to_model_version, register_checkpoint
+
+    marker = o.out / "report" / "registered.json"
+    fingerprint = load_checkpoint(run_dir).fingerprint
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done.get("fingerprint") == fingerprint and done.get("name") == o.register:
+            log.info("stage register reused: %s", done["model_uri"])
+            return done
+    if o.mlflow is None:
+        log.warning("--register needs MLflow tracking; skipped")
+        return None
+    reg = register_checkpoint(run_dir / "model.safetensors", o.register, o.alias, o.gate_share,
+                              tracking_uri=o.mlflow.get("tracking_uri"))
+    log_bundle_to_model_version(reg["model_uri"], bundle, recall_floor=0.95)
+    reg["fingerprint"] = fingerprint
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(reg, indent=1))
+    return reg
+
+
+def _log_report(o: PipelineOptions, report_dir: Path) -> None:
+    """One MLflow run named 'pipeline' holding the report (Markdown + figures)."""
+    from .tracking import TrackingError, _mlflow, resolve_tracking_uri
+
+    try:
+        mlflow = _mlflow()
+        client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(o.mlflow.get("tracking_uri")))
+        exp = client.get_experiment_by_name(o.mlflow.get("experiment") or "compress")
+        exp_id = exp.experiment_id if exp else client.create_experiment(o.mlflow.get("experiment") or "compress")
+        run = client.create_run(exp_id, run_name=f"pipeline {o.out.name}", tags={"compress.command": "pipeline"})
+        client.log_artifacts(run.info.run_id, str(report_dir), "report")
+        client.set_terminated(run.info.run_id, "FINISHED")
+        log.info("MLflow: report logged to run %s", run.info.run_id)
+    except (TrackingError, Exception) as e:  # noqa: BLE001 - the report is on disk either way
+        log.warning("MLflow: could not log the report (%s); it is in %s", e, report_dir)

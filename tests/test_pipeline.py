@@ -1,0 +1,76 @@
+"""`compress pipeline` end to end on a slice: stages, reuse on re-run, kill-and-rerun, report, registry."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import ROOT, run_cli
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory, slice_data):
+    d = tmp_path_factory.mktemp("recipes")
+    data = f"data: {{path: {slice_data}, format: users_dat}}\n"
+    train = "train: {batch_size: 512, lr: 0.005, threads: 1, patience: 5}\n"
+    (d / "teacher.yaml").write_text(data + "model: {kind: mf, dim: 32}\n" + train)
+    (d / "student.yaml").write_text(data + "model: {kind: mf, dim: 8}\n" + train)
+    (d / "kd.yaml").write_text(data + "model: {kind: mf, dim: 8}\n" + train +
+                               "distill: {method: rcekd, K: 10, M: 30, L: 10, lambda_kd: 1.0}\n")
+    return d
+
+
+def _args(recipes, out, *extra):
+    return ["pipeline", "--out", out, "--teacher-config", recipes / "teacher.yaml", "--student-config",
+            recipes / "student.yaml", "--kd-config", recipes / "kd.yaml", "--epochs", 4, "--quiet", *extra]
+
+
+def test_pipeline_runs_reuses_and_reports(recipes, tmp_path):
+    out = tmp_path / "p"
+    env = {"COMPRESS_NO_MLFLOW": "0", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    t0 = time.time()
+    p = run_cli(*_args(recipes, out, "--register", "pipe-student", "--alias", "champion", "--gate-share", "0"),
+                env=env)
+    first = time.time() - t0
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    report = (out / "report" / "report.md").read_text()
+    for label in ("teacher", "scratch student", "RCE-KD student"):
+        assert f"| {label} |" in report
+    assert (out / "report" / "valid_ndcg10.png").stat().st_size > 1000
+    assert (out / "bundles" / "rcekd" / "manifest.json").exists()
+    assert summary["registered"]["alias"] == "champion"
+    assert "compress serve" in p.stdout
+    run_cli("export", "--verify", out / "bundles" / "rcekd")
+    # second run: every stage reused, much faster, and it says so
+    t0 = time.time()
+    p2 = run_cli(*_args(recipes, out, "--register", "pipe-student", "--alias", "champion", "--gate-share", "0"),
+                 env=env)
+    second = time.time() - t0
+    for stage in ("teacher", "scratch", "rcekd", "export", "register"):
+        assert f"stage {stage}" in p2.stderr and "reused" in p2.stderr
+    assert second < first
+
+
+def test_kill_midway_then_rerun_finishes_without_redoing_stages(recipes, tmp_path):
+    out = tmp_path / "k"
+    cmd = [sys.executable, "-m", "compressor.cli", *map(str, _args(recipes, out, "--epochs", 30))]
+    env = dict(os.environ, COMPRESS_NO_MLFLOW="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "rcekd" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "teacher" / "result.json").exists() and not (out / "rcekd" / "result.json").exists()
+    teacher_mtime = (out / "teacher" / "model.safetensors").stat().st_mtime
+    p = run_cli(*_args(recipes, out, "--epochs", 30), env={"COMPRESS_NO_MLFLOW": "1"})
+    assert "stage teacher  reused" in p.stderr and "stage rcekd    resuming" in p.stderr
+    assert (out / "teacher" / "model.safetensors").stat().st_mtime == teacher_mtime
+    assert (out / "report" / "report.md").exists()
+    hist = [json.loads(x) for x in (out / "rcekd" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == list(range(1, len(hist) + 1))  # no epoch lost or repeated
