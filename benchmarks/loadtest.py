@@ -28,6 +28,14 @@ Writes `<out-dir>/loadtest.json` and `<out-dir>/loadtest.md` (a snippet for docs
 
 writes a stand-in bundle of Gowalla's shape (29,858 users x 40,981 items, dim 20): the real Gowalla
 training interactions as seen items, random vectors. Use a bundle of a trained student for reports.
+
+    python benchmarks/loadtest.py --register-checkpoint RUN_DIR_OR_SAFETENSORS --register-name NAME \
+        --tracking-uri sqlite:///bench-out/serve/mlflow.db
+
+registers a checkpoint as a new version of NAME in an MLflow store for the `mlflow models serve` side,
+with the same pyfunc model-from-code `compress distill --register` logs (`MlflowTracker._register`), and
+prints its models:/ URI. A checkpoint of an untracked run (no MLflow run id) gets a new run in the
+experiment "loadtest" to hold the model; artifacts go beside a local database (`<db>-artifacts/`).
 """
 
 from __future__ import annotations
@@ -407,6 +415,43 @@ def make_gowalla_bundle(out: Path, dim: int = 20, seed: int = 0) -> None:
     print(f"wrote {out}: {manifest['num_users']} users x {manifest['num_items']} items, index {manifest['index']['factory']}")
 
 
+# -------------------------------------------------------------------------------- MLflow registry
+def register_checkpoint(checkpoint: Path, name: str, tracking_uri: str) -> str:
+    """Register CHECKPOINT as a new version of NAME (pyfunc model-from-code, as `--register` does); the models:/ URI."""
+    import urllib.parse
+
+    from compressor.tracking import MlflowTracker, _checkpoint_meta, _mlflow, register_checkpoint as tracked
+
+    if checkpoint.is_dir():  # a run dir: its best checkpoint, as `compress export RUN_DIR` reads it
+        checkpoint = checkpoint / "model.safetensors"
+    meta = _checkpoint_meta(checkpoint)
+    if not meta:
+        raise SystemExit(f"{checkpoint}: not a compress checkpoint (no metadata)")
+    if meta.get("mlflow_run_id"):
+        return tracked(checkpoint, name, tracking_uri=tracking_uri)["model_uri"]
+    experiment = "loadtest"
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    if client.get_experiment_by_name(experiment) is None:
+        parts = urllib.parse.urlsplit(tracking_uri)
+        location = None
+        if parts.scheme == "sqlite" and parts.path.startswith("/"):  # sqlite:///relative.db or sqlite:////abs.db
+            db = Path(parts.path[1:]).resolve()
+            location = (db.parent / f"{db.stem}-artifacts").as_uri()
+        client.create_experiment(experiment, artifact_location=location)
+    tracker = MlflowTracker("register", tracking_uri=tracking_uri, experiment=experiment, register=name)
+    run = client.create_run(tracker.experiment_id, run_name=f"register-{meta.get('fingerprint', 'checkpoint')}",
+                            tags={"compress.command": "benchmarks/loadtest.py --register-checkpoint",
+                                  "compress.checkpoint_fingerprint": str(meta.get("fingerprint")),
+                                  "compress.checkpoint_path": str(checkpoint.resolve())})
+    tracker.run_id = run.info.run_id
+    try:
+        summary = tracker._register(checkpoint, meta)
+    finally:
+        client.set_terminated(run.info.run_id)
+    return summary["model_uri"]
+
+
 # ----------------------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -419,10 +464,23 @@ def main() -> int:
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench-out" / "serve")
     ap.add_argument("--make-gowalla-bundle", type=Path, default=None, metavar="OUT",
                     help="only write the Gowalla-shaped stand-in bundle to OUT and exit")
+    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                    help="MLflow store of --mlflow-model-uri / --register-checkpoint (default: $MLFLOW_TRACKING_URI)")
+    ap.add_argument("--register-checkpoint", type=Path, default=None, metavar="CKPT",
+                    help="only register CKPT (run dir or .safetensors) as a new version of --register-name, "
+                         "print its models:/ URI and exit")
+    ap.add_argument("--register-name", default="gowalla-student", help="registered model name (default: %(default)s)")
     args = ap.parse_args()
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri  # `mlflow models serve` resolves models:/ with it
 
     if args.make_gowalla_bundle:
         make_gowalla_bundle(args.make_gowalla_bundle)
+        return 0
+    if args.register_checkpoint:
+        if not args.tracking_uri:
+            ap.error("--register-checkpoint needs --tracking-uri (or MLFLOW_TRACKING_URI)")
+        print(register_checkpoint(args.register_checkpoint, args.register_name, args.tracking_uri))
         return 0
     if args.bundle is None:
         ap.error("--bundle is required")

@@ -339,3 +339,108 @@ def test_short_ivf_lists_fall_back_to_exact(tmp_path, data):
     _check_approx(rec, data, 100)
     items, _ = rec.recommend(np.array([NOTHING_SEEN_USER]), 100, exclude_seen=True)[0]
     assert items.size == 100
+
+
+# ------------------------------------------------------- dense path (exact Flat bundles)
+# A catalogue larger than the recommender's norm-ordered prefix, so every branch of the
+# dense top-k runs: prefix only, wider cutoffs (light and heavy row groups), sampled
+# thresholds, the whole-row fallback, fewer unseen items than k, exact ties, a zero user.
+BIG_I, BIG_U, BIG_D = 12_000, 48, 8
+BIG_MOSTLY_SEEN, BIG_EXACTLY_K, BIG_PREFIX_SEEN, BIG_ZERO, BIG_NEGATIVE, BIG_ALL_SEEN = 0, 1, 2, 3, 4, 9
+BIG_K = 10
+
+
+def make_big_data(seed: int = 3) -> dict:
+    rng = np.random.default_rng(seed)
+    items = (rng.standard_normal((BIG_I, BIG_D)) * rng.lognormal(0.0, 0.7, (BIG_I, 1))).astype(np.float32)
+    items[100:110] = items[7]  # exact ties: the answer orders them by item index
+    users = rng.standard_normal((BIG_U, BIG_D)).astype(np.float32)
+    users[5:9] = items[7] * 3.0  # users whose best items are the tied ones
+    users[BIG_ZERO] = 0.0  # every score 0: all tied
+    users[BIG_NEGATIVE] = -items.mean(axis=0) * 0.01  # a small user vector, low k-th score
+    norms = np.linalg.norm(items.astype(np.float64), axis=1)
+    by_norm = np.argsort(-norms, kind="stable")
+    seen = [rng.choice(BIG_I, int(n), replace=False) for n in rng.integers(0, 300, BIG_U)]
+    seen[BIG_MOSTLY_SEEN] = np.setdiff1d(np.arange(BIG_I), [11, 4000, 9000])  # 3 unseen items
+    seen[BIG_EXACTLY_K] = np.setdiff1d(np.arange(BIG_I), rng.choice(BIG_I, BIG_K, replace=False))
+    seen[BIG_ALL_SEEN] = np.arange(BIG_I)  # nothing left to recommend: an empty answer
+    seen[BIG_PREFIX_SEEN] = by_norm[:5000]  # the largest-norm items: the best of them are all seen
+    users[BIG_PREFIX_SEEN] = items[by_norm[0]]
+    seen[6] = np.concatenate([seen[6], seen[6][:5]])  # a repeated training item
+    lens = np.array([s.size for s in seen])
+    return {
+        "user_vectors": users,
+        "item_vectors": items,
+        "user_ids": np.array([f"u{i}" for i in range(BIG_U)]),
+        "item_ids": np.array([f"i{i}" for i in range(BIG_I)]),
+        "seen_indptr": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+        "seen_indices": np.concatenate(seen).astype(np.int64),
+    }
+
+
+def brute_force_any(data: dict, user: int, k: int, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
+    """float64 scores, ties by item index, exactly min(k, unseen) items."""
+    scores = data["item_vectors"].astype(np.float64) @ data["user_vectors"][user].astype(np.float64)
+    cand = np.arange(scores.size)
+    if exclude_seen:
+        seen = data["seen_indices"][data["seen_indptr"][user] : data["seen_indptr"][user + 1]]
+        cand = np.setdiff1d(cand, seen)
+    order = cand[np.argsort(-scores[cand], kind="stable")][:k]
+    return order, scores[order]
+
+
+@pytest.fixture(scope="module")
+def big_data() -> dict:
+    return make_big_data()
+
+
+@pytest.fixture(scope="module")
+def big_flat(tmp_path_factory, big_data):
+    out = tmp_path_factory.mktemp("bigflat") / "bundle"
+    write(out, big_data, index_factory="Flat")
+    return open_bundle(out)
+
+
+@pytest.mark.parametrize("user_table", [True, False], ids=["user-table", "ort-per-call"])
+@pytest.mark.parametrize("k", [1, BIG_K, 100, 700])
+@pytest.mark.parametrize("exclude_seen", [True, False])
+def test_dense_batch_equals_brute_force(big_flat, big_data, monkeypatch, k, exclude_seen, user_table):
+    import serving.recommender as recommender_module
+
+    if not user_table:
+        monkeypatch.setattr(recommender_module, "USER_TABLE_MAX_BYTES", 0)
+    rec = Recommender(big_flat)
+    assert rec.dense and (rec._user_table is not None) == user_table
+    assert BIG_I > recommender_module.PREFIX  # the norm-ordered pruning is exercised
+    users = np.arange(BIG_U, dtype=np.int64)
+    batch = rec.recommend(users, k, exclude_seen=exclude_seen)
+    for user, (items, scores) in zip(users.tolist(), batch):
+        want_items, want_scores = brute_force_any(big_data, user, k, exclude_seen)
+        np.testing.assert_array_equal(items, want_items, err_msg=f"user {user}")
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-6, atol=1e-6)
+        assert items.dtype == np.int64 and scores.dtype == np.float32
+        # One user alone gets the same items and bit-identical scores as inside a batch.
+        alone_items, alone_scores = rec.recommend(np.array([user]), k, exclude_seen=exclude_seen)[0]
+        np.testing.assert_array_equal(alone_items, items)
+        np.testing.assert_array_equal(alone_scores, scores)
+    if exclude_seen:  # never padded, never a seen item
+        mostly = batch[BIG_MOSTLY_SEEN][0]
+        assert mostly.size == min(k, 3) and set(mostly.tolist()) <= {11, 4000, 9000}
+        assert batch[BIG_EXACTLY_K][0].size == min(k, BIG_K)
+        assert batch[BIG_ALL_SEEN][0].size == 0 and batch[BIG_ALL_SEEN][1].size == 0
+    # A batch in another order and split differently gives the same answers.
+    shuffled = np.random.default_rng(0).permutation(users)
+    for user, (items, _) in zip(shuffled.tolist(), rec.recommend(shuffled, k, exclude_seen=exclude_seen)):
+        np.testing.assert_array_equal(items, batch[user][0])
+
+
+def test_dense_ties_ordered_by_item_index(big_flat):
+    rec = Recommender(big_flat)
+    items, scores = rec.recommend(np.array([5]), 11, exclude_seen=False)[0]
+    # Items 7 and 100..109 share one vector; user 5 is 3x that vector, so they are its top 11.
+    assert items.tolist() == [7, *range(100, 110)]
+    assert np.unique(scores).size == 1
+
+
+def test_dense_path_only_for_flat(flat, hnsw):
+    assert flat.dense and not hnsw.dense
