@@ -72,13 +72,15 @@ def _prepare_run_dir(run_dir: Path) -> bool:
     return False
 
 
-def _overrides(o: PipelineOptions) -> list[str]:
+def _overrides(o: PipelineOptions, baseline: bool = False) -> list[str]:
+    """Overrides of a stage. The scratch baseline keeps its recipe's patience: it is cheap, and a short patience
+    would stop it on the plateau of its early validation curve, making the comparison flatter the student."""
     ov = list(o.overrides)
     if o.data:
         ov.append(f"data.path={o.data}")
     if o.epochs is not None:
         ov.append(f"train.epochs={o.epochs}")
-    if o.patience is not None:
+    if o.patience is not None and not baseline:
         ov.append(f"train.patience={o.patience}")
     if o.threads is not None:
         ov.append(f"train.threads={o.threads}")
@@ -185,7 +187,8 @@ def run_pipeline(o: PipelineOptions) -> dict:
         teacher_ckpt = teacher_dir
     # 2. scratch student, 3. RCE-KD student (the same student recipe, with and without the teacher)
     scratch_res = _stage("scratch", out / "scratch", lambda resume: api.distill(
-        None, _recipe(o.student_config), out / "scratch", method="scratch", overrides=ov, device=o.device, resume=resume,
+        None, _recipe(o.student_config), out / "scratch", method="scratch", overrides=_overrides(o, baseline=True),
+        device=o.device, resume=resume,
         callbacks=_callbacks(o, "distill"), progress=progress))
     rcekd_res = _stage("rcekd", out / "rcekd", lambda resume: api.distill(
         teacher_ckpt, _recipe(o.kd_config), out / "rcekd", method="rcekd", overrides=ov, device=o.device, resume=resume,
