@@ -69,6 +69,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def med(xs) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
@@ -756,10 +761,12 @@ def part_scale(spec: dict) -> dict:
         return d
 
     obj.on_epoch_start = hooked
+    cpu0 = cpu_s()
     row = tr._run_epoch(1)
     res["rss_mb"].update(marks)
     res["rss_mb"]["after_kd_epoch"] = peak_rss_mb()
     res["kd_epoch"] = _epoch_breakdown(row)
+    res["kd_epoch"]["cpu_s"] = cpu_s() - cpu0  # CPU time of the process: unaffected by a SIGSTOP / time-slicing
     res["kd_epoch"]["retrieval_recall"] = row.get("diag_retrieval_recall")
     res["per_epoch_tensors_mb"] = {
         "qt [U,K] teacher top-K": _nbytes(obj.qt), "qs [U,K]": _nbytes(obj.qs), "a [U,L]": _nbytes(obj.a),
@@ -776,7 +783,9 @@ def part_scale(spec: dict) -> dict:
         trs = Trainer(cfg, data, Scratch(), work / f"scale-{spec['users']}-scratch", dev, progress=False)
         trs.model.load_state_dict(tr.model.state_dict())
         del tr
+        cpu0 = cpu_s()
         res["scratch_epoch"] = _epoch_breakdown(trs._run_epoch(1))
+        res["scratch_epoch"]["cpu_s"] = cpu_s() - cpu0
         print(f"  scratch epoch {res['scratch_epoch']['epoch_s']:.1f}s", flush=True)
     res["peak_rss_mb"] = peak_rss_mb()
     return res
@@ -896,15 +905,15 @@ def markdown(res: dict) -> str:
         L.append("## Scale: synthetic power-law data, one RCE-KD epoch per size (own subprocess each)\n")
         L.append("| users | variant | items | interactions | generate s | teacher top-K (setup) s | KD epoch s | "
                  "refresh s | retrieval s | recall@M | KD sampling+scoring s | recall check + overlap diag s | "
-                 "negatives s | batches s | "
-                 "scratch epoch s | "
+                 "negatives s | batches s | KD epoch CPU s | "
+                 "scratch epoch s | scratch CPU s | "
                  "peak RSS MB | RSS after refresh MB |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for s in sc:
             variant = "overlap diag fixed (what-if)" if s.get("spec", {}).get("overlap_fix") else "as implemented"
             if "kd_epoch" not in s:
                 L.append(f"| {s.get('spec', {}).get('users')} | {variant} | | | | | FAILED: {s.get('error')} "
-                         "| | | | | | | | | "
+                         "| | | | | | | | | | | "
                          f"{fmt(s['process']['peak_rss_mb'], 0)} | |")
                 continue
             k = s["kd_epoch"]
@@ -914,8 +923,9 @@ def markdown(res: dict) -> str:
                      f"{fmt(k['epoch_s'], 1)} | {fmt(k['refresh_s'], 1)} | {fmt(k['retrieval_s'], 1)} | "
                      f"{fmt(k['retrieval_recall'], 3)} | {fmt(k['kd_sampling_scoring_s'], 1)} | "
                      f"{fmt(k['recall_check_s'], 1)} | "
-                     f"{fmt(k['neg_sampling_s'], 1)} | {fmt(k['batches_s'], 1)} | "
-                     f"{fmt(s.get('scratch_epoch', {}).get('epoch_s'), 1)} | {fmt(s['process']['peak_rss_mb'], 0)} | "
+                     f"{fmt(k['neg_sampling_s'], 1)} | {fmt(k['batches_s'], 1)} | {fmt(k.get('cpu_s'), 1)} | "
+                     f"{fmt(s.get('scratch_epoch', {}).get('epoch_s'), 1)} | "
+                     f"{fmt(s.get('scratch_epoch', {}).get('cpu_s'), 1)} | {fmt(s['process']['peak_rss_mb'], 0)} | "
                      f"{fmt(s['rss_mb'].get('after_refresh'), 0)} |")
         last = [s for s in sc if "per_epoch_tensors_mb" in s]
         if last:
