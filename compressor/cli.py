@@ -418,11 +418,14 @@ def serve(source, host, port, workers, max_k, max_batch, fallback):
 @SET_OPT
 @click.option("--index", default="auto", show_default=True, help="FAISS index of the bundles (see compress export).")
 @click.option("--fresh", is_flag=True, help="Redo every stage instead of reusing finished ones.")
+@click.option("--parallel/--sequential", default=True, show_default=True,
+              help="Train the scratch baseline in a second process beside the teacher (half the cores each), "
+                   "or one stage after the other.")
 @QUIET_OPT
 @mlflow_options
 @user_errors
 def pipeline(out, data, teacher, teacher_config, student_config, kd_config, epochs, patience, seed, device, threads,
-             overrides, index, fresh, quiet, mlflow_opts):
+             overrides, index, fresh, parallel, quiet, mlflow_opts):
     """The main job: teacher -> scratch and RCE-KD students -> evaluation -> verified bundles -> MLflow
     registration -> report, on the bundled CiteULike-t unless --data is given.
 
@@ -452,7 +455,8 @@ def pipeline(out, data, teacher, teacher_config, student_config, kd_config, epoc
                            overrides=overrides, epochs=epochs, patience=patience, seed=seed, device=device,
                            threads=threads, fresh=fresh, quiet=quiet, mlflow=tracking,
                            register=mlflow_opts["register"], alias=mlflow_opts["alias"],
-                           gate_share=mlflow_opts["gate_share"], index=index)
+                           gate_share=mlflow_opts["gate_share"], index=index, parallel=parallel,
+                           log_file=out / "pipeline.log")
     summary = run_pipeline(opts)
     click.echo("", err=True)
     click.echo(f"teacher:  {summary['teacher']}\nstudents: {summary['scratch']}  {summary['rcekd']}\n"

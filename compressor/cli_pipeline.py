@@ -12,8 +12,11 @@ Stages, each a directory under OUT that is reused when finished, resumed when in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -47,6 +50,8 @@ class PipelineOptions:
     alias: str | None = None
     gate_share: float = 0.9
     index: str = "auto"
+    parallel: bool = True  # train the scratch baseline beside the teacher in a second process
+    log_file: Path | None = None  # where the scratch process appends its log lines (the pipeline's log)
 
 
 def _recipe(path: str) -> str:
@@ -113,6 +118,116 @@ def _stage(name: str, run_dir: Path, fn) -> dict:
     return done
 
 
+def _lock(out: Path):
+    """One pipeline per directory: a second one would train into the same stage directories."""
+    import fcntl
+
+    f = open(out / ".pipeline.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        from .trainer import TrainingError
+        raise TrainingError(f"{out}: another compress pipeline is running there (pid {f.read().strip() or '?'}); "
+                            "wait for it or use another --out") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _train_scratch(o: PipelineOptions, resume: bool, progress: bool, extra_callbacks=()):
+    from . import api
+
+    return api.distill(None, _recipe(o.student_config), o.out / "scratch", method="scratch",
+                       overrides=_overrides(o, baseline=True), device=o.device, resume=resume,
+                       callbacks=[*_callbacks(o, "distill"), *extra_callbacks], progress=progress)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when the pipeline process dies, even by SIGKILL, so a killed
+    pipeline never leaves an orphan writing into scratch/ while its re-run trains there too."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux: the parent-pid check below still applies
+        pass
+
+
+class _ExitWithParent:
+    """Trainer callback (portable fallback of _die_with_parent): stop after the epoch in which the parent died."""
+
+    def __init__(self):
+        self.parent = os.getppid()
+
+    def on_start(self, trainer):
+        pass
+
+    def on_end(self, trainer, result):
+        pass
+
+    def on_epoch_end(self, trainer, row):
+        if os.getppid() != self.parent:
+            os._exit(3)
+
+
+def _scratch_process_main(o: PipelineOptions) -> None:
+    _die_with_parent()
+    import sys
+
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    # The teacher's progress bar owns the terminal: this process prints only stage lines and problems there.
+    sh.addFilter(lambda r: r.name == "compressor.pipeline" or r.levelno >= logging.WARNING)
+    root.addHandler(sh)
+    if o.log_file is not None:
+        fh = logging.FileHandler(o.log_file)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    for noisy in ("urllib3", "mlflow", "alembic", "httpx", "matplotlib", "PIL", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .errors import USER_ERRORS
+
+    try:
+        _stage("scratch", o.out / "scratch",
+               lambda resume: _train_scratch(o, resume, progress=False, extra_callbacks=[_ExitWithParent()]))
+    except USER_ERRORS as e:
+        log.error("stage scratch  failed: %s", e)
+        raise SystemExit(1) from None
+
+
+def _start_scratch_process(o: PipelineOptions):
+    log.info("stage scratch  trains in a second process beside the teacher (%d thread%s each)", o.threads,
+             "" if o.threads == 1 else "s")
+    proc = multiprocessing.get_context("spawn").Process(target=_scratch_process_main, args=(o,),
+                                                        name="compress-scratch", daemon=False)
+    proc.start()
+    return proc
+
+
+def _join_scratch(proc, run_dir: Path) -> None:
+    proc.join()
+    if proc.exitcode != 0 and _run_done(run_dir) is None:
+        from .trainer import TrainingError
+        raise TrainingError(f"stage scratch failed in its process (exit code {proc.exitcode}); its log lines are "
+                            "above and in the pipeline's log")
+
+
+def _stop(proc) -> None:
+    if proc is not None and proc.is_alive():
+        proc.terminate()
+        proc.join(10)
+
+
 def _export(name: str, checkpoint: Path, bundle_dir: Path, index: str) -> dict:
     from export.from_checkpoint import export_checkpoint
     from serving.bundle import BundleError, verify_bundle
@@ -166,11 +281,17 @@ def run_pipeline(o: PipelineOptions) -> dict:
         for sub in (*STAGE_RUNS, "bundles", "report", ".topk-cache"):
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)  # held until this process exits
     ov = _overrides(o)
     t_start = time.perf_counter()
     progress = not o.quiet
 
-    # 1. teacher
+    # 1. teacher, 2. scratch student. The two are independent: when both must be trained, the scratch baseline
+    # trains in a second process beside the teacher, each with half the cores (two stages at one thread each
+    # on 2 cores is close to twice as fast as one after the other, and a single process cannot use 2 threads
+    # well on these small matmuls).
+    run_scratch = lambda resume, opts=o: _train_scratch(opts, resume, progress)  # noqa: E731
+    scratch_proc = None
     if o.teacher:
         teacher_ckpt = Path(o.teacher)
         log.info("stage teacher  given: %s", o.teacher)
@@ -181,15 +302,23 @@ def run_pipeline(o: PipelineOptions) -> dict:
         teacher_dir = teacher_ckpt if teacher_ckpt.is_dir() else teacher_ckpt.parent
     else:
         teacher_dir = out / "teacher"
-        teacher_res = _stage("teacher", teacher_dir, lambda resume: api.train(
-            _recipe(o.teacher_config), teacher_dir, overrides=ov, device=o.device, resume=resume,
-            callbacks=_callbacks(o, "train"), progress=progress))
         teacher_ckpt = teacher_dir
-    # 2. scratch student, 3. RCE-KD student (the same student recipe, with and without the teacher)
-    scratch_res = _stage("scratch", out / "scratch", lambda resume: api.distill(
-        None, _recipe(o.student_config), out / "scratch", method="scratch", overrides=_overrides(o, baseline=True),
-        device=o.device, resume=resume,
-        callbacks=_callbacks(o, "distill"), progress=progress))
+        parallel = (o.parallel and _run_done(teacher_dir) is None and _run_done(out / "scratch") is None)
+        half = max(1, _cores() // 2)
+        if parallel:
+            scratch_proc = _start_scratch_process(dataclasses.replace(o, threads=o.threads or half))
+        teacher_ov = ov if not parallel or o.threads else [*ov, f"train.threads={half}"]
+        try:
+            teacher_res = _stage("teacher", teacher_dir, lambda resume: api.train(
+                _recipe(o.teacher_config), teacher_dir, overrides=teacher_ov, device=o.device, resume=resume,
+                callbacks=_callbacks(o, "train"), progress=progress))
+        except BaseException:
+            _stop(scratch_proc)
+            raise
+    if scratch_proc is not None:
+        _join_scratch(scratch_proc, out / "scratch")
+    scratch_res = _stage("scratch", out / "scratch", run_scratch)
+    # 3. RCE-KD student (the same student recipe as the scratch one, with the teacher)
     rcekd_res = _stage("rcekd", out / "rcekd", lambda resume: api.distill(
         teacher_ckpt, _recipe(o.kd_config), out / "rcekd", method="rcekd", overrides=ov, device=o.device, resume=resume,
         callbacks=_callbacks(o, "distill"), progress=progress, teacher_label=str(o.teacher or teacher_dir)))
@@ -227,6 +356,7 @@ def run_pipeline(o: PipelineOptions) -> dict:
                "test_ndcg@20": {e.label: e.test["ndcg@20"] for e in entries}, "registered": registered,
                "serve": f"compress serve {bundle}"}
     (out / "report" / "summary.json").write_text(json.dumps(summary, indent=1))
+    lock.close()
     return summary
 
 

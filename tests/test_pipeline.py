@@ -74,3 +74,46 @@ def test_kill_midway_then_rerun_finishes_without_redoing_stages(recipes, tmp_pat
     assert (out / "report" / "report.md").exists()
     hist = [json.loads(x) for x in (out / "rcekd" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == list(range(1, len(hist) + 1))  # no epoch lost or repeated
+
+
+def test_scratch_trains_beside_teacher_and_dies_with_a_killed_pipeline(recipes, tmp_path):
+    """The scratch baseline trains in a second process during the teacher stage; SIGKILL of the pipeline takes
+    it down too (no orphan keeps writing into scratch/), and the re-run resumes both stages cleanly."""
+    out = tmp_path / "par"
+    cmd = [sys.executable, "-m", "compressor.cli", *map(str, _args(recipes, out, "--epochs", 60, "--patience", 60))]
+    env = dict(os.environ, COMPRESS_NO_MLFLOW="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    scratch_log, teacher_log = out / "scratch" / "metrics.jsonl", out / "teacher" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (scratch_log.exists() and teacher_log.exists()
+                                          and len(scratch_log.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    assert not (out / "teacher" / "result.json").exists(), "the teacher finished before the scratch stage started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert "trains in a second process beside the teacher" in proc.stderr.read()
+    time.sleep(1.0)
+    size = scratch_log.stat().st_size
+    time.sleep(2.0)
+    assert scratch_log.stat().st_size == size, "the scratch process outlived the killed pipeline"
+    p = run_cli(*_args(recipes, out, "--epochs", 60, "--patience", 60), env={"COMPRESS_NO_MLFLOW": "1"})
+    assert "stage scratch  resuming" in p.stderr or "stage scratch  running" in p.stderr
+    for stage in ("teacher", "scratch"):
+        hist = [json.loads(x) for x in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [h["epoch"] for h in hist] == list(range(1, len(hist) + 1))
+    assert (out / "report" / "report.md").exists()
+
+
+def test_second_pipeline_in_the_same_directory_is_refused(recipes, tmp_path):
+    import fcntl
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    with open(out / ".pipeline.lock", "w") as f:
+        f.write("4242")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        p = run_cli(*_args(recipes, out), env={"COMPRESS_NO_MLFLOW": "1"}, check=False)
+    assert p.returncode == 1
+    assert "another compress pipeline is running there (pid 4242)" in p.stderr
+    assert "Traceback" not in p.stderr and not (out / "teacher").exists()
