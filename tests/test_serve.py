@@ -354,6 +354,18 @@ def test_error_cases(api, path, body, status, needle):
     assert_error(api.http.post(path, content=body, headers={"content-type": "application/json"}), status, needle)
 
 
+def test_lone_surrogate_ids_are_echoed_not_500(api):
+    """orjson refuses lone surrogates (a client can send them as JSON escapes); the json fallback answers."""
+    r = api.http.post("/recommend/batch", content=b'{"user_ids": ["\\ud800x", "user-1"], "k": 3}',
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    first, second = json.loads(r.content)["results"]
+    assert first == {"user_id": "\ud800x", "error": "unknown user id", "status": 404}
+    assert len(second["items"]) == 3
+    assert_error(api.http.post("/recommend", content=b'{"user_id": "\\udfff"}',
+                               headers={"content-type": "application/json"}), 404, "unknown user id")
+
+
 def test_methods_and_paths(api):
     r = api.http.get("/recommend")
     assert_error(r, 405, "accepts POST only")
