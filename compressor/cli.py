@@ -372,9 +372,11 @@ def _resolve_bundle(source: str) -> str:
 @click.option("--fallback", type=click.Choice(["none", "popular"]), default="none", show_default=True,
               help="popular: answer unknown users with the most popular items, marked \"fallback\": \"popular\", "
                    "instead of 404.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1_048_576, show_default=True,
+              help="Largest request body; a bigger one is refused with 413 before it is read.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI", expose_value=False,
               callback=_export_tracking_uri, help="MLflow server that resolves a models:/ SOURCE. " + TRACKING_URI_HELP)
-def serve(source, host, port, workers, max_k, max_batch, fallback):
+def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_bytes):
     """Serve SOURCE (a bundle directory or models:/NAME@ALIAS) over HTTP: POST /recommend, /recommend/batch;
     GET /healthz, /readyz, /metadata, /metrics.
 
@@ -385,7 +387,7 @@ def serve(source, host, port, workers, max_k, max_batch, fallback):
 
     bundle = _resolve_bundle(source)
     argv = [sys.executable, "-m", "serving", bundle, "--host", host, "--port", str(port), "--max-k", str(max_k),
-            "--max-batch", str(max_batch), "--fallback", fallback]
+            "--max-batch", str(max_batch), "--fallback", fallback, "--max-body-bytes", str(max_body_bytes)]
     if workers is not None:
         argv += ["--workers", str(workers)]
     sys.stdout.flush()

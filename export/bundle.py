@@ -461,7 +461,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         if not out.is_dir():
             raise ExportError(f"{out} exists and is not a directory")
         if any(out.iterdir()) and not overwrite:
-            raise ExportError(f"{out} is not empty; pass overwrite=True to replace it")
+            raise ExportError(f"{out} is not empty; pass --overwrite (overwrite=True from Python) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
 
 

@@ -34,6 +34,7 @@ from .conftest import ROOT, TINY_TRAIN
 U, I, D = 300, 2000, 16
 MOSTLY_SEEN, NOTHING_SEEN, HEAVY = 0, 1, 2  # 3 unseen items / no history / 1,500 seen (the exact-scoring path)
 MAX_K, MAX_BATCH = 50, 8
+MAX_BODY = 600_000
 ERROR_STATUSES = {400, 404, 405, 413, 422, 503}
 
 
@@ -171,7 +172,7 @@ def api(bundle, tmp_path_factory):
     """`compress serve` with 2 workers, waited on until both workers report ready."""
     log = tmp_path_factory.mktemp("api") / "server.log"
     server = Server(["-m", "compressor.cli", "serve", bundle, "--workers", 2, "--max-k", MAX_K,
-                     "--max-batch", MAX_BATCH], log)
+                     "--max-batch", MAX_BATCH, "--max-body-bytes", MAX_BODY], log)
     try:
         server.wait("/readyz")
         deadline = time.monotonic() + 60
@@ -397,8 +398,11 @@ def _raw(port: int, payload: bytes, chunks: list[bytes] = ()) -> bytes:
 
 
 def test_body_limit_413_without_reading_the_body(api):
-    big = json.dumps({"user_id": "user-1", "pad": "x" * (1 << 21)}).encode()  # 2 MiB > the 1 MiB default
+    big = json.dumps({"user_id": "user-1", "pad": "x" * (1 << 21)}).encode()  # 2 MiB
     assert_error(api.http.post("/recommend", content=big), 413, "exceeds the limit")
+    # --max-body-bytes is honoured: 700 kB is under the 1 MiB default but over this server's limit.
+    assert_error(api.http.post("/recommend", content=b" " * 700_000 + b'{"user_id": "user-1"}'), 413,
+                 f"exceeds the limit of {MAX_BODY} bytes")
     # A declared 1 TB body is refused at once from its Content-Length (the body never arrives).
     started = time.monotonic()
     reply = _raw(api.port, b"POST /recommend HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000000000\r\n\r\n{")
