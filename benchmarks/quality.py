@@ -30,15 +30,19 @@ def job(name, args, deps=()):
     return {"name": name, "args": [str(a) for a in args], "deps": list(deps)}
 
 
-def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: int | None, ckpt_every: int = 1):
-    common = ["--device", device, "--threads", threads, "--quiet", "--set", f"train.checkpoint_every={ckpt_every}"]
-    common += ["--epochs", max_epochs] if max_epochs else []
+def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: int | None, ckpt_every: int = 1,
+               student_device: str | None = None):
+    teacher_common = ["--device", device, "--threads", threads, "--quiet", "--set",
+                      f"train.checkpoint_every={ckpt_every}"]
+    teacher_common += ["--epochs", max_epochs] if max_epochs else []
+    # Students may run elsewhere than teachers: many small CPU processes beat many processes time-slicing one GPU.
+    common = [*teacher_common[:1], student_device or device, *teacher_common[2:]]
     jobs = []
     cite_t = out / "cite-mf400-teacher"
     need_cite_t = bool({"main", "ablation"} & set(suites))
     if need_cite_t:
         jobs.append(job("cite-mf400-teacher", ["train", "--config", "configs/citeulike/mf-teacher.yaml", "--out",
-                                                cite_t, "--seed", 0, *common]))
+                                                cite_t, "--seed", 0, *teacher_common]))
     if "main" in suites:
         for s in seeds:
             scratch = job(f"cite-scratch-s{s}", ["distill", "--method", "scratch", "--config",
@@ -65,7 +69,7 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
     if "hetero" in suites:
         lt = out / "cite-lgcn2000-teacher"
         jobs.append(job("cite-lgcn2000-teacher", ["train", "--config", "configs/citeulike/lightgcn-teacher.yaml",
-                                                   "--out", lt, "--seed", 0, *common]))
+                                                   "--out", lt, "--seed", 0, *teacher_common]))
         jobs.append(job("hetero-rcekd-s0", ["distill", "--teacher", lt, "--config",
                                             "configs/citeulike/lightgcn-mf-rcekd.yaml", "--out",
                                             out / "hetero-rcekd-s0", "--seed", 0, *common],
@@ -77,7 +81,7 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
     if "gowalla" in suites:
         gt = out / "gow-mf300-teacher"
         jobs.append(job("gow-mf300-teacher", ["train", "--config", "configs/gowalla/mf-teacher.yaml", "--out", gt,
-                                               "--seed", 0, *common]))
+                                               "--seed", 0, *teacher_common]))
         jobs.append(job("gow-scratch-s0", ["distill", "--method", "scratch", "--config",
                                            "configs/gowalla/mf-student.yaml", "--out", out / "gow-scratch-s0",
                                            "--seed", 0, *common]))
@@ -229,13 +233,15 @@ def main():
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per run")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="device of the teachers (and of the students, by default)")
+    ap.add_argument("--student-device", default=None, help="device of the students, when not --device")
     ap.add_argument("--max-epochs", type=int, default=None)
     ap.add_argument("--checkpoint-every", type=int, default=1, help="train.checkpoint_every of every run")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="start no new run after this many seconds")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    jobs = build_jobs(a.suites, a.seeds, a.out.resolve(), a.device, a.threads, a.max_epochs, a.checkpoint_every)
+    jobs = build_jobs(a.suites, a.seeds, a.out.resolve(), a.device, a.threads, a.max_epochs, a.checkpoint_every,
+                      a.student_device)
     t0 = time.time()
     status = schedule(jobs, a.out, a.workers, t0 + a.deadline_s)
     (a.out / "status.json").write_text(json.dumps(status, indent=1))

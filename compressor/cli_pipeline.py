@@ -160,6 +160,28 @@ def _die_with_parent() -> None:
         pass
 
 
+class _ReclaimCores:
+    """Teacher callback: once the scratch process beside it has finished, give the teacher every core."""
+
+    def __init__(self, proc, threads: int):
+        self.proc, self.threads, self.done = proc, threads, False
+
+    def on_start(self, trainer):
+        pass
+
+    def on_epoch_end(self, trainer, row):
+        if not self.done and not self.proc.is_alive():
+            from .device import configure_threads
+
+            self.done = True
+            n = configure_threads(self.threads)
+            log.info("stage teacher  continues with %d thread%s (the scratch process has finished)", n,
+                     "" if n == 1 else "s")
+
+    def on_end(self, trainer, result):
+        pass
+
+
 class _ExitWithParent:
     """Trainer callback (portable fallback of _die_with_parent): stop after the epoch in which the parent died."""
 
@@ -308,10 +330,11 @@ def run_pipeline(o: PipelineOptions) -> dict:
         if parallel:
             scratch_proc = _start_scratch_process(dataclasses.replace(o, threads=o.threads or half))
         teacher_ov = ov if not parallel or o.threads else [*ov, f"train.threads={half}"]
+        reclaim = [_ReclaimCores(scratch_proc, o.threads or 0)] if parallel else []
         try:
             teacher_res = _stage("teacher", teacher_dir, lambda resume: api.train(
                 _recipe(o.teacher_config), teacher_dir, overrides=teacher_ov, device=o.device, resume=resume,
-                callbacks=_callbacks(o, "train"), progress=progress))
+                callbacks=[*_callbacks(o, "train"), *reclaim], progress=progress))
         except BaseException:
             _stop(scratch_proc)
             raise
