@@ -398,6 +398,7 @@ def sample_rrd_sets(
     generator: torch.Generator | None = None,
     block: int = 8192,
     max_rounds: int = 100,
+    positive_keys: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """DE-RRD's per-epoch sets for every user.
 
@@ -414,21 +415,10 @@ def sample_rrd_sets(
     if len(indptr) != n + 1:
         raise ValueError(f"indptr has {len(indptr)} entries, expected n_users + 1 = {n + 1}")
     device = teacher_topm.device
-    indptr_np = np.asarray(indptr, dtype=np.int64)
-    indices_np = np.asarray(indices, dtype=np.int64)
-
-    # Users with no allowed item would make rejection sampling loop forever.
-    pos_counts = np.diff(indptr_np)
-    if L2 > 0:
-        n_pos_outside = _count_positives_outside(teacher_topm.cpu(), indptr_np, indices_np)
-        allowed = n_items - m - n_pos_outside
-        if (allowed <= 0).any():
-            bad = int(np.flatnonzero(allowed <= 0)[0])
-            raise ValueError(f"user {bad} has no item outside its teacher top-M and positives")
-
-    # Sorted keys user * n_items + item of all positives, for a vectorised membership test.
-    rows = np.repeat(np.arange(n, dtype=np.int64), pos_counts)
-    pos_keys = torch.from_numpy(np.sort(rows * n_items + indices_np)).to(device)
+    # Fixed for a whole run (the teacher's top-M and the positives do not move): callers that sample every epoch
+    # build them once with ``rrd_positive_keys`` and pass them in.
+    pos_keys = positive_keys if positive_keys is not None else rrd_positive_keys(
+        teacher_topm, n_items, indptr, indices, L2)
 
     ranks = torch.arange(1, m + 1, dtype=torch.float64, device=device)
     log_w = (-ranks / T).expand(n, m)
@@ -446,6 +436,26 @@ def sample_rrd_sets(
                 tb, user_ids, n_items, pos_keys, L2, generator, max_rounds
             )
     return interesting, uninteresting
+
+
+def rrd_positive_keys(teacher_topm: Tensor, n_items: int, indptr: np.ndarray, indices: np.ndarray,
+                      L2: int) -> Tensor:
+    """Sorted keys ``user * n_items + item`` of every training positive (on the top-M's device), for
+    ``sample_rrd_sets``; refuses a user with no item left to sample as uninteresting."""
+    n, m = teacher_topm.shape
+    if len(indptr) != n + 1:
+        raise ValueError(f"indptr has {len(indptr)} entries, expected n_users + 1 = {n + 1}")
+    indptr_np = np.asarray(indptr, dtype=np.int64)
+    indices_np = np.asarray(indices, dtype=np.int64)
+    # Users with no allowed item would make rejection sampling loop forever.
+    if L2 > 0:
+        n_pos_outside = _count_positives_outside(teacher_topm.cpu(), indptr_np, indices_np)
+        allowed = n_items - m - n_pos_outside
+        if (allowed <= 0).any():
+            bad = int(np.flatnonzero(allowed <= 0)[0])
+            raise ValueError(f"user {bad} has no item outside its teacher top-M and positives")
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr_np))
+    return torch.from_numpy(np.sort(rows * n_items + indices_np)).to(teacher_topm.device)
 
 
 def _count_positives_outside(topm: Tensor, indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:

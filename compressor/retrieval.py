@@ -61,7 +61,11 @@ class TopKSearcher:
         use_gpu: bool = False,
         params: Mapping[str, int | float] | None = None,
         seed: int = 0,
+        trained_like: "TopKSearcher | None" = None,
     ) -> None:
+        """``trained_like``: an earlier searcher of the same factory and dimension whose trained structure
+        (an IVF coarse quantizer) is reused instead of trained again: only the new vectors are added. The
+        per-epoch refresh of a moving student keeps it while the measured recall holds."""
         items = _as_f32(item_vectors, "item_vectors")
         self.factory = factory
         self.is_exact = factory in _EXACT_FACTORIES
@@ -70,6 +74,8 @@ class TopKSearcher:
         self.on_gpu = False
         self._items = items  # kept to recompute true scores for approximate results
         self._gpu_res = None
+        self._trained = None
+        self.reused_training = False
 
         if self.is_exact:
             self.transform = "none"
@@ -86,12 +92,22 @@ class TopKSearcher:
             self._max_sq_norm = float(sq.max()) if len(sq) else 0.0
             extra = np.sqrt(np.maximum(self._max_sq_norm - sq, 0.0)).astype(np.float32)
             aug = np.ascontiguousarray(np.hstack([items, extra[:, None]]))
-            index = faiss.index_factory(self.dim + 1, factory, faiss.METRIC_L2)
-            ivf = _try_extract_ivf(index)
-            if ivf is not None:
-                ivf.cp.seed = int(seed)  # reproducible k-means
-            if not index.is_trained:
-                index.train(aug)
+            reusable = (trained_like is not None and trained_like.factory == factory
+                        and trained_like.dim == self.dim and trained_like._trained is not None)
+            if reusable:
+                index = faiss.clone_index(trained_like._trained)  # the trained quantizer, no vectors
+                self.reused_training = True
+            else:
+                index = faiss.index_factory(self.dim + 1, factory, faiss.METRIC_L2)
+                ivf = _try_extract_ivf(index)
+                if ivf is not None:
+                    ivf.cp.seed = int(seed)  # reproducible k-means
+                if not index.is_trained:
+                    index.train(aug)
+            # An empty trained copy, for the next searcher to start from (IVF only: HNSW has nothing to reuse).
+            self._trained = faiss.clone_index(index) if _try_extract_ivf(index) is not None else None
+            if self._trained is not None:
+                self._trained.reset()
             index.add(aug)
 
         if use_gpu:
@@ -171,6 +187,28 @@ class TopKSearcher:
         s[~valid] = -np.inf
         order = np.argsort(-s, axis=1, kind="stable")
         return np.take_along_axis(s, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def faiss_has_gpu() -> bool:
+    """True when this FAISS build can search on a CUDA device (faiss-gpu and a visible GPU)."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def exact_topk_on_device(user_vectors, item_vectors, k: int, block: int | None = None):
+    """Exact top-k by inner product with torch on the tensors' own device (blocked matmul + topk).
+
+    The CUDA path when FAISS has no GPU support (faiss-cpu beside a CUDA torch): an exact search of
+    5,219 users x 25,181 items takes milliseconds on a GPU against ~2 s for IndexFlatIP on one CPU thread,
+    and the ids never leave the device. user_vectors [n, d], item_vectors [n_items, d] torch tensors ->
+    ids [n, k] int64 on their device, best first. Same answer as IndexFlatIP up to the order of exact ties.
+    """
+    import torch
+
+    block = block or max(1, min(8192, (1 << 28) // max(item_vectors.shape[0], 1)))  # <= 1 GiB of scores
+    with torch.no_grad():
+        items_t = item_vectors.t().contiguous()
+        return torch.cat([torch.topk(user_vectors[s:s + block] @ items_t, k, dim=1).indices
+                          for s in range(0, user_vectors.shape[0], block)])
 
 
 def _try_extract_ivf(index: faiss.Index):

@@ -60,6 +60,9 @@ def test_every_method_runs_on_the_same_trainer(teacher, slice_data, tmp_path, me
     assert len(hist) == 2 and load_checkpoint(out).meta["method"] == method
     if "IVF8,Flat" in extra:
         assert hist[0]["diag_retrieval_recall"] >= 0.95  # nprobe = nlist: the IVF search is exhaustive
+        # the second epoch's refresh kept the first one's quantizer (its recall held)
+        assert [h["diag_retrieval_reused_quantizer"] for h in hist] == [0.0, 1.0]
+        assert hist[1]["diag_retrieval_recall"] >= 0.95
 
 
 def _npz(path, ck, **override):

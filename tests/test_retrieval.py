@@ -193,3 +193,44 @@ def test_set_thread_count():
     assert faiss.omp_get_max_threads() == 2
     set_thread_count(1)
     assert faiss.omp_get_max_threads() == 1
+
+
+@pytest.mark.parametrize("block", [None, 7])
+def test_exact_topk_on_device_equals_faiss_flat(block):
+    """The CUDA fallback (torch matmul + topk, used when FAISS has no GPU) gives IndexFlatIP's answer; it runs on
+    any device, so CPU tensors check it here."""
+    import torch
+
+    users, items = _skewed(n_items=3000, n_users=150, d=12, seed=3)
+    ids = retrieval.exact_topk_on_device(torch.from_numpy(users), torch.from_numpy(items), 40, block=block)
+    assert ids.dtype == torch.int64 and tuple(ids.shape) == (150, 40)
+    _, ref = TopKSearcher(items, "Flat").search(users, 40)
+    assert np.array_equal(ids.numpy(), ref)
+
+
+def test_faiss_has_gpu_matches_this_build():
+    assert retrieval.faiss_has_gpu() == (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
+
+
+def test_ivf_quantizer_reused_across_refreshes():
+    """The per-epoch refresh keeps a trained IVF quantizer (no k-means) and still searches the new vectors."""
+    users, items = _skewed(seed=4)
+    first = TopKSearcher(items, "IVF64,Flat", params={"nprobe": 16})
+    assert not first.reused_training
+    rng = np.random.default_rng(5)
+    moved = (items * (1 + 0.05 * rng.normal(size=items.shape))).astype(np.float32)  # the student moved a little
+    second = TopKSearcher(moved, "IVF64,Flat", params={"nprobe": 16}, trained_like=first)
+    assert second.reused_training
+    ivf1, ivf2 = faiss.extract_index_ivf(first.index), faiss.extract_index_ivf(second.index)
+    c1 = faiss.rev_swig_ptr(faiss.downcast_index(ivf1.quantizer).get_xb(), ivf1.nlist * ivf1.d)
+    c2 = faiss.rev_swig_ptr(faiss.downcast_index(ivf2.quantizer).get_xb(), ivf2.nlist * ivf2.d)
+    assert np.array_equal(np.array(c1), np.array(c2))  # the same centroids: not retrained
+    assert ivf2.ntotal == len(moved)
+    scores, ids = second.search(users, 20)
+    true = np.einsum("nkd,nd->nk", moved[ids].astype(np.float64), users.astype(np.float64))
+    np.testing.assert_allclose(scores, true, atol=1e-3)  # scores of the new vectors, not the old ones
+    assert measure_recall(second, users, moved, 20) >= 0.95
+    # Another factory (or HNSW, which has nothing trained to keep) builds from scratch.
+    assert not TopKSearcher(moved, "IVF32,Flat", trained_like=first).reused_training
+    hnsw = TopKSearcher(items, "HNSW16")
+    assert not TopKSearcher(moved, "HNSW16", trained_like=hnsw).reused_training
