@@ -175,6 +175,8 @@ class RCEKD(_KDBase):
 
     def setup(self, trainer) -> None:
         self.qt = self.teacher_topk(self.d.K)  # step 1, once
+        # The sets' layout is [QS | A | QT] and QT never changes: its teacher scores are computed once, here.
+        self.t_scores_qt = self._score_teacher(self.qt)
 
     def on_epoch_start(self, model, epoch, rng, gen) -> dict:
         p, diag = self.student_topm(model, self.d.M)  # step 2
@@ -182,9 +184,10 @@ class RCEKD(_KDBase):
         self.qs = p[:, : self.d.K].contiguous()  # step 3
         self.a = sample_interesting_positions(p, self.qt, self.d.L, self.d.T, generator=gen)  # step 4
         # The sets are fixed for the epoch, so score them with the (wide, frozen) teacher once here instead of
-        # gathering teacher vectors in every batch: [U, K+L+K] floats instead of batches x [b, K+L+K, dT].
+        # gathering teacher vectors in every batch: [U, K+L] floats instead of batches x [b, K+L+K, dT].
         self.sets = rcekd_sets(self.qt, self.qs, self.a)
-        self.t_scores = self._score_teacher(self.sets.items)
+        moving = self.sets.items.shape[1] - self.qt.shape[1]  # the [QS | A] columns
+        self.t_scores = torch.cat([self._score_teacher(self.sets.items[:, :moving]), self.t_scores_qt], dim=1)
         diag["time_kd_sampling_s"] = time.perf_counter() - t0
         # closure gap: how much of the teacher's top-K the student's own top-K already holds
         diag["topk_overlap"] = float((self.qs.unsqueeze(2) == self.qt.unsqueeze(1)).any(2).float().mean())

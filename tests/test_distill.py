@@ -114,3 +114,30 @@ def test_teacher_data_mismatch_is_a_clear_error_before_training(teacher, slice_d
     assert p.returncode == 1 and "same dimension" in p.stderr
     p = run_cli("distill", "--out", tmp_path / "nt", "--set", f"data.path={slice_data}", *TINY_TRAIN, check=False)
     assert p.returncode == 1 and "needs --teacher" in p.stderr
+
+
+def test_rcekd_teacher_scores_of_the_epoch_sets_are_exact(teacher, slice_data, tmp_path):
+    """The epoch's teacher scores (QT part cached at setup, [QS | A] scored per epoch) equal the teacher's
+    inner products over every column of the [QS | A | QT] sets."""
+    import torch
+
+    from compressor import api
+    from compressor.distill import build_objective, load_teacher
+    from compressor.losses import teacher_pair_scores
+    from compressor.models import build_model
+
+    cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8",
+                                 "distill.method=rcekd", "distill.K=10", "distill.M=30", "distill.L=10"])
+    data = api.load_data(cfg)
+    t = load_teacher(teacher, data)
+    obj = build_objective(cfg, t, torch.device("cpu"), tmp_path / "run")
+    obj.setup(None)
+    torch.manual_seed(0)
+    model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=8, init_std=0.1)
+    for epoch in (1, 2):
+        obj.on_epoch_start(model, epoch, np.random.default_rng(epoch), torch.Generator().manual_seed(epoch))
+        want = teacher_pair_scores(torch.from_numpy(t.user_vectors), torch.from_numpy(t.item_vectors),
+                                   obj.sets.items)
+        assert obj.t_scores.shape == obj.sets.items.shape == (data.num_users, 10 + 10 + 10)
+        torch.testing.assert_close(obj.t_scores, want)
+        assert torch.equal(obj.sets.items[:, -10:], obj.qt)
