@@ -8,9 +8,10 @@ refresh  Gowalla size (29,858 users x 40,981 items), real trained vectors: the p
          interleaved per repeat, medians of the repeats. Every FAISS index goes through
          ``compressor.retrieval.TopKSearcher`` (so the inner-product -> L2 reduction applies). Index build/train time
          is reported apart from search time. Two IVF life cycles are measured: "rebuilt" (k-means + add every
-         epoch: what ``RCEKD.student_topm`` does today, a new TopKSearcher per epoch) and "kept" (the coarse
-         quantizer trained on the previous epoch's vectors is kept, the lists are emptied and the new vectors
-         re-added; trainer support for this does not exist yet). Recall@M is against exact search over ALL users.
+         epoch: what ``RCEKD.student_topm`` does on its first epoch or when recall fell below its floor) and "kept"
+         (``TopKSearcher(..., trained_like=previous)``: the coarse quantizer trained on the previous epoch's
+         vectors is kept and the new vectors added; what ``RCEKD.student_topm`` does on the other epochs).
+         Recall@M is against exact search over ALL users.
 epoch    One full RCE-KD epoch (Trainer._run_epoch with the RCEKD objective from compressor.distill.build_objective)
          against one scratch epoch (Scratch), interleaved in one process, both students starting from the same
          trained student; breakdown: refresh (retrieval, recall check, KD sampling + teacher scoring), negative
@@ -210,25 +211,6 @@ def prepare_gowalla(work: Path, a) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ part: refresh
-class KeptIVFSearcher:
-    """A ``TopKSearcher`` whose IVF coarse quantizer was trained on *other* (the previous epoch's) item vectors:
-    the inverted lists are emptied and the current vectors re-added with the same ip2l2 augmentation. Searching
-    is ``TopKSearcher.search`` itself (query scaling, true-score re-ranking); only the build differs."""
-
-    @staticmethod
-    def rebuild(searcher, items):
-        import numpy as np
-
-        items = np.ascontiguousarray(items, dtype=np.float32)
-        sq = np.einsum("ij,ij->i", items, items, dtype=np.float64)
-        searcher._max_sq_norm = float(sq.max())
-        extra = np.sqrt(np.maximum(searcher._max_sq_norm - sq, 0.0)).astype(np.float32)
-        searcher.index.reset()  # keeps the trained quantizer, drops the lists
-        searcher.index.add(np.ascontiguousarray(np.hstack([items, extra[:, None]])))
-        searcher._items = items
-        return searcher
-
-
 def _set_param(searcher, name, value):
     import faiss
 
@@ -340,12 +322,15 @@ def part_refresh(spec: dict) -> dict:
                 if r == 0:
                     fast_recall[(fac, it, v)] = recall_vs(ids, truth)
             del s
-        # IVF kept from the previous epoch's vectors: empty the lists, re-add this epoch's vectors
+        # IVF kept from the previous epoch's vectors, the shipped path (TopKSearcher(trained_like=...), what
+        # RCEKD.student_topm does while recall holds): the trained quantizer is cloned, this epoch's vectors added
         for fac, vals in kept:
-            s = TopKSearcher(i_prev, fac)
+            prev = TopKSearcher(i_prev, fac)
             t0 = time.perf_counter()
-            KeptIVFSearcher.rebuild(s, i)
+            s = TopKSearcher(i, fac, trained_like=prev)
             kept_build[fac].append(time.perf_counter() - t0)
+            assert s.reused_training
+            del prev
             for v in vals:
                 _set_param(s, "nprobe", v)
                 t0 = time.perf_counter()

@@ -111,7 +111,16 @@ def _stage(name: str, run_dir: Path, fn) -> dict:
     resume = _prepare_run_dir(run_dir)
     log.info("stage %-8s %s: %s", name, "resuming" if resume else "running", run_dir)
     t0 = time.perf_counter()
-    fn(resume)
+    # Each stage's own log beside its checkpoints, as `compress train` / `compress distill` write it.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    try:
+        fn(resume)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
     done = _run_done(run_dir)
     log.info("stage %-8s finished in %.0fs: test ndcg@20 %.4f", name, time.perf_counter() - t0,
              done["test"]["ndcg@20"])

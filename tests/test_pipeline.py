@@ -41,6 +41,8 @@ def test_pipeline_runs_reuses_and_reports(recipes, tmp_path):
     for label in ("teacher", "scratch student", "RCE-KD student"):
         assert f"| {label} |" in report
     assert (out / "report" / "valid_ndcg10.png").stat().st_size > 1000
+    for stage in ("teacher", "scratch", "rcekd"):  # each stage keeps its own log, epochs included
+        assert "epoch 1 " in (out / stage / "train.log").read_text()
     assert (out / "bundles" / "rcekd" / "manifest.json").exists()
     assert summary["registered"]["alias"] == "champion"
     assert "compress serve" in p.stdout
