@@ -709,6 +709,7 @@ def part_scale(spec: dict) -> dict:
     else:  # one-off setup with an approximate index instead (not part of the epoch)
         ts = TopKSearcher(t_i, spec["teacher_index"], params=spec["teacher_index_params"])
         obj.qt = torch.from_numpy(ts.search(t_u, spec["K"])[1])
+        obj.t_scores_qt = obj._score_teacher(obj.qt)  # what RCEKD.setup also does
         del ts
     res["setup_teacher_topk_s"] = time.perf_counter() - t0
     res["teacher_index"] = f"{spec['teacher_index']} {spec['teacher_index_params'] or ''}".strip()
@@ -718,24 +719,6 @@ def part_scale(spec: dict) -> dict:
     TopKSearcher(t_i, "Flat").search(t_u[:n_probe_users], spec["K"])
     res["teacher_flat_topk_extrapolated_s"] = (time.perf_counter() - t0) * spec["users"] / n_probe_users
     res["rss_mb"]["after_setup"] = peak_rss_mb()
-    if spec.get("overlap_fix"):
-        # What-if (benchmark-local, compressor/ untouched): RCEKD.on_epoch_start exactly as in distill.py except
-        # the topk_overlap diagnostic, computed with losses._rowwise_isin instead of a [U, K, K] bool tensor
-        # (the same value; checked in the batch part).
-        from compressor import losses
-
-        def on_epoch_start_fixed(model, epoch, rng, gen):
-            p, diag = obj.student_topm(model, obj.d.M)
-            t0 = time.perf_counter()
-            obj.qs = p[:, : obj.d.K].contiguous()
-            obj.a = losses.sample_interesting_positions(p, obj.qt, obj.d.L, obj.d.T, generator=gen)
-            obj.sets = losses.rcekd_sets(obj.qt, obj.qs, obj.a)
-            obj.t_scores = obj._score_teacher(obj.sets.items)
-            diag["time_kd_sampling_s"] = time.perf_counter() - t0
-            diag["topk_overlap"] = float(losses._rowwise_isin(obj.qs, obj.qt).float().mean())
-            return diag
-
-        obj.on_epoch_start = on_epoch_start_fixed
     # wrap the epoch-start hook to see the peak it alone reaches
     orig = obj.on_epoch_start
     marks = {}

@@ -19,7 +19,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config
 from .data import Dataset
-from .losses import (ce_kd_loss, rcekd_loss_on_sets, rcekd_sets, rrd_loss, sample_interesting_positions,
+from .losses import (_rowwise_isin, ce_kd_loss, rcekd_loss_on_sets, rcekd_sets, rrd_loss, sample_interesting_positions,
                      rrd_positive_keys, sample_rrd_sets, teacher_pair_scores)
 from .objectives import Scratch
 from .retrieval import TopKSearcher, exact_topk_on_device, faiss_has_gpu, measure_recall, topk_cached
@@ -190,7 +190,7 @@ class RCEKD(_KDBase):
         self.t_scores = torch.cat([self._score_teacher(self.sets.items[:, :moving]), self.t_scores_qt], dim=1)
         diag["time_kd_sampling_s"] = time.perf_counter() - t0
         # closure gap: how much of the teacher's top-K the student's own top-K already holds
-        diag["topk_overlap"] = float((self.qs.unsqueeze(2) == self.qt.unsqueeze(1)).any(2).float().mean())
+        diag["topk_overlap"] = float(_rowwise_isin(self.qs, self.qt).float().mean())
         return diag
 
     def batch_loss(self, model, users, pos, neg):
@@ -221,7 +221,7 @@ class CEKD(_KDBase):
             return {}
         self.items, diag = self.student_topm(model, self.d.K)
         self.t_scores = self._score_teacher(self.items)
-        diag["topk_overlap"] = float((self.items.unsqueeze(2) == self.qt.unsqueeze(1)).any(2).float().mean())
+        diag["topk_overlap"] = float(_rowwise_isin(self.items, self.qt).float().mean())
         return diag
 
     def batch_loss(self, model, users, pos, neg):
