@@ -189,7 +189,7 @@ def test_overwrite_rules(tmp_path, data):
     out = tmp_path / "b"
     out.mkdir()  # an existing empty directory is fine
     first = write(out, data, index_factory="Flat")
-    with pytest.raises(ExportError, match="not empty; pass overwrite=True"):
+    with pytest.raises(ExportError, match="not empty; pass --overwrite"):
         write(out, data, index_factory="Flat")
     other = make_data(seed=1)
     second = write(out, other, index_factory="Flat", overwrite=True)
