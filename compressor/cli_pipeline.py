@@ -347,9 +347,12 @@ def run_pipeline(o: PipelineOptions) -> dict:
         except BaseException:
             _stop(scratch_proc)
             raise
+    scratch_res = None
     if scratch_proc is not None:
         _join_scratch(scratch_proc, out / "scratch")
-    scratch_res = _stage("scratch", out / "scratch", run_scratch)
+        scratch_res = _run_done(out / "scratch")
+    if scratch_res is None:
+        scratch_res = _stage("scratch", out / "scratch", run_scratch)
     # 3. RCE-KD student (the same student recipe as the scratch one, with the teacher)
     rcekd_res = _stage("rcekd", out / "rcekd", lambda resume: api.distill(
         teacher_ckpt, _recipe(o.kd_config), out / "rcekd", method="rcekd", overrides=ov, device=o.device, resume=resume,
