@@ -194,8 +194,8 @@ class _ReclaimCores:
 class _ExitWithParent:
     """Trainer callback (portable fallback of _die_with_parent): stop after the epoch in which the parent died."""
 
-    def __init__(self):
-        self.parent = os.getppid()
+    def __init__(self, parent: int):
+        self.parent = parent
 
     def on_start(self, trainer):
         pass
@@ -208,8 +208,10 @@ class _ExitWithParent:
             os._exit(3)
 
 
-def _scratch_process_main(o: PipelineOptions) -> None:
+def _scratch_process_main(o: PipelineOptions, parent: int) -> None:
     _die_with_parent()
+    if os.getppid() != parent:  # the pipeline died before the death signal was armed
+        os._exit(3)
     import sys
 
     root = logging.getLogger()
@@ -230,16 +232,18 @@ def _scratch_process_main(o: PipelineOptions) -> None:
 
     try:
         _stage("scratch", o.out / "scratch",
-               lambda resume: _train_scratch(o, resume, progress=False, extra_callbacks=[_ExitWithParent()]))
+               lambda resume: _train_scratch(o, resume, progress=False, extra_callbacks=[_ExitWithParent(parent)]))
     except USER_ERRORS as e:
         log.error("stage scratch  failed: %s", e)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C reaches both processes; the pipeline process says what happened
+        raise SystemExit(130) from None
 
 
 def _start_scratch_process(o: PipelineOptions):
     log.info("stage scratch  trains in a second process beside the teacher (%d thread%s each)", o.threads,
              "" if o.threads == 1 else "s")
-    proc = multiprocessing.get_context("spawn").Process(target=_scratch_process_main, args=(o,),
+    proc = multiprocessing.get_context("spawn").Process(target=_scratch_process_main, args=(o, os.getpid()),
                                                         name="compress-scratch", daemon=False)
     proc.start()
     return proc
@@ -302,17 +306,24 @@ def _dir_bytes(path: Path) -> int:
 
 
 def run_pipeline(o: PipelineOptions) -> dict:
+    out = o.out
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)  # before --fresh deletes anything: a running pipeline's stages are never touched
+    try:
+        return _run_locked(o, out)
+    finally:
+        lock.close()
+
+
+def _run_locked(o: PipelineOptions, out: Path) -> dict:
     from . import api
     from .checkpoint import load_checkpoint
     from .report import ReportEntry, read_history, write_report
 
-    out = o.out
-    if o.fresh and out.exists():
+    if o.fresh:
         log.info("--fresh: removing %s and the cached teacher top-K beside it", out)
         for sub in (*STAGE_RUNS, "bundles", "report", ".topk-cache"):
             shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)  # held until this process exits
     ov = _overrides(o)
     t_start = time.perf_counter()
     progress = not o.quiet
@@ -391,7 +402,6 @@ def run_pipeline(o: PipelineOptions) -> dict:
                "test_ndcg@20": {e.label: e.test["ndcg@20"] for e in entries}, "registered": registered,
                "serve": f"compress serve {bundle}"}
     (out / "report" / "summary.json").write_text(json.dumps(summary, indent=1))
-    lock.close()
     return summary
 
 

@@ -26,8 +26,8 @@ from .retrieval import TopKSearcher, exact_topk_on_device, faiss_has_gpu, measur
 
 log = logging.getLogger(__name__)
 
-TOPK_CACHE_DIR = ".topk-cache"
-REUSE_RECALL_FLOOR = 0.95  # keep an approximate index's trained quantizer across epochs while recall@M holds  # beside the run directory, so sibling runs share a teacher's top-K
+TOPK_CACHE_DIR = ".topk-cache"  # beside the run directory, so sibling runs share a teacher's top-K
+REUSE_RECALL_FLOOR = 0.95  # keep an approximate index's trained quantizer across epochs while recall@M holds
 
 
 class TeacherError(ValueError):
@@ -151,7 +151,8 @@ class _KDBase(Scratch):
         if not searcher.is_exact:
             diag["retrieval_recall"] = measure_recall(searcher, u, i, m, sample_users=500)
             diag["retrieval_reused_quantizer"] = float(searcher.reused_training)
-            self._searcher, self._reuse_ok = searcher, diag["retrieval_recall"] >= REUSE_RECALL_FLOOR
+            self._reuse_ok = diag["retrieval_recall"] >= REUSE_RECALL_FLOOR
+            self._searcher = searcher.release()  # only its trained quantizer is kept for the next epoch
             log.info("approximate top-%d (%s%s): recall@%d %.4f vs exact", m, self.d.index,
                      ", quantizer kept" if searcher.reused_training else "", m, diag["retrieval_recall"])
         if (ids < 0).any():  # an approximate index can come back short; never feed -1 to a gather

@@ -115,6 +115,14 @@ class TopKSearcher:
         self.index = index
         self._apply_params()
 
+    def release(self) -> "TopKSearcher":
+        """Drop the searchable index and the vectors, keeping what ``trained_like`` reuses (an empty trained copy).
+        The searcher cannot search afterwards."""
+        self.index = None
+        self._items = None
+        self._gpu_res = None
+        return self
+
     def _to_gpu(self, index: faiss.Index) -> faiss.Index:
         """Move the index to GPU 0 when this FAISS build can; otherwise warn and stay on CPU."""
         if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
@@ -204,7 +212,10 @@ def exact_topk_on_device(user_vectors, item_vectors, k: int, block: int | None =
     """
     import torch
 
-    block = block or max(1, min(8192, (1 << 28) // max(item_vectors.shape[0], 1)))  # <= 1 GiB of scores
+    n_items = item_vectors.shape[0]
+    if not 0 < k <= n_items:
+        raise ValueError(f"k must be in 1..{n_items} (the number of items), got {k}")
+    block = block or max(1, min(8192, (1 << 28) // n_items))  # <= 1 GiB of scores
     with torch.no_grad():
         items_t = item_vectors.t().contiguous()
         return torch.cat([torch.topk(user_vectors[s:s + block] @ items_t, k, dim=1).indices

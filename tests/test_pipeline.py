@@ -110,12 +110,15 @@ def test_second_pipeline_in_the_same_directory_is_refused(recipes, tmp_path):
     import fcntl
 
     out = tmp_path / "locked"
-    out.mkdir()
+    (out / "teacher").mkdir(parents=True)
+    (out / "teacher" / "metrics.jsonl").write_text("the running pipeline's\n")
     with open(out / ".pipeline.lock", "w") as f:
         f.write("4242")
         f.flush()
         fcntl.flock(f, fcntl.LOCK_EX)
-        p = run_cli(*_args(recipes, out), env={"COMPRESS_NO_MLFLOW": "1"}, check=False)
+        p = run_cli(*_args(recipes, out, "--fresh"), env={"COMPRESS_NO_MLFLOW": "1"}, check=False)
     assert p.returncode == 1
     assert "another compress pipeline is running there (pid 4242)" in p.stderr
-    assert "Traceback" not in p.stderr and not (out / "teacher").exists()
+    assert "Traceback" not in p.stderr
+    # --fresh deleted nothing of the running pipeline's
+    assert (out / "teacher" / "metrics.jsonl").read_text() == "the running pipeline's\n"

@@ -208,6 +208,13 @@ def test_exact_topk_on_device_equals_faiss_flat(block):
     assert np.array_equal(ids.numpy(), ref)
 
 
+def test_exact_topk_on_device_refuses_k_beyond_the_catalogue():
+    import torch
+
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.5 \(the number of items\), got 6"):
+        retrieval.exact_topk_on_device(torch.zeros(3, 2), torch.zeros(5, 2), 6)
+
+
 def test_faiss_has_gpu_matches_this_build():
     assert retrieval.faiss_has_gpu() == (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
 
@@ -232,5 +239,7 @@ def test_ivf_quantizer_reused_across_refreshes():
     assert measure_recall(second, users, moved, 20) >= 0.95
     # Another factory (or HNSW, which has nothing trained to keep) builds from scratch.
     assert not TopKSearcher(moved, "IVF32,Flat", trained_like=first).reused_training
+    third = TopKSearcher(items, "IVF64,Flat", params={"nprobe": 16}, trained_like=second.release())
+    assert third.reused_training and second.index is None  # a released searcher keeps only its trained part
     hnsw = TopKSearcher(items, "HNSW16")
     assert not TopKSearcher(moved, "HNSW16", trained_like=hnsw).reused_training
