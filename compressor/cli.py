@@ -84,23 +84,42 @@ def _tracking_callbacks(command: str, opts: dict) -> list:
 # --- end of MLflow options -----------------------------------------------------------------------------------
 
 
+LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+
+
 def _setup_logging(quiet: bool = False, logfile: Path | None = None) -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for h in list(root.handlers):
         root.removeHandler(h)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     sh = logging.StreamHandler(sys.stderr)
-    sh.setFormatter(fmt)
+    sh.setFormatter(LOG_FORMAT)
     sh.setLevel(logging.WARNING if quiet else logging.INFO)
     root.addHandler(sh)
     if logfile is not None:
         logfile.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(logfile)
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
+        root.addHandler(log_file_handler(logfile))
     for noisy in ("urllib3", "mlflow", "alembic", "httpx", "matplotlib", "PIL", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def setup_pipeline_logging(stage_lines_only: bool, logfile: Path | None) -> None:
+    """The pipeline's logging: everything to its log file; with ``stage_lines_only`` (--quiet, and the scratch
+    process beside the teacher, whose terminal the teacher's progress bar owns) only stage lines and problems on
+    the terminal."""
+    _setup_logging(stage_lines_only, logfile)
+    if stage_lines_only:
+        logging.getLogger("compressor.pipeline").setLevel(logging.INFO)
+        for h in logging.getLogger().handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.addFilter(lambda r: r.name == "compressor.pipeline" or r.levelno >= logging.WARNING)
+                h.setLevel(logging.INFO)
+
+
+def log_file_handler(path: Path) -> logging.FileHandler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(LOG_FORMAT)
+    return handler
 
 
 def user_errors(fn):
@@ -438,13 +457,7 @@ def pipeline(out, data, teacher, teacher_config, student_config, kd_config, epoc
     from .cli_pipeline import PipelineOptions, run_pipeline
 
     out = Path(out)
-    _setup_logging(quiet, out / "pipeline.log")
-    if quiet:
-        logging.getLogger("compressor.pipeline").setLevel(logging.INFO)
-        for h in logging.getLogger().handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.addFilter(lambda r: r.name == "compressor.pipeline" or r.levelno >= logging.WARNING)
-                h.setLevel(logging.INFO)
+    setup_pipeline_logging(quiet, out / "pipeline.log")
     if mlflow_opts["no_mlflow"] and mlflow_opts["register"]:
         raise click.UsageError("--register needs MLflow; drop --no-mlflow")
     tracking = None

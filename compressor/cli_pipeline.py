@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .trainer import Callback
+
 log = logging.getLogger("compressor.pipeline")
 
 STAGE_RUNS = ("teacher", "scratch", "rcekd")
@@ -112,9 +114,10 @@ def _stage(name: str, run_dir: Path, fn) -> dict:
     log.info("stage %-8s %s: %s", name, "resuming" if resume else "running", run_dir)
     t0 = time.perf_counter()
     # Each stage's own log beside its checkpoints, as `compress train` / `compress distill` write it.
+    from .cli import log_file_handler
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler = log_file_handler(run_dir / "train.log")
     logging.getLogger().addHandler(handler)
     try:
         fn(resume)
@@ -169,14 +172,11 @@ def _die_with_parent() -> None:
         pass
 
 
-class _ReclaimCores:
+class _ReclaimCores(Callback):
     """Teacher callback: once the scratch process beside it has finished, give the teacher every core."""
 
     def __init__(self, proc, threads: int):
         self.proc, self.threads, self.done = proc, threads, False
-
-    def on_start(self, trainer):
-        pass
 
     def on_epoch_end(self, trainer, row):
         if not self.done and not self.proc.is_alive():
@@ -187,21 +187,12 @@ class _ReclaimCores:
             log.info("stage teacher  continues with %d thread%s (the scratch process has finished)", n,
                      "" if n == 1 else "s")
 
-    def on_end(self, trainer, result):
-        pass
 
-
-class _ExitWithParent:
+class _ExitWithParent(Callback):
     """Trainer callback (portable fallback of _die_with_parent): stop after the epoch in which the parent died."""
 
     def __init__(self, parent: int):
         self.parent = parent
-
-    def on_start(self, trainer):
-        pass
-
-    def on_end(self, trainer, result):
-        pass
 
     def on_epoch_end(self, trainer, row):
         if os.getppid() != self.parent:
@@ -212,22 +203,9 @@ def _scratch_process_main(o: PipelineOptions, parent: int) -> None:
     _die_with_parent()
     if os.getppid() != parent:  # the pipeline died before the death signal was armed
         os._exit(3)
-    import sys
+    from .cli import setup_pipeline_logging
 
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    sh = logging.StreamHandler(sys.stderr)
-    sh.setFormatter(fmt)
-    # The teacher's progress bar owns the terminal: this process prints only stage lines and problems there.
-    sh.addFilter(lambda r: r.name == "compressor.pipeline" or r.levelno >= logging.WARNING)
-    root.addHandler(sh)
-    if o.log_file is not None:
-        fh = logging.FileHandler(o.log_file)
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
-    for noisy in ("urllib3", "mlflow", "alembic", "httpx", "matplotlib", "PIL", "faiss.loader"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_pipeline_logging(True, o.log_file)
     from .errors import USER_ERRORS
 
     try:
@@ -332,7 +310,6 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
     # trains in a second process beside the teacher, each with half the cores (two stages at one thread each
     # on 2 cores is close to twice as fast as one after the other, and a single process cannot use 2 threads
     # well on these small matmuls).
-    run_scratch = lambda resume, opts=o: _train_scratch(opts, resume, progress)  # noqa: E731
     scratch_proc = None
     if o.teacher:
         teacher_ckpt = Path(o.teacher)
@@ -363,7 +340,7 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
         _join_scratch(scratch_proc, out / "scratch")
         scratch_res = _run_done(out / "scratch")
     if scratch_res is None:
-        scratch_res = _stage("scratch", out / "scratch", run_scratch)
+        scratch_res = _stage("scratch", out / "scratch", lambda resume: _train_scratch(o, resume, progress))
     # 3. RCE-KD student (the same student recipe as the scratch one, with the teacher)
     rcekd_res = _stage("rcekd", out / "rcekd", lambda resume: api.distill(
         teacher_ckpt, _recipe(o.kd_config), out / "rcekd", method="rcekd", overrides=ov, device=o.device, resume=resume,

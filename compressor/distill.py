@@ -114,6 +114,8 @@ class _KDBase(Scratch):
         self.t_user = torch.from_numpy(teacher.user_vectors).to(device)
         self.t_item = torch.from_numpy(teacher.item_vectors).to(device)
         self.use_gpu = device.type == "cuda"
+        self._reusable: TopKSearcher | None = None  # last epoch's released searcher, while its recall held
+        self._said_torch_topk = False
 
     def teacher_topk(self, k: int) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -127,13 +129,13 @@ class _KDBase(Scratch):
         t0 = time.perf_counter()
         if self.use_gpu and self.d.index in ("Flat", "FlatIP") and not faiss_has_gpu():
             # faiss-cpu beside CUDA torch: the exact search on the GPU itself, not on one CPU thread.
-            if not getattr(self, "_said_torch_topk", False):
+            if not self._said_torch_topk:
                 log.info("FAISS has no GPU support here: exact top-%d on %s with torch (blocked matmul + topk)",
                          m, self.device)
                 self._said_torch_topk = True
             with torch.no_grad():
                 u, i = model.vectors()
-                ids = exact_topk_on_device(u.detach().float(), i.detach().float(), m)
+                _, ids = exact_topk_on_device(u.detach().float(), i.detach().float(), m)
             torch.cuda.synchronize(self.device)
             return ids, {"time_retrieval_s": time.perf_counter() - t0}
         with torch.no_grad():
@@ -143,16 +145,16 @@ class _KDBase(Scratch):
         # An approximate (IVF) index keeps its trained quantizer from the previous epoch while the recall
         # measured on it stays >= REUSE_RECALL_FLOOR: the student moves little per epoch, and k-means is most
         # of an IVF refresh (1.8 of 3.0 s at Gowalla size). Below the floor, the next refresh trains afresh.
-        previous = getattr(self, "_searcher", None)
         searcher = TopKSearcher(i, self.d.index, use_gpu=self.use_gpu, params=self.d.index_params,
-                                trained_like=previous if getattr(self, "_reuse_ok", False) else None)
+                                trained_like=self._reusable)
         _, ids = searcher.search(u, m)
         diag = {"time_retrieval_s": time.perf_counter() - t0}
         if not searcher.is_exact:
             diag["retrieval_recall"] = measure_recall(searcher, u, i, m, sample_users=500)
             diag["retrieval_reused_quantizer"] = float(searcher.reused_training)
-            self._reuse_ok = diag["retrieval_recall"] >= REUSE_RECALL_FLOOR
-            self._searcher = searcher.release()  # only its trained quantizer is kept for the next epoch
+            # only its trained quantizer is kept for the next epoch, and only while its recall holds
+            ok = diag["retrieval_recall"] >= REUSE_RECALL_FLOOR
+            self._reusable = searcher.release() if ok else None
             log.info("approximate top-%d (%s%s): recall@%d %.4f vs exact", m, self.d.index,
                      ", quantizer kept" if searcher.reused_training else "", m, diag["retrieval_recall"])
         if (ids < 0).any():  # an approximate index can come back short; never feed -1 to a gather

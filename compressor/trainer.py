@@ -91,6 +91,19 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
+class Callback:
+    """What the trainer calls on its callbacks; subclass and override the hooks you need."""
+
+    def on_start(self, trainer) -> None:
+        pass
+
+    def on_epoch_end(self, trainer, row: dict) -> None:
+        pass
+
+    def on_end(self, trainer, result) -> None:
+        pass
+
+
 class Trainer:
     def __init__(self, cfg: Config, data: Dataset, objective, out: Path, device: torch.device,
                  command: str = "train", extra_meta: dict | None = None, callbacks: list | None = None,
