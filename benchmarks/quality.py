@@ -31,12 +31,14 @@ def job(name, args, deps=()):
 
 
 def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: int | None, ckpt_every: int = 1,
-               student_device: str | None = None):
-    teacher_common = ["--device", device, "--threads", threads, "--quiet", "--set",
-                      f"train.checkpoint_every={ckpt_every}"]
-    teacher_common += ["--epochs", max_epochs] if max_epochs else []
+               student_device: str | None = None, teacher_set: list[str] = ()):
+    common = ["--device", student_device or device, "--threads", threads, "--quiet", "--set",
+              f"train.checkpoint_every={ckpt_every}"]
+    common += ["--epochs", max_epochs] if max_epochs else []
     # Students may run elsewhere than teachers: many small CPU processes beat many processes time-slicing one GPU.
-    common = [*teacher_common[:1], student_device or device, *teacher_common[2:]]
+    teacher_common = ["--device", device, *common[2:]]
+    for kv in teacher_set:  # e.g. train.optimizer=lazy_adam: how a teacher is trained is not what is compared
+        teacher_common += ["--set", kv]
     jobs = []
     cite_t = out / "cite-mf400-teacher"
     need_cite_t = bool({"main", "ablation"} & set(suites))
@@ -236,12 +238,14 @@ def main():
     ap.add_argument("--device", default="auto", help="device of the teachers (and of the students, by default)")
     ap.add_argument("--student-device", default=None, help="device of the students, when not --device")
     ap.add_argument("--max-epochs", type=int, default=None)
+    ap.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the teacher runs only (repeatable), e.g. train.optimizer=lazy_adam")
     ap.add_argument("--checkpoint-every", type=int, default=1, help="train.checkpoint_every of every run")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="start no new run after this many seconds")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = build_jobs(a.suites, a.seeds, a.out.resolve(), a.device, a.threads, a.max_epochs, a.checkpoint_every,
-                      a.student_device)
+                      a.student_device, a.teacher_set)
     t0 = time.time()
     status = schedule(jobs, a.out, a.workers, t0 + a.deadline_s)
     (a.out / "status.json").write_text(json.dumps(status, indent=1))

@@ -8,6 +8,7 @@ Losses themselves are pure functions in ``losses.py``; this module only gathers 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .losses import bpr_loss
 
@@ -16,6 +17,9 @@ class Scratch:
     """BPR with one sampled negative per positive: the base loss of every method (and `compress train`)."""
 
     name = "scratch"
+    # Set by the trainer for train.optimizer lazy_adam on MF: gather the BPR rows with sparse gradients, so the
+    # optimizer sees which rows the batch touched (MF's tables are leaf parameters; LightGCN's are not).
+    sparse_grads = False
 
     def setup(self, trainer) -> None:
         pass
@@ -25,8 +29,12 @@ class Scratch:
 
     def base_loss(self, model, users, pos, neg):
         u, i = model.vectors()
-        uu = u[users]
-        loss = bpr_loss((uu * i[pos]).sum(-1), (uu * i[neg]).sum(-1))
+        if self.sparse_grads:
+            uu = F.embedding(users, u, sparse=True)
+            ip, ineg = F.embedding(pos, i, sparse=True), F.embedding(neg, i, sparse=True)
+        else:
+            uu, ip, ineg = u[users], i[pos], i[neg]
+        loss = bpr_loss((uu * ip).sum(-1), (uu * ineg).sum(-1))
         return loss, u, i
 
     def batch_loss(self, model, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):

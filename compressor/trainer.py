@@ -34,6 +34,7 @@ from .config import Config, to_dict
 from .data import Dataset
 from .evaluation import evaluate
 from .models import build_model
+from .optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,10 @@ class Trainer:
         if m.kind == "lightgcn":
             self.model.set_graph(data.train.users, data.train.items)
         self.model.to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr,
-                                          weight_decay=cfg.train.weight_decay)
+        self.optimizer = build_optimizer(cfg.train.optimizer, self.model.parameters(), lr=cfg.train.lr,
+                                         weight_decay=cfg.train.weight_decay)
+        if cfg.train.optimizer == "lazy_adam" and m.kind == "mf":
+            self.objective.sparse_grads = True
         self.stopper = EarlyStopping(cfg.train.patience)
         self.epoch = 0
         self.history: list[dict] = []
@@ -160,6 +163,10 @@ class Trainer:
             raise TrainingError(f"{path}: was a '{ckpt.meta.get('method')}' run, cannot resume it as "
                                 f"'{getattr(self.objective, 'name', 'scratch')}'")
         self.model.load_state_dict({k: v.to(self.device) for k, v in ckpt.model_state.items()}, strict=False)
+        saved_opt = ckpt.meta.get("config", {}).get("train", {}).get("optimizer", "adam")
+        if saved_opt != self.cfg.train.optimizer:
+            raise TrainingError(f"{path}: was trained with train.optimizer {saved_opt}, cannot resume it with "
+                                f"{self.cfg.train.optimizer} (the optimizer state differs)")
         restore_optimizer(self.optimizer, ckpt)
         if ckpt.rng_state is not None:
             torch.set_rng_state(ckpt.rng_state)
