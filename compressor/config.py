@@ -96,6 +96,11 @@ class DistillConfig:
     constant_alpha: typing.Optional[float] = _f(None, "Ablation: a constant alpha instead of the adaptive one.")
     ce_target: str = _f("student", "Vanilla CE baseline: CE over the student's or the teacher's top-K.",
                         choices=("student", "teacher"))
+    kd_users: str = _f("every_batch", "Which users get the KD terms: every_batch = every distinct user of every BPR "
+                                      "batch (the spec's); once_per_epoch = each user only in the first batch it "
+                                      "appears in per epoch (~20x less KD work on CiteULike and Gowalla; a faster "
+                                      "approximation, measured in docs/benchmarks.md).",
+                       choices=("every_batch", "once_per_epoch"))
     index: str = _f("Flat", "FAISS factory string for the top-K retrievals (Flat = exact).")
     index_params: dict = _f({}, "FAISS search parameters, e.g. {nprobe: 32} or {efSearch: 128}.")
     rrd: RRDConfig = field(default_factory=RRDConfig, metadata={"help": "RRD baseline settings."})

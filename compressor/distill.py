@@ -116,6 +116,7 @@ class _KDBase(Scratch):
         self.use_gpu = device.type == "cuda"
         self._reusable: TopKSearcher | None = None  # last epoch's released searcher, while its recall held
         self._said_torch_topk = False
+        self._kd_done: torch.Tensor | None = None  # once_per_epoch: users already distilled this epoch
 
     def teacher_topk(self, k: int) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -162,8 +163,15 @@ class _KDBase(Scratch):
         return torch.from_numpy(ids).to(self.device), diag
 
     def _batch_users(self, users: torch.Tensor) -> torch.Tensor:
-        """The KD users of a BPR batch: each distinct user once."""
-        return torch.unique(users)
+        """The KD users of a BPR batch: each distinct user once (distill.kd_users every_batch, the spec's), or
+        only those not yet distilled this epoch (once_per_epoch)."""
+        bu = torch.unique(users)
+        if self.d.kd_users == "once_per_epoch":
+            if self._kd_done is None:
+                self._kd_done = torch.zeros(self.t_user.shape[0], dtype=torch.bool, device=users.device)
+            bu = bu[~self._kd_done[bu]]
+            self._kd_done[bu] = True
+        return bu
 
     def _score_teacher(self, items: torch.Tensor, block: int = 4096) -> torch.Tensor:
         """Teacher scores [U, k] of per-user item lists [U, k], in user blocks."""
@@ -182,6 +190,7 @@ class RCEKD(_KDBase):
         self.t_scores_qt = self._score_teacher(self.qt)
 
     def on_epoch_start(self, model, epoch, rng, gen) -> dict:
+        self._kd_done = None
         p, diag = self.student_topm(model, self.d.M)  # step 2
         t0 = time.perf_counter()
         self.qs = p[:, : self.d.K].contiguous()  # step 3
@@ -217,6 +226,7 @@ class CEKD(_KDBase):
         self.qt = self.teacher_topk(self.d.K)
 
     def on_epoch_start(self, model, epoch, rng, gen) -> dict:
+        self._kd_done = None
         if self.d.ce_target == "teacher":
             if epoch == 1 or not hasattr(self, "t_scores"):
                 self.items = self.qt
@@ -249,6 +259,7 @@ class RRD(_KDBase):
                                                self.d.rrd.uninteresting)
 
     def on_epoch_start(self, model, epoch, rng, gen) -> dict:
+        self._kd_done = None
         t0 = time.perf_counter()
         r = self.d.rrd
         self.interesting, self.uninteresting = sample_rrd_sets(

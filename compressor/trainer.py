@@ -211,6 +211,7 @@ class Trainer:
         neg = torch.as_tensor(neg_np[order], device=self.device)
         t_sample = time.perf_counter() - t1
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         n_batches = math.ceil(len(order) / cfg.batch_size)
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False, disable=not self.progress or None,
                    unit="batch", dynamic_ncols=True)
@@ -223,9 +224,12 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                v = float(v)
+                if math.isfinite(v):  # a mean over no users (a batch with no KD users left) is NaN: skipped
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
         bar.close()
-        out = {k: v / n_batches for k, v in sums.items()}
+        out = {k: v / counts[k] for k, v in sums.items()}
         out.update({f"diag_{k}" if not k.startswith(("time_", "diag_")) else k: v for k, v in diag.items()})
         out["time_refresh_s"] = t1 - t0
         out["time_sampling_s"] = t_sample

@@ -1,4 +1,5 @@
 import json
+import types
 
 import numpy as np
 import pytest
@@ -50,6 +51,7 @@ def test_rcekd_end_to_end_improves_over_first_epoch_and_logs_diagnostics(teacher
                                           ("rrd", []), ("scratch", []),
                                           ("rcekd", ["--set", "distill.use_loss_s=false"]),
                                           ("rcekd", ["--set", "distill.constant_alpha=0.5"]),
+                                          ("rcekd", ["--set", "distill.kd_users=once_per_epoch"]),
                                           ("rcekd", ["--set", "distill.index=IVF8,Flat",
                                                      "--set", "distill.index_params={nprobe: 8}"])])
 def test_every_method_runs_on_the_same_trainer(teacher, slice_data, tmp_path, method, extra):
@@ -141,3 +143,43 @@ def test_rcekd_teacher_scores_of_the_epoch_sets_are_exact(teacher, slice_data, t
         assert obj.t_scores.shape == obj.sets.items.shape == (data.num_users, 10 + 10 + 10)
         torch.testing.assert_close(obj.t_scores, want)
         assert torch.equal(obj.sets.items[:, -10:], obj.qt)
+
+
+@pytest.mark.parametrize("method", ["rcekd", "ce", "rrd"])
+def test_once_per_epoch_distills_each_user_exactly_once_per_epoch(teacher, slice_data, tmp_path, method):
+    import torch
+
+    from compressor import api
+    from compressor.distill import build_objective, load_teacher
+    from compressor.models import build_model
+
+    cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8",
+                                 f"distill.method={method}", "distill.K=10", "distill.M=30", "distill.L=10",
+                                 "distill.rrd.top_m=40", "distill.rrd.interesting=10",
+                                 "distill.rrd.uninteresting=20", "distill.kd_users=once_per_epoch"])
+    data = api.load_data(cfg)
+    obj = build_objective(cfg, load_teacher(teacher, data), torch.device("cpu"), tmp_path / "run")
+    obj.setup(types.SimpleNamespace(data=data))  # RRD reads the training positives from the trainer's data
+    model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=8, init_std=0.1)
+    users = torch.as_tensor(data.train.users)
+    items = torch.as_tensor(data.train.items)
+    for epoch in (1, 2):
+        obj.on_epoch_start(model, epoch, np.random.default_rng(epoch), torch.Generator().manual_seed(epoch))
+        order = torch.randperm(len(users), generator=torch.Generator().manual_seed(epoch))
+        distilled = []
+        for b in range(0, len(order), 512):
+            sl = order[b:b + 512]
+            distilled.append(obj._batch_users(users[sl]))
+            loss, parts = obj.batch_loss(model, users[sl], items[sl], items[sl])
+            assert torch.isfinite(loss), (epoch, b)
+        every = torch.cat(distilled)
+        # each training user exactly once per epoch, in the first batch that holds it; the next epoch starts over
+        assert sorted(every.tolist()) == sorted(torch.unique(users).tolist())
+        first = {}
+        for b in range(0, len(order), 512):
+            for u in users[order[b:b + 512]].tolist():
+                first.setdefault(u, b)
+        assert [first[u] for u in distilled[0].tolist()] == [0] * len(distilled[0])
+    # the last batches have few or no users left: a batch without KD users still gives a finite loss
+    loss, _ = obj.batch_loss(model, users[:4], items[:4], items[:4])
+    assert torch.isfinite(loss)
