@@ -7,7 +7,8 @@ can be rerun after an interruption or with more suites.
 
     python benchmarks/quality.py --out bench-out/quality --suites main --seeds 0 1 2 3 4 --workers 2
     suites: main (CiteULike MF400 -> MF20: scratch, ce, rrd, rcekd), ablation (3 seeds: full, w/o S, w/o T,
-            const alpha), hetero (CiteULike LightGCN2000 -> MF20), gowalla (MF300 -> MF20: scratch, rcekd)
+            const alpha), hetero (CiteULike LightGCN2000 -> MF20), gowalla (MF300 -> MF20: scratch, rcekd,
+            rcekd with distill.kd_users once_per_epoch), once (3 seeds: CiteULike rcekd, kd_users once_per_epoch)
 """
 
 from __future__ import annotations
@@ -80,6 +81,16 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
             jobs.append(job("cite-scratch-s0", ["distill", "--method", "scratch", "--config",
                                                 "configs/citeulike/mf-student.yaml", "--out", out / "cite-scratch-s0",
                                                 "--seed", 0, *common]))
+    if "once" in suites:  # distill.kd_users once_per_epoch: each user's KD terms once per epoch, not per batch
+        for s in seeds[:3]:
+            jobs.append(job(f"cite-rcekd-once-s{s}", ["distill", "--teacher", cite_t, "--config",
+                                                      "configs/citeulike/mf-rcekd.yaml", "--out",
+                                                      out / f"cite-rcekd-once-s{s}", "--seed", s, "--set",
+                                                      "distill.kd_users=once_per_epoch", *common],
+                            deps=["cite-mf400-teacher"]))
+        if not need_cite_t:
+            jobs.append(job("cite-mf400-teacher", ["train", "--config", "configs/citeulike/mf-teacher.yaml", "--out",
+                                                    cite_t, "--seed", 0, *teacher_common]))
     if "gowalla" in suites:
         gt = out / "gow-mf300-teacher"
         jobs.append(job("gow-mf300-teacher", ["train", "--config", "configs/gowalla/mf-teacher.yaml", "--out", gt,
@@ -89,6 +100,10 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
                                            "--seed", 0, *common]))
         jobs.append(job("gow-rcekd-s0", ["distill", "--teacher", gt, "--config", "configs/gowalla/mf-rcekd.yaml",
                                          "--out", out / "gow-rcekd-s0", "--seed", 0, *common],
+                        deps=["gow-mf300-teacher"]))
+        jobs.append(job("gow-rcekd-once-s0", ["distill", "--teacher", gt, "--config", "configs/gowalla/mf-rcekd.yaml",
+                                              "--out", out / "gow-rcekd-once-s0", "--seed", 0, "--set",
+                                              "distill.kd_users=once_per_epoch", *common],
                         deps=["gow-mf300-teacher"]))
     # Longest chains first: teachers (everything else waits on them), then the rest in order.
     jobs.sort(key=lambda j: (not j["name"].endswith("teacher"), not j["name"].startswith("gow")))
@@ -203,6 +218,11 @@ def summarise(out: Path, seeds) -> dict:
                 lines.append(f"- vs {base}: RCE-KD ahead on {wins}/{len(diffs)} seeds, mean difference "
                              f"{statistics.mean(diffs):+.4f}")
                 summary.setdefault("paired", {})[base] = diffs
+        if any(f"cite-rcekd-once-s{s}" in results for s in seeds[:3]):
+            once = group([("RCE-KD, kd_users every_batch (the spec's)", [f"cite-rcekd-s{s}" for s in seeds[:3]]),
+                          ("RCE-KD, kd_users once_per_epoch", [f"cite-rcekd-once-s{s}" for s in seeds[:3]])])
+            table("CiteULike MF400 -> MF20, KD users per batch vs once per epoch", once, t["test"]["ndcg@20"],
+                  statistics.mean(sc) if sc else None)
         abl = [("full", [f"cite-rcekd-s{s}" if f"cite-rcekd-s{s}" in results else f"abl-full-s{s}"
                          for s in seeds[:3]])]
         abl += [(v, [f"abl-{v}-s{s}" for s in seeds[:3]]) for v in ("wo_S", "wo_T", "const_alpha")]
@@ -219,7 +239,8 @@ def summarise(out: Path, seeds) -> dict:
     gt = results.get("gow-mf300-teacher")
     if gt:
         rows = group([("teacher MF300", ["gow-mf300-teacher"]), ("scratch MF20", ["gow-scratch-s0"]),
-                      ("RCE-KD MF20", ["gow-rcekd-s0"])])
+                      ("RCE-KD MF20", ["gow-rcekd-s0"]),
+                      ("RCE-KD MF20, kd_users once_per_epoch", ["gow-rcekd-once-s0"])])
         sc = results.get("gow-scratch-s0")
         table("Gowalla MF300 -> MF20 (seed 0)", rows, gt["test"]["ndcg@20"], sc["test"]["ndcg@20"] if sc else None)
     md = "\n".join(lines) + "\n"
@@ -231,7 +252,7 @@ def summarise(out: Path, seeds) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench-out/quality"))
-    ap.add_argument("--suites", nargs="+", default=["main"], choices=["main", "ablation", "hetero", "gowalla"])
+    ap.add_argument("--suites", nargs="+", default=["main"], choices=["main", "ablation", "hetero", "gowalla", "once"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per run")

@@ -2,8 +2,9 @@
 
 Why lazy Adam: a BPR batch of 2,048 interactions touches about 6,000 embedding rows, but dense Adam reads and
 writes every row of every table on every step (parameters, two moments, the gradient). For an MF teacher with
-300-dim vectors on Gowalla that is 21M parameters per step: 142 ms of a 180 ms batch on a 2-core CPU. Lazy Adam
-updates only the rows that have a gradient in this batch, so the cost follows the batch, not the catalogue.
+300-dim vectors on Gowalla that is 21M parameters per step: a batch takes 196 ms with torch Adam and 23 ms with
+this one on a 2-core CPU (median of 12 batches). Lazy Adam updates only the rows that have a gradient in this
+batch, so the cost follows the batch, not the catalogue.
 
 Semantics (the same as TensorFlow's LazyAdam): a touched row gets exactly torch Adam's update, L2 weight decay
 included; an untouched row keeps its value *and* its moments (dense Adam would decay its moments and keep moving
