@@ -58,10 +58,10 @@ class TrainConfig:
     batch_size: int = _f(2048, "Training interactions per BPR batch.", min=1)
     lr: float = _f(1e-3, "Adam learning rate.", min=0)
     weight_decay: float = _f(0.0, "Adam weight decay (L2).", min=0)
-    optimizer: str = _f("adam", "adam: torch Adam over every row each step (the paper's recipe). lazy_adam: "
-                                "for MF, update only the rows a batch touches (8.5x faster per batch for a 300-dim MF teacher on "
-                                "Gowalla, 2 CPU cores; untouched rows keep their moments); other models get the "
-                                "dense update.",
+    optimizer: str = _f("adam", "adam: torch Adam over every row each step (the paper's recipe). "
+                                "lazy_adam: for MF, update only the rows a batch touches (8.5x faster per batch "
+                                "for a 300-dim MF teacher on Gowalla, 2 CPU cores; untouched rows keep their "
+                                "moments); other models get the dense update.",
                         choices=("adam", "lazy_adam"))
     eval_every: int = _f(1, "Validate every N epochs.", min=1)
     patience: int = _f(30, "Stop after this many validations without a better validation metric.", min=1)
