@@ -5,6 +5,8 @@ Each configuration runs in its own subprocess (so its peak RSS is its own): a fe
 evaluation of the validation split. Reports medians.
 
     python benchmarks/throughput.py --epochs 3 --threads 2 --out bench-out/throughput.json
+    python benchmarks/throughput.py --epochs 2 --threads 1 --optimizers adam lazy_adam --only gowalla-mf-300 \
+        --out bench-out/throughput-lazy.json        # train.optimizer: torch Adam against row-sparse lazy Adam
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ CASES = [
 ]
 
 
-def measure(data_path: str, min_user: int, kind: str, dim: int, epochs: int, threads: int) -> dict:
+def measure(data_path: str, min_user: int, kind: str, dim: int, epochs: int, threads: int,
+            optimizer: str = "adam") -> dict:
     import torch
 
     from compressor.config import from_dict
@@ -46,7 +49,7 @@ def measure(data_path: str, min_user: int, kind: str, dim: int, epochs: int, thr
     load_s = time.perf_counter() - t0
     cfg = from_dict({"data": {"path": data_path, "min_user_interactions": min_user},
                      "model": {"kind": kind, "dim": dim, "init_std": 0.1 if kind == "lightgcn" else 0.01},
-                     "train": {"epochs": epochs, "threads": threads}})
+                     "train": {"epochs": epochs, "threads": threads, "optimizer": optimizer}})
     tr = Trainer(cfg, data, Scratch(), Path("/tmp/unused"), torch.device("cpu"), progress=False)
     tr.objective.setup(tr)
     epoch_s = []
@@ -70,32 +73,41 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("bench-out/throughput.json"))
-    ap.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # internal: run one case in this process
+    ap.add_argument("--optimizers", nargs="+", default=["adam"], choices=["adam", "lazy_adam"],
+                    help="train.optimizer values to measure, each case with each (interleaved per case)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="DATA-KIND-DIM",
+                    help="measure only these cases, e.g. gowalla-mf-300 citeulike-t-mf-400")
+    ap.add_argument("--one", nargs=6, help=argparse.SUPPRESS)  # internal: run one case in this process
     a = ap.parse_args()
     if a.one:
-        name, path, mu, kind, dim = a.one
-        print(json.dumps(measure(path, int(mu), kind, int(dim), a.epochs, a.threads)))
+        name, path, mu, kind, dim, optimizer = a.one
+        print(json.dumps(measure(path, int(mu), kind, int(dim), a.epochs, a.threads, optimizer)))
         return
     rows = []
     for name, path, mu, kind, dim in CASES:
+        if a.only and f"{name}-{kind}-{dim}" not in a.only:
+            continue
         if not path.startswith("builtin:") and not Path(path).exists():
             print(f"skip {name}: {path} not found", file=sys.stderr)
             continue
-        p = subprocess.run([sys.executable, __file__, "--epochs", str(a.epochs), "--threads", str(a.threads),
-                            "--one", name, path, str(mu), kind, str(dim)], capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        if p.returncode != 0:
-            print(p.stderr[-2000:], file=sys.stderr)
-            continue
-        r = {"data": name, "model": f"{kind}-{dim}", **json.loads(p.stdout.strip().splitlines()[-1])}
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+        for optimizer in a.optimizers:
+            p = subprocess.run([sys.executable, __file__, "--epochs", str(a.epochs), "--threads", str(a.threads),
+                                "--one", name, path, str(mu), kind, str(dim), optimizer], capture_output=True,
+                               text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            if p.returncode != 0:
+                print(p.stderr[-2000:], file=sys.stderr)
+                continue
+            r = {"data": name, "model": f"{kind}-{dim}", "optimizer": optimizer,
+                 **json.loads(p.stdout.strip().splitlines()[-1])}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(rows, indent=1))
-    print("\n| data | model | train interactions | epoch s (median) | interactions/s | full-ranking eval s "
-          "(valid) | peak RSS MB |\n|---|---|---|---|---|---|---|")
+    print("\n| data | model | optimizer | train interactions | epoch s (median) | interactions/s | full-ranking eval "
+          "s (valid) | peak RSS MB |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['data']} | {r['model']} | {r['train_interactions']:,} | {r['epoch_s_median']:.2f} | "
+        print(f"| {r['data']} | {r['model']} | {r['optimizer']} | {r['train_interactions']:,} | "
+              f"{r['epoch_s_median']:.2f} | "
               f"{r['interactions_per_s']:,.0f} | {r['eval_valid_s_median']:.2f} | {r['peak_rss_mb']:,.0f} |")
 
 
