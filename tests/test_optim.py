@@ -23,12 +23,16 @@ def _adam_reference(rows, grads, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
     return p, m, v
 
 
-def test_dense_gradients_give_torch_adam():
-    torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(7, 5))
+def _twins(shape, seed, lr, wd):
+    """The same random table twice: one under torch Adam, one under LazyAdam."""
+    torch.manual_seed(seed)
+    a = torch.nn.Parameter(torch.randn(*shape))
     b = torch.nn.Parameter(a.detach().clone())
-    ref = torch.optim.Adam([a], lr=0.01, weight_decay=0.1)
-    lazy = LazyAdam([b], lr=0.01, weight_decay=0.1)
+    return a, b, torch.optim.Adam([a], lr=lr, weight_decay=wd), LazyAdam([b], lr=lr, weight_decay=wd)
+
+
+def test_dense_gradients_give_torch_adam():
+    a, b, ref, lazy = _twins((7, 5), 0, lr=0.01, wd=0.1)
     for _ in range(6):
         target = torch.randn(7, 5)
         for p, opt in ((a, ref), (b, lazy)):
@@ -67,11 +71,7 @@ def test_sparse_gradients_update_only_touched_rows_and_sum_duplicates():
 
 
 def test_sparse_path_equals_torch_adam_when_every_row_is_touched():
-    torch.manual_seed(2)
-    dense = torch.nn.Parameter(torch.randn(6, 3))
-    sparse = torch.nn.Parameter(dense.detach().clone())
-    ref = torch.optim.Adam([dense], lr=0.02, weight_decay=0.001)
-    lazy = LazyAdam([sparse], lr=0.02, weight_decay=0.001)
+    dense, sparse, ref, lazy = _twins((6, 3), 2, lr=0.02, wd=0.001)
     for _ in range(5):
         idx = torch.randperm(6)
         w = torch.randn(6, 3)
