@@ -262,11 +262,24 @@ def main():
     ap.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the teacher runs only (repeatable), e.g. train.optimizer=lazy_adam")
     ap.add_argument("--checkpoint-every", type=int, default=1, help="train.checkpoint_every of every run")
+    ap.add_argument("--only", nargs="+", default=None, metavar="JOB",
+                    help="run only these jobs of the suites (their dependencies must have finished already), "
+                         "e.g. gow-rcekd-s0")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="start no new run after this many seconds")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = build_jobs(a.suites, a.seeds, a.out.resolve(), a.device, a.threads, a.max_epochs, a.checkpoint_every,
                       a.student_device, a.teacher_set)
+    if a.only:
+        by_name = {j["name"]: j for j in jobs}
+        unknown = set(a.only) - set(by_name)
+        if unknown:
+            ap.error(f"--only: no job named {', '.join(sorted(unknown))} in suites {' '.join(a.suites)}")
+        for name in a.only:
+            for d in by_name[name]["deps"]:
+                if not (a.out / d / "result.json").exists():
+                    ap.error(f"--only {name}: its dependency {d} has not finished ({a.out / d}/result.json)")
+        jobs = [dict(by_name[n], deps=[]) for n in a.only]
     t0 = time.time()
     status = schedule(jobs, a.out, a.workers, t0 + a.deadline_s)
     (a.out / "status.json").write_text(json.dumps(status, indent=1))
