@@ -271,7 +271,9 @@ def test_unreachable_server_is_a_fast_clear_error(tmp_path, slice_data, env):
     t0 = time.monotonic()
     p = run_cli("train", *_train_args(tmp_path / "r", slice_data, 2), env=dict(env, MLFLOW_TRACKING_URI=dead),
                 check=False)
-    assert time.monotonic() - t0 < 10
+    # MLflow's default retries block for minutes; bounded ones fail in seconds. 30 s leaves room for interpreter
+    # start-up and imports on a loaded 2-core box (10.7 s measured there with three training jobs beside it).
+    assert time.monotonic() - t0 < 30
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert f"MLflow tracking server {dead} is unreachable" in p.stderr and "--mlflow-optional" in p.stderr
     assert not (tmp_path / "r" / "model.safetensors").exists()
