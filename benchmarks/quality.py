@@ -42,7 +42,7 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
         teacher_common += ["--set", kv]
     jobs = []
     cite_t = out / "cite-mf400-teacher"
-    need_cite_t = bool({"main", "ablation"} & set(suites))
+    need_cite_t = bool({"main", "ablation", "once"} & set(suites))
     if need_cite_t:
         jobs.append(job("cite-mf400-teacher", ["train", "--config", "configs/citeulike/mf-teacher.yaml", "--out",
                                                 cite_t, "--seed", 0, *teacher_common]))
@@ -88,9 +88,6 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
                                                       out / f"cite-rcekd-once-s{s}", "--seed", s, "--set",
                                                       "distill.kd_users=once_per_epoch", *common],
                             deps=["cite-mf400-teacher"]))
-        if not need_cite_t:
-            jobs.append(job("cite-mf400-teacher", ["train", "--config", "configs/citeulike/mf-teacher.yaml", "--out",
-                                                    cite_t, "--seed", 0, *teacher_common]))
     if "gowalla" in suites:
         gt = out / "gow-mf300-teacher"
         jobs.append(job("gow-mf300-teacher", ["train", "--config", "configs/gowalla/mf-teacher.yaml", "--out", gt,
@@ -98,13 +95,10 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
         jobs.append(job("gow-scratch-s0", ["distill", "--method", "scratch", "--config",
                                            "configs/gowalla/mf-student.yaml", "--out", out / "gow-scratch-s0",
                                            "--seed", 0, *common]))
-        jobs.append(job("gow-rcekd-s0", ["distill", "--teacher", gt, "--config", "configs/gowalla/mf-rcekd.yaml",
-                                         "--out", out / "gow-rcekd-s0", "--seed", 0, *common],
-                        deps=["gow-mf300-teacher"]))
-        jobs.append(job("gow-rcekd-once-s0", ["distill", "--teacher", gt, "--config", "configs/gowalla/mf-rcekd.yaml",
-                                              "--out", out / "gow-rcekd-once-s0", "--seed", 0, "--set",
-                                              "distill.kd_users=once_per_epoch", *common],
-                        deps=["gow-mf300-teacher"]))
+        once = ["--set", "distill.kd_users=once_per_epoch"]
+        for name, extra in (("gow-rcekd-s0", []), ("gow-rcekd-once-s0", once)):
+            jobs.append(job(name, ["distill", "--teacher", gt, "--config", "configs/gowalla/mf-rcekd.yaml", "--out",
+                                   out / name, "--seed", 0, *extra, *common], deps=["gow-mf300-teacher"]))
     # Longest chains first: teachers (everything else waits on them), then the rest in order.
     jobs.sort(key=lambda j: (not j["name"].endswith("teacher"), not j["name"].startswith("gow")))
     return jobs

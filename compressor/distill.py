@@ -116,7 +116,9 @@ class _KDBase(Scratch):
         self.use_gpu = device.type == "cuda"
         self._reusable: TopKSearcher | None = None  # last epoch's released searcher, while its recall held
         self._said_torch_topk = False
-        self._kd_done: torch.Tensor | None = None  # once_per_epoch: users already distilled this epoch
+        # once_per_epoch: which users have had their KD terms this epoch (cleared at every epoch start)
+        self._kd_done = (torch.zeros(self.t_user.shape[0], dtype=torch.bool, device=device)
+                         if self.d.kd_users == "once_per_epoch" else None)
 
     def teacher_topk(self, k: int) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -162,13 +164,20 @@ class _KDBase(Scratch):
             raise RuntimeError(f"index {self.d.index!r} returned fewer than {m} items; raise its search params")
         return torch.from_numpy(ids).to(self.device), diag
 
+    def on_epoch_start(self, model, epoch, rng, gen) -> dict:
+        if self._kd_done is not None:
+            self._kd_done.zero_()
+        return self.epoch_sets(model, epoch, rng, gen)
+
+    def epoch_sets(self, model, epoch, rng, gen) -> dict:
+        """Each method's per-epoch work (student top-M, sampled sets, teacher scores); returns diagnostics."""
+        raise NotImplementedError
+
     def _batch_users(self, users: torch.Tensor) -> torch.Tensor:
         """The KD users of a BPR batch: each distinct user once (distill.kd_users every_batch, the spec's), or
         only those not yet distilled this epoch (once_per_epoch)."""
         bu = torch.unique(users)
-        if self.d.kd_users == "once_per_epoch":
-            if self._kd_done is None:
-                self._kd_done = torch.zeros(self.t_user.shape[0], dtype=torch.bool, device=users.device)
+        if self._kd_done is not None:
             bu = bu[~self._kd_done[bu]]
             self._kd_done[bu] = True
         return bu
@@ -189,8 +198,7 @@ class RCEKD(_KDBase):
         # The sets' layout is [QS | A | QT] and QT never changes: its teacher scores are computed once, here.
         self.t_scores_qt = self._score_teacher(self.qt)
 
-    def on_epoch_start(self, model, epoch, rng, gen) -> dict:
-        self._kd_done = None
+    def epoch_sets(self, model, epoch, rng, gen) -> dict:
         p, diag = self.student_topm(model, self.d.M)  # step 2
         t0 = time.perf_counter()
         self.qs = p[:, : self.d.K].contiguous()  # step 3
@@ -225,8 +233,7 @@ class CEKD(_KDBase):
     def setup(self, trainer) -> None:
         self.qt = self.teacher_topk(self.d.K)
 
-    def on_epoch_start(self, model, epoch, rng, gen) -> dict:
-        self._kd_done = None
+    def epoch_sets(self, model, epoch, rng, gen) -> dict:
         if self.d.ce_target == "teacher":
             if epoch == 1 or not hasattr(self, "t_scores"):
                 self.items = self.qt
@@ -258,8 +265,7 @@ class RRD(_KDBase):
         self.positive_keys = rrd_positive_keys(self.topm, self.n_items, self.train_indptr, self.train_indices,
                                                self.d.rrd.uninteresting)
 
-    def on_epoch_start(self, model, epoch, rng, gen) -> dict:
-        self._kd_done = None
+    def epoch_sets(self, model, epoch, rng, gen) -> dict:
         t0 = time.perf_counter()
         r = self.d.rrd
         self.interesting, self.uninteresting = sample_rrd_sets(
