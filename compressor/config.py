@@ -59,8 +59,8 @@ class TrainConfig:
     lr: float = _f(1e-3, "Adam learning rate.", min=0)
     weight_decay: float = _f(0.0, "Adam weight decay (L2).", min=0)
     optimizer: str = _f("adam", "adam: torch Adam over every row each step (the paper's recipe). "
-                                "lazy_adam: for MF, update only the rows a batch touches (8.5x faster per batch "
-                                "for a 300-dim MF teacher on Gowalla, 2 CPU cores; untouched rows keep their "
+                                "lazy_adam: for MF, update only the rows a batch touches (11.6x faster epochs for "
+                                "a 300-dim MF teacher on Gowalla, 1 CPU thread; untouched rows keep their "
                                 "moments; it cost the CiteULike MF400 teacher 9% of its test NDCG@20); other "
                                 "models get the dense update.",
                         choices=("adam", "lazy_adam"))
@@ -100,9 +100,9 @@ class DistillConfig:
                         choices=("student", "teacher"))
     kd_users: str = _f("every_batch", "Which users get the KD terms: every_batch = every distinct user of every BPR "
                                       "batch (the spec's); once_per_epoch = each user only in the first batch it "
-                                      "appears in per epoch (about 1/20 of the KD work: a Gowalla KD epoch took 15.2 s "
-                                      "instead of 62.6 s on one core, with the same CiteULike test NDCG@20 over 3 "
-                                      "seeds; docs/benchmarks.md sections 2c, 2d, 4).",
+                                      "appears in per epoch (1/11 of the KD work on CiteULike, 1/22 on Gowalla: a "
+                                      "Gowalla KD epoch took 15.2 s instead of 62.6 s on one core, with the same "
+                                      "CiteULike test NDCG@20 over 3 seeds; docs/benchmarks.md sections 2c, 2d, 4).",
                        choices=("every_batch", "once_per_epoch"))
     index: str = _f("Flat", "FAISS factory string for the top-K retrievals (Flat = exact).")
     index_params: dict = _f({}, "FAISS search parameters, e.g. {nprobe: 32} or {efSearch: 128}.")
