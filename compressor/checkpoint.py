@@ -25,14 +25,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
+from .errors import CompressError
 from .models import build_model
+from .run_dir import MODEL_FILE, RESUME_FILE
 
 FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"  # the selected (best-validation) model of a run
-RESUME_FILE = "last.safetensors"  # the latest state of a run, with optimizer state, for --resume
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CompressError, ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from .errors import CompressError
 
-class ConfigError(ValueError):
+
+class ConfigError(CompressError, ValueError):
     """A mistake in a config file or override; the message names the key."""
 
 

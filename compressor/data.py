@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import CompressError
+
 log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "datasets"
@@ -36,7 +38,7 @@ SPLIT_FILE_NAMES = {
 }
 
 
-class DataError(ValueError):
+class DataError(CompressError, ValueError):
     """A user mistake in the input data; the message names the file and line."""
 
 

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from .errors import DeviceError
+
 log = logging.getLogger(__name__)
 
 
@@ -15,9 +17,9 @@ def resolve_device(choice: str = "auto") -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use --device auto or cpu)")
+        raise DeviceError("--device cuda: no CUDA device is available (use --device auto or cpu)")
     if choice not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected auto, cpu or cuda, got {choice!r}")
+        raise DeviceError(f"--device: expected auto, cpu or cuda, got {choice!r}")
     return torch.device(choice)
 
 

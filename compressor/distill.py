@@ -19,6 +19,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config
 from .data import Dataset
+from .errors import CompressError
 from .losses import (_rowwise_isin, ce_kd_loss, rcekd_loss_on_sets, rcekd_sets, rrd_loss, sample_interesting_positions,
                      rrd_positive_keys, sample_rrd_sets, teacher_pair_scores)
 from .objectives import Scratch
@@ -30,7 +31,7 @@ TOPK_CACHE_DIR = ".topk-cache"  # beside the run directory, so sibling runs shar
 REUSE_RECALL_FLOOR = 0.95  # keep an approximate index's trained quantizer across epochs while recall@M holds
 
 
-class TeacherError(ValueError):
+class TeacherError(CompressError, ValueError):
     """A teacher that cannot be used with this data; raised before any training."""
 
 

@@ -1,28 +1,18 @@
-"""User-facing error types, gathered so the CLI can print each as one line without a traceback."""
+"""The library's user-facing errors: one base class, so the application maps them to one-line messages in one place.
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data import DataError
+Every error a user can cause (a bad config, unreadable data, a checkpoint that does not fit, no CUDA where
+``--device cuda`` asked for it ...) derives from ``CompressError``; its message names what is wrong (file and
+line, key, id). Anything else is a bug and keeps its traceback.
+"""
 
 
-class MismatchError(ValueError):
+class CompressError(Exception):
+    """A mistake in the user's input or request; ``str(e)`` is a complete one-line message."""
+
+
+class MismatchError(CompressError, ValueError):
     """A model (or teacher) and the data disagree on ids, counts or shapes."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .trainer import TrainingError
-    errs: list[type[BaseException]] = [CheckpointError, ConfigError, DataError, MismatchError, TrainingError]
-    try:
-        from .tracking import TrackingError
-        errs.append(TrackingError)
-    except ImportError:
-        pass
-    try:
-        from .distill import TeacherError
-        errs.append(TeacherError)
-    except ImportError:
-        pass
-    return tuple(errs)
-
-
-USER_ERRORS = _user_errors() + (FileNotFoundError, PermissionError)
+class DeviceError(CompressError, ValueError):
+    """The requested device does not exist here (e.g. ``--device cuda`` without CUDA)."""

@@ -19,7 +19,9 @@ import numpy as np
 
 __all__ = [
     "TopKSearcher",
+    "ip2l2_items",
     "measure_recall",
+    "recall_at_k",
     "set_thread_count",
     "topk_cached",
     "blocked_torch_topk",
@@ -81,17 +83,9 @@ class TopKSearcher:
             self.transform = "none"
             index = faiss.IndexFlatIP(self.dim)
             index.add(items)
-        else:
-            # Inner-product -> L2 reduction (Bachrach et al. 2014): append sqrt(R^2 - |x|^2)
-            # to items and 0 to queries, so |q' - x'|^2 = |q|^2 + R^2 - 2 q.x and the L2 order
-            # is the IP order. Trained MF item vectors have very skewed norms; IVF with raw IP
-            # clusters by direction and then misses the long vectors that win most queries,
-            # which costs recall. After the reduction every item has norm R and k-means works.
+        else:  # approximate: searched through the inner-product -> L2 reduction (ip2l2_items)
             self.transform = "ip2l2"
-            sq = np.einsum("ij,ij->i", items, items, dtype=np.float64)
-            self._max_sq_norm = float(sq.max()) if len(sq) else 0.0
-            extra = np.sqrt(np.maximum(self._max_sq_norm - sq, 0.0)).astype(np.float32)
-            aug = np.ascontiguousarray(np.hstack([items, extra[:, None]]))
+            aug, self._max_norm = ip2l2_items(items)
             reusable = (trained_like is not None and trained_like.factory == factory
                         and trained_like.dim == self.dim and trained_like._trained is not None)
             if reusable:
@@ -177,7 +171,7 @@ class TopKSearcher:
         # |q' - x'|^2 = |q'|^2 + R^2 - 2 q'.x for every x, but a query left near the origin
         # would rank IVF centroids (norm < R) by their norm, not their direction.
         q_norm = np.linalg.norm(q, axis=1, keepdims=True)
-        scale = np.where(q_norm > 0, np.sqrt(self._max_sq_norm) / np.maximum(q_norm, 1e-30), 1.0)
+        scale = np.where(q_norm > 0, self._max_norm / np.maximum(q_norm, 1e-30), 1.0)
         q_aug = np.hstack([q * scale.astype(np.float32), np.zeros((len(q), 1), dtype=np.float32)])
         q_aug = np.ascontiguousarray(q_aug, dtype=np.float32)
         _, ids = self.index.search(q_aug, k)
@@ -256,8 +250,32 @@ def measure_recall(
     sample = users[np.sort(pick)]
     _, exact = TopKSearcher(item_vectors, "Flat").search(sample, k)
     _, approx = searcher.search(sample, k)
-    hits = sum(len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approx, exact))
-    return hits / (len(sample) * k)
+    return recall_at_k(approx, exact)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Recall of an approximate top-k against the exact one: mean over rows of |found ∩ truth| / k.
+
+    found [n, k'] item ids (-1 = padding, ignored), truth [n, k] exact ids; k = truth's width."""
+    found, truth = np.asarray(found), np.asarray(truth)
+    if truth.size == 0:
+        return 1.0
+    hits = sum(np.intersect1d(f[f >= 0], t).size for f, t in zip(found, truth))
+    return hits / (truth.shape[0] * truth.shape[1])
+
+
+def ip2l2_items(items: np.ndarray) -> tuple[np.ndarray, float]:
+    """The inner-product -> L2 reduction of item vectors (Bachrach et al. 2014).
+
+    Appends sqrt(R^2 - |x|^2) to every item, R the largest item norm, so that for a query q with 0 appended
+    |q' - x'|^2 = |q|^2 + R^2 - 2 q.x: L2 order is inner-product order. items [n, d] -> (float32 [n, d + 1], R).
+    Trained MF item norms are very skewed; IVF/HNSW over raw inner products cluster by direction and miss the
+    long vectors that win most queries. After the reduction every item has norm R and k-means works."""
+    items = np.asarray(items, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", items, items, dtype=np.float64)
+    max_sq = float(sq.max()) if sq.size else 0.0
+    extra = np.sqrt(np.maximum(max_sq - sq, 0.0)).astype(np.float32)
+    return np.ascontiguousarray(np.hstack([items, extra[:, None]]), dtype=np.float32), float(np.sqrt(max_sq))
 
 
 def _cache_name(fingerprint: str, k: int, factory: str) -> str:

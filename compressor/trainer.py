@@ -32,6 +32,7 @@ from .checkpoint import (MODEL_FILE, RESUME_FILE, atomic_write_bytes, load_check
                          save_checkpoint)
 from .config import Config, to_dict
 from .data import Dataset
+from .errors import CompressError
 from .evaluation import evaluate
 from .models import build_model
 from .optim import build_optimizer
@@ -39,8 +40,8 @@ from .optim import build_optimizer
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(CompressError, RuntimeError):
+    """Training cannot go on as asked (nothing to resume, a run already there, a diverging loss ...)."""
 
 
 def sample_negatives(train_users: np.ndarray, train_items: np.ndarray, num_items: int,
