@@ -5,10 +5,16 @@ user's validation items excluded too. Usage:
 
     python benchmarks/exclude_valid_check.py RUN_DIR [RUN_DIR ...]
 """
-import sys, numpy as np, torch
+import sys
+
+import numpy as np
+import torch
+
 from compressor import api
 from compressor.checkpoint import load_checkpoint
+from compressor.config import from_dict
 from compressor.evaluation import evaluate as run_eval
+
 torch.set_num_threads(1)
 runs = sys.argv[1:]
 data = None
@@ -24,7 +30,6 @@ def merged(a, b):
 for r in runs:
     ck = load_checkpoint(r)
     if data is None:
-        from compressor.config import from_dict
         cfg = from_dict(ck.meta["config"], r); data = api.load_data(cfg)
         tv_indptr, tv_items = merged(data.train, data.valid)
     with torch.no_grad():

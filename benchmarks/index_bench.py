@@ -34,9 +34,21 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
+import numpy as np
+from safetensors import safe_open
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from compressor.device import configure_threads  # noqa: E402  (the checkout on sys.path first)
+from compressor.retrieval import recall_at_k  # noqa: E402
+from compressor.run_dir import MODEL_FILE, RESULT_FILE, RESUME_FILE  # noqa: E402
+from export.from_checkpoint import export_checkpoint  # noqa: E402
+from serving.bundle import open_bundle  # noqa: E402
+from serving.bundle_format import ip2l2_queries  # noqa: E402
+from serving.recommender import Recommender  # noqa: E402
 
 CONFIGS = {"citeulike": ROOT / "configs" / "citeulike" / "mf-student.yaml",
            "gowalla": ROOT / "configs" / "gowalla" / "mf-student.yaml"}
@@ -49,10 +61,10 @@ def load_note() -> dict:
 
 def train_student(name: str, out: Path, epochs: int, threads: int) -> Path:
     run = out
-    if (run / "model.safetensors").exists() and (run / "result.json").exists():
+    if (run / MODEL_FILE).exists() and (run / RESULT_FILE).exists():
         return run
     shutil.rmtree(run, ignore_errors=True)
-    cmd = [sys.executable, "-m", "compressor.cli", "distill", "--method", "scratch", "--config", str(CONFIGS[name]),
+    cmd = [sys.executable, "-m", "compress_app", "distill", "--method", "scratch", "--config", str(CONFIGS[name]),
            "--out", str(run), "--epochs", str(epochs), "--threads", str(threads), "--quiet", "--no-mlflow",
            "--set", "train.eval_every=100000"]
     print("training:", " ".join(cmd), flush=True)
@@ -65,8 +77,6 @@ def train_student(name: str, out: Path, epochs: int, threads: int) -> Path:
 
 def checkpoint_breakdown(path: Path) -> dict:
     """Bytes of each tensor group in a safetensors checkpoint (+ header)."""
-    from safetensors import safe_open
-
     groups: dict[str, int] = {}
     with safe_open(str(path), framework="np") as f:
         for k in f.keys():
@@ -85,23 +95,12 @@ def bundle_breakdown(bundle: Path) -> dict:
 
 
 def export(ckpt: Path, out: Path, factory: str, force: bool, k: int) -> tuple[dict, float]:
-    from export.from_checkpoint import export_checkpoint
-
     t0 = time.perf_counter()
     manifest = export_checkpoint(ckpt, out, index_factory=factory, k_max=k, force=force, overwrite=True)
     return manifest, time.perf_counter() - t0
 
 
-def recall_rows(found, truth) -> float:
-    import numpy as np
-
-    hits = sum(np.intersect1d(f[f >= 0], t).size for f, t in zip(found, truth))
-    return hits / truth.size
-
-
 def pct(xs, q):
-    import numpy as np
-
     return float(np.percentile(np.asarray(xs), q))
 
 
@@ -130,13 +129,6 @@ def main():
     res: dict = {"started": load_note(), "args": {k: str(v) for k, v in vars(a).items()}}
     print("load at start:", res["started"]["uptime"], flush=True)
 
-    import faiss
-    import numpy as np
-
-    from compressor.device import configure_threads
-    from serving.bundle import open_bundle
-    from serving.recommender import Recommender
-
     configure_threads(a.threads)
     gow = a.gowalla_ckpt if a.gowalla_ckpt.is_absolute() else ROOT / a.gowalla_ckpt
     gow = train_student("gowalla", gow, a.gowalla_epochs, a.threads)
@@ -147,11 +139,11 @@ def main():
     for name, run in (("citeulike", cite), ("gowalla", gow)):
         b = out / "bundles" / f"{name}-auto"
         manifest, secs = export(run, b, "auto", False, a.k)
-        sizes[name] = {"checkpoint": checkpoint_breakdown(run / "model.safetensors"), "bundle": bundle_breakdown(b),
+        sizes[name] = {"checkpoint": checkpoint_breakdown(run / MODEL_FILE), "bundle": bundle_breakdown(b),
                        "index": manifest["index"]["factory"], "users": manifest["num_users"],
                        "items": manifest["num_items"], "dim": manifest["dim"], "export_s": secs,
-                       "resume_checkpoint_bytes": (run / "last.safetensors").stat().st_size
-                       if (run / "last.safetensors").exists() else None}
+                       "resume_checkpoint_bytes": (run / RESUME_FILE).stat().st_size
+                       if (run / RESUME_FILE).exists() else None}
         print(f"{name}: checkpoint {sizes[name]['checkpoint']['total']:,} B, bundle "
               f"{sizes[name]['bundle']['total']:,} B", flush=True)
     res["sizes"] = sizes
@@ -209,7 +201,7 @@ def main():
     for fac in recs:
         bd, man = opened[fac], bundles[fac]["manifest"]
         row = {"factory": fac, "search_params": man["index"]["search_params"],
-               "recall_at_100": recall_rows(found[fac], truth),
+               "recall_at_100": recall_at_k(found[fac], truth),
                "export_recall_at_100": man["index"]["recall_at_k"],
                "search_ms_p50": 1e3 * statistics.median(search_t[fac]), "search_ms_p90": 1e3 * pct(search_t[fac], 90),
                "recommend_path": "dense numpy top-k (Recommender.dense)" if getattr(recs[fac], "dense", False)
@@ -225,9 +217,8 @@ def main():
                 ivf = None
             if ivf is not None:  # recall when queries are scaled onto the items' sphere (TopKSearcher's transform)
                 scale = man["index"]["max_norm"] / np.maximum(np.linalg.norm(uvec, axis=1, keepdims=True), 1e-30)
-                qs = np.hstack([uvec * scale, np.zeros((len(uvec), bd.index.d - bd.dim), np.float32)])
-                _, ids = bd.index.search(np.ascontiguousarray(qs, dtype=np.float32), a.k)
-                row["recall_at_100_query_scaled"] = recall_rows(ids, truth)
+                _, ids = bd.index.search(ip2l2_queries(uvec * scale, bd.index.d), a.k)
+                row["recall_at_100_query_scaled"] = recall_at_k(ids, truth)
         rows.append(row)
         print(json.dumps(row), flush=True)
     flat = next((r for r in rows if r["factory"] == "Flat"), None)

@@ -8,11 +8,11 @@ refresh  Gowalla size (29,858 users x 40,981 items), real trained vectors: the p
          interleaved per repeat, medians of the repeats. Every FAISS index goes through
          ``compressor.retrieval.TopKSearcher`` (so the inner-product -> L2 reduction applies). Index build/train time
          is reported apart from search time. Two IVF life cycles are measured: "rebuilt" (k-means + add every
-         epoch: what ``RCEKD.student_topm`` does on its first epoch or when recall fell below its floor) and "kept"
+         epoch: what ``KDRetrieval.student_topm`` does on its first epoch or when recall fell below its floor) and "kept"
          (``TopKSearcher(..., trained_like=previous)``: the coarse quantizer trained on the previous epoch's
-         vectors is kept and the new vectors added; what ``RCEKD.student_topm`` does on the other epochs).
+         vectors is kept and the new vectors added; what ``KDRetrieval.student_topm`` does on the other epochs).
          Recall@M is against exact search over ALL users.
-epoch    One full RCE-KD epoch (Trainer._run_epoch with the RCEKD objective from compressor.distill.build_objective)
+epoch    One full RCE-KD epoch (Trainer._run_epoch with the rcekd objective of compressor.objectives.build_objective)
          against one scratch epoch (Scratch), interleaved in one process, both students starting from the same
          trained student; breakdown: refresh (retrieval, recall check, KD sampling + teacher scoring), negative
          sampling, batches. Then the peak RSS of a real `compress distill` Gowalla process (1 epoch + evaluation),
@@ -33,6 +33,9 @@ The Gowalla student/teacher are trained first with the real CLI (reused when pre
     python benchmarks/kd_speed.py --quick --out bench-out/kd_speed-quick         # smoke run (a few minutes)
 
 Timings on a shared machine are noisy: compare methods only within one run (ratios), never across runs.
+
+torch, faiss and compressor are imported inside the part functions on purpose: only the child processes that
+measure need them, and the parent that orchestrates them (and `--report`, `--help`) stays small beside them.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from compressor.run_dir import METRICS_FILE, RESULT_FILE, RESUME_FILE  # noqa: E402  (constants only)
 
 GOWALLA = ROOT.parent / "shared" / "data" / "gowalla"
 KD_CONFIG = ROOT / "configs" / "gowalla" / "mf-rcekd.yaml"
@@ -161,40 +166,27 @@ def norm_stats(vecs, popularity=None) -> dict:
     return out
 
 
-def recall_vs(found, truth) -> float:
-    """Mean |found_u ∩ truth_u| / k over all rows (vectorised via sorted row keys)."""
-    import numpy as np
-
-    n, k = truth.shape
-    rows = np.arange(n, dtype=np.int64)[:, None]
-    width = int(max(found.max(initial=0), truth.max(initial=0))) + 2
-    t_keys = np.sort((rows * width + truth).ravel())
-    f = np.where(found >= 0, found, width - 1)  # -1 padding never matches
-    hits = np.isin((rows * width + f).ravel(), t_keys)
-    return float(hits.sum() / (n * k))
-
-
 # ------------------------------------------------------------------------------------------------ Gowalla models
 def prepare_gowalla(work: Path, a) -> dict:
     """Train (or reuse) the Gowalla MF20 student and MF300 teacher with the real CLI."""
-    py = [sys.executable, "-m", "compressor.cli"]
+    py = [sys.executable, "-m", "compress_app"]
     common = ["--threads", str(a.threads), "--quiet", "--no-mlflow", "--set", "train.eval_every=100000"]
     src = Path(a.reuse_models) if a.reuse_models else work
     student, teacher = src / "gowalla-mf20", src / "gowalla-mf300"
     prev = src / f"student-e{a.student_epochs - 1}.safetensors"
     info: dict = {"student_dir": str(student), "teacher_dir": str(teacher)}
-    if not ((student / "result.json").exists() and prev.exists()):
+    if not ((student / RESULT_FILE).exists() and prev.exists()):
         shutil.rmtree(student, ignore_errors=True)
         print(f"training Gowalla MF20 student for {a.student_epochs} epochs ...", flush=True)
         base = [*py, "distill", "--method", "scratch", "--config", str(STUDENT_CONFIG), "--out", str(student), *common]
         r1 = run_measured([*base, "--epochs", str(a.student_epochs - 1)], work / "student-train-1.log")
         if r1["rc"]:
             raise SystemExit(f"student training failed: {r1['log']}")
-        shutil.copy(student / "last.safetensors", prev)
+        shutil.copy(student / RESUME_FILE, prev)
         r2 = run_measured([*base, "--epochs", str(a.student_epochs), "--resume"], work / "student-train-2.log")
         if r2["rc"]:
             raise SystemExit(f"student training failed: {r2['log']}")
-    if not (teacher / "result.json").exists():
+    if not (teacher / RESULT_FILE).exists():
         shutil.rmtree(teacher, ignore_errors=True)
         print(f"training Gowalla MF300 teacher for {a.teacher_epochs} epochs ...", flush=True)
         r = run_measured([*py, "train", "--config", str(TEACHER_CONFIG), "--out", str(teacher), "--epochs",
@@ -203,8 +195,8 @@ def prepare_gowalla(work: Path, a) -> dict:
         if r["rc"]:
             raise SystemExit(f"teacher training failed: {r['log']}")
     for name, d in (("student", student), ("teacher", teacher)):
-        res = json.loads((d / "result.json").read_text())
-        hist = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        res = json.loads((d / RESULT_FILE).read_text())
+        hist = [json.loads(x) for x in (d / METRICS_FILE).read_text().splitlines() if x.strip()]
         info[name] = {"epochs": res["epochs_run"], "test": res["test"],
                       "epoch_s": [round(h["time_epoch_s"], 2) for h in hist]}
     return info
@@ -224,7 +216,7 @@ def part_refresh(spec: dict) -> dict:
 
     from compressor.device import configure_threads
     from compressor import retrieval
-    from compressor.retrieval import TopKSearcher, blocked_torch_topk, measure_recall
+    from compressor.retrieval import TopKSearcher, blocked_torch_topk, measure_recall, recall_at_k
 
     threads = configure_threads(spec["threads"])
     m, repeats = spec["M"], spec["repeats"]
@@ -297,7 +289,7 @@ def part_refresh(spec: dict) -> dict:
                 _, ids = s.search(u, m)
                 search[(fac, v)].append(time.perf_counter() - t0)
                 if r == 0:
-                    recall[(fac, v)] = recall_vs(ids, truth)
+                    recall[(fac, v)] = recall_at_k(ids, truth)
             if r == 0 and fac.startswith("IVF"):
                 # the trainer's own per-epoch recall check (measure_recall: 500 users vs a fresh Flat)
                 t0 = time.perf_counter()
@@ -320,7 +312,7 @@ def part_refresh(spec: dict) -> dict:
                 _, ids = s.search(u, m)
                 fast_search[(fac, it, v)].append(time.perf_counter() - t0)
                 if r == 0:
-                    fast_recall[(fac, it, v)] = recall_vs(ids, truth)
+                    fast_recall[(fac, it, v)] = recall_at_k(ids, truth)
             del s
         # IVF kept from the previous epoch's vectors, the shipped path (TopKSearcher(trained_like=...), what
         # RCEKD.student_topm does while recall holds): the trained quantizer is cloned, this epoch's vectors added
@@ -337,7 +329,7 @@ def part_refresh(spec: dict) -> dict:
                 _, ids = s.search(u, m)
                 kept_search[(fac, v)].append(time.perf_counter() - t0)
                 if r == 0:
-                    kept_recall[(fac, v)] = recall_vs(ids, truth)
+                    kept_recall[(fac, v)] = recall_at_k(ids, truth)
             del s
     # raw inner-product IVF (no reduction) at the same nlist/nprobe, recall only: shows why ip2l2 is needed
     for nl in spec["ivf_nlist"]:
@@ -348,7 +340,7 @@ def part_refresh(spec: dict) -> dict:
         for v in [p for p in spec["nprobe"] if p <= nl]:
             q.nprobe = v
             _, ids = q.search(u, m)
-            raw_ip_recall[(f"IVF{nl},Flat", v)] = recall_vs(ids, truth)
+            raw_ip_recall[(f"IVF{nl},Flat", v)] = recall_at_k(ids, truth)
 
     torch_best_blk = min(t_torch, key=lambda b: med(t_torch[b]))
     base = med(t_torch[torch_best_blk])
@@ -416,8 +408,8 @@ def part_epoch(spec: dict) -> dict:
     from compressor.config import load_config
     from compressor.data import load_dataset
     from compressor.device import configure_threads
-    from compressor.distill import build_objective, load_teacher
-    from compressor.objectives import Scratch
+    from compressor.distill import load_teacher
+    from compressor.objectives import Scratch, SetupContext, build_objective
     from compressor.trainer import Trainer
 
     threads = configure_threads(spec["threads"])
@@ -440,7 +432,7 @@ def part_epoch(spec: dict) -> dict:
         obj = build_objective(cfg, teacher, dev, work / f"epoch-{name}")
         tr = Trainer(cfg, data, obj, work / f"epoch-{name}", dev, progress=False)
         t0 = time.perf_counter()
-        obj.setup(tr)  # teacher top-K (cached on disk next to the run after the first time)
+        obj.setup(SetupContext(data, tr.sparse_grads))  # teacher top-K (cached on disk beside the run after the first time)
         setup_s[name] = time.perf_counter() - t0
         trainers[name] = tr
     for tr in trainers.values():
@@ -480,14 +472,15 @@ def part_batch(spec: dict) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
 
-    from compressor import losses
+    from compressor import kd_sets, losses
     from compressor.checkpoint import load_checkpoint
     from compressor.config import load_config
     from compressor.data import load_dataset
     from compressor.device import configure_threads
-    from compressor.distill import build_objective, load_teacher
-    from compressor.objectives import Scratch
+    from compressor.distill import load_teacher
+    from compressor.objectives import Scratch, SetupContext, bpr_base_loss, build_objective
     from compressor.trainer import Trainer, sample_negatives
 
     threads = configure_threads(spec["threads"])
@@ -500,22 +493,24 @@ def part_batch(spec: dict) -> dict:
     obj = build_objective(cfg, teacher, dev, Path(spec["work"]) / "batch-kd")
     tr = Trainer(cfg, data, obj, Path(spec["work"]) / "batch-kd", dev, progress=False)
     tr.model.load_state_dict(load_checkpoint(spec["student"]).model_state, strict=False)
-    obj.setup(tr)
+    obj.setup(SetupContext(data, tr.sparse_grads))
     obj.on_epoch_start(tr.model, 1, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    term = obj.term  # the rcekd term: the epoch's sets
+    score = term.retrieval.teacher_scores
     # the steps of on_epoch_start after retrieval, timed one by one (median of 3), plus cheaper alternatives
-    p_ids = obj.qs  # M == K in the Gowalla recipe, so P = QS
+    p_ids = term.qs  # M == K in the Gowalla recipe, so P = QS
     steps = {
-        "sample_interesting_positions (step 4)": lambda: losses.sample_interesting_positions(
-            p_ids, obj.qt, d.L, d.T, generator=torch.Generator().manual_seed(0)),
-        "rcekd_sets [U, K+L+K]": lambda: losses.rcekd_sets(obj.qt, obj.qs, obj.a),
-        "teacher scores of [QS|A|QT] (session 1: every column per epoch)": lambda: obj._score_teacher(obj.sets.items),
-        "teacher scores of [QS|A] only (as implemented: QT scored once at setup)": lambda: obj._score_teacher(
-            torch.cat([obj.qs, obj.a], 1)),
-        "teacher scores of QS only (A is a subset of P = QS when M == K)": lambda: obj._score_teacher(obj.qs),
-        "topk_overlap diagnostic (session 1: [U,K,K] bool)": lambda: float(
-            (obj.qs.unsqueeze(2) == obj.qt.unsqueeze(1)).any(2).float().mean()),
-        "topk_overlap via losses._rowwise_isin (as implemented)": lambda: float(
-            losses._rowwise_isin(obj.qs, obj.qt).float().mean()),
+        "sample_interesting_positions (step 4)": lambda: kd_sets.sample_interesting_positions(
+            p_ids, term.qt, d.L, d.T, generator=torch.Generator().manual_seed(0)),
+        "rcekd_sets [U, K+L+K]": lambda: losses.rcekd_sets(term.qt, term.qs, term.a),
+        "teacher scores of [QS|A|QT] (every column per epoch)": lambda: score(term.sets.items),
+        "teacher scores of [QS|A] only (as implemented: QT scored once at setup)": lambda: score(
+            torch.cat([term.qs, term.a], 1)),
+        "teacher scores of QS only (A is a subset of P = QS when M == K)": lambda: score(term.qs),
+        "topk_overlap diagnostic ([U,K,K] bool)": lambda: float(
+            (term.qs.unsqueeze(2) == term.qt.unsqueeze(1)).any(2).float().mean()),
+        "topk_overlap via losses.rowwise_isin (as implemented)": lambda: float(
+            losses.rowwise_isin(term.qs, term.qt).float().mean()),
     }
     step_s = {}
     for n, f in steps.items():
@@ -525,8 +520,8 @@ def part_batch(spec: dict) -> dict:
             f()
             ts.append(time.perf_counter() - t0)
         step_s[n] = med(ts)
-    overlap_same = steps["topk_overlap diagnostic (session 1: [U,K,K] bool)"]() == \
-        steps["topk_overlap via losses._rowwise_isin (as implemented)"]()
+    overlap_same = steps["topk_overlap diagnostic ([U,K,K] bool)"]() == \
+        steps["topk_overlap via losses.rowwise_isin (as implemented)"]()
     rng = np.random.default_rng(1)
     neg = sample_negatives(data.train.users, data.train.items, data.num_items, rng)
     order = rng.permutation(len(neg))
@@ -544,10 +539,10 @@ def part_batch(spec: dict) -> dict:
 
     def kd_subsample(n):
         def loss(model, users, pos, neg):
-            base, u, i = obj.base_loss(model, users, pos, neg)
+            base, u, i = bpr_base_loss(model, users, pos, neg)
             bu = torch.unique(users)
             sub = bu[torch.randperm(len(bu))[:n]]
-            kd, _ = losses.rcekd_loss_on_sets(u[sub], i, obj.sets.rows(sub), obj.t_scores[sub], tau=d.tau,
+            kd, _ = losses.rcekd_loss_on_sets(u[sub], i, term.sets.rows(sub), term.t_scores[sub], tau=d.tau,
                                               beta=d.beta)
             return base + d.lambda_kd * kd * (len(bu) / len(sub)), {}
         return loss
@@ -579,8 +574,6 @@ def part_batch(spec: dict) -> dict:
             finally:
                 losses.pair_scores = orig_pair
     # where the implemented batch spends its time (torch profiler, 2 batches)
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for users, pos, negs in batches[:2]:
             loss, _ = obj.batch_loss(model, users, pos, negs)
@@ -674,10 +667,37 @@ def part_scale(spec: dict) -> dict:
 
     from compressor.config import from_dict
     from compressor.device import configure_threads
-    from compressor.distill import Teacher, build_objective
-    from compressor.objectives import Scratch
+    from compressor.distill import Teacher
+    from compressor.kd_retrieval import KDRetrieval
+    from compressor.kd_terms import RCEKDTerm
+    from compressor.objectives import Distillation, KDUsers, Scratch, SetupContext
     from compressor.retrieval import TopKSearcher
+    from compressor.run_dir import TOPK_CACHE_DIR
     from compressor.trainer import Trainer
+
+    class ApproxTeacherTopK(KDRetrieval):
+        """The teacher's top-K from an approximate index: a one-off setup cost, not part of the epoch."""
+
+        def teacher_topk(self, k: int) -> torch.Tensor:
+            ts = TopKSearcher(self.teacher.item_vectors, spec["teacher_index"], params=spec["teacher_index_params"])
+            return torch.from_numpy(ts.search(self.teacher.user_vectors, k)[1])
+
+    class PeakAfterEpochStart:
+        """The objective, with the peak RSS recorded right after its epoch-start hook alone."""
+
+        def __init__(self, inner, marks: dict):
+            self.inner, self.marks, self.name = inner, marks, inner.name
+
+        def setup(self, ctx):
+            self.inner.setup(ctx)
+
+        def on_epoch_start(self, *args):
+            diag = self.inner.on_epoch_start(*args)
+            self.marks["after_refresh"] = peak_rss_mb()
+            return diag
+
+        def batch_loss(self, *args):
+            return self.inner.batch_loss(*args)
 
     threads = configure_threads(spec["threads"])
     dev = torch.device("cpu")
@@ -698,7 +718,14 @@ def part_scale(spec: dict) -> dict:
                                  "M": spec["M"], "beta": 5.0, "lambda_kd": 10.0, "index": spec["index"],
                                  "index_params": spec["index_params"]}})
     work = Path(spec["work"])
-    obj = build_objective(cfg, teacher, dev, work / f"scale-{spec['users']}")
+    # the trainer's own path (exact teacher top-K, cached on disk) for Flat, else an approximate teacher top-K
+    retrieval_cls = KDRetrieval if spec["teacher_index"] == "Flat" else ApproxTeacherTopK
+    retrieval = retrieval_cls(teacher, dev, work.resolve() / TOPK_CACHE_DIR, cfg.distill.index,
+                              cfg.distill.index_params)
+    term = RCEKDTerm.from_config(cfg.distill, retrieval)
+    marks = {}
+    obj = PeakAfterEpochStart(Distillation(term, KDUsers(cfg.distill.kd_users, retrieval.num_users, dev),
+                                           cfg.distill.lambda_kd), marks)
     tr = Trainer(cfg, data, obj, work / f"scale-{spec['users']}", dev, progress=False)
     with torch.no_grad():
         tr.model.user_emb.weight.copy_(torch.from_numpy(s_u))
@@ -706,13 +733,7 @@ def part_scale(spec: dict) -> dict:
     del s_u, s_i
     res["rss_mb"]["after_trainer"] = peak_rss_mb()
     t0 = time.perf_counter()
-    if spec["teacher_index"] == "Flat":
-        obj.setup(tr)  # the trainer's own path: exact top-K of the teacher, cached on disk
-    else:  # one-off setup with an approximate index instead (not part of the epoch)
-        ts = TopKSearcher(t_i, spec["teacher_index"], params=spec["teacher_index_params"])
-        obj.qt = torch.from_numpy(ts.search(t_u, spec["K"])[1])
-        obj.t_scores_qt = obj._score_teacher(obj.qt)  # what RCEKD.setup also does
-        del ts
+    obj.setup(SetupContext(data, tr.sparse_grads))  # teacher top-K [U, K] and its teacher scores
     res["setup_teacher_topk_s"] = time.perf_counter() - t0
     res["teacher_index"] = f"{spec['teacher_index']} {spec['teacher_index_params'] or ''}".strip()
     # what the trainer's exact teacher top-K (Flat) would cost: time 2,000 users, extrapolate linearly
@@ -721,16 +742,6 @@ def part_scale(spec: dict) -> dict:
     TopKSearcher(t_i, "Flat").search(t_u[:n_probe_users], spec["K"])
     res["teacher_flat_topk_extrapolated_s"] = (time.perf_counter() - t0) * spec["users"] / n_probe_users
     res["rss_mb"]["after_setup"] = peak_rss_mb()
-    # wrap the epoch-start hook to see the peak it alone reaches
-    orig = obj.on_epoch_start
-    marks = {}
-
-    def hooked(*a, **k):
-        d = orig(*a, **k)
-        marks["after_refresh"] = peak_rss_mb()
-        return d
-
-    obj.on_epoch_start = hooked
     cpu0 = cpu_s()
     row = tr._run_epoch(1)
     res["rss_mb"].update(marks)
@@ -739,9 +750,9 @@ def part_scale(spec: dict) -> dict:
     res["kd_epoch"]["cpu_s"] = cpu_s() - cpu0  # CPU time of the process: unaffected by a SIGSTOP / time-slicing
     res["kd_epoch"]["retrieval_recall"] = row.get("diag_retrieval_recall")
     res["per_epoch_tensors_mb"] = {
-        "qt [U,K] teacher top-K": _nbytes(obj.qt), "qs [U,K]": _nbytes(obj.qs), "a [U,L]": _nbytes(obj.a),
-        "sets.items [U,K+L+K]": _nbytes(obj.sets.items), "sets.mask_t [U,L+K]": _nbytes(obj.sets.mask_t),
-        "t_scores [U,K+L+K]": _nbytes(obj.t_scores),
+        "qt [U,K] teacher top-K": _nbytes(term.qt), "qs [U,K]": _nbytes(term.qs), "a [U,L]": _nbytes(term.a),
+        "sets.items [U,K+L+K]": _nbytes(term.sets.items), "sets.mask_t [U,L+K]": _nbytes(term.sets.mask_t),
+        "t_scores [U,K+L+K]": _nbytes(term.t_scores),
         "P [U,M] ids + scores in retrieval (transient)": spec["users"] * spec["M"] * (8 + 4) / MB,
         "teacher vectors": (t_u.nbytes + t_i.nbytes) / MB,
         "train pairs (users+items int64)": (data.train.users.nbytes + data.train.items.nbytes) / MB}
@@ -749,10 +760,10 @@ def part_scale(spec: dict) -> dict:
           f"peak RSS {peak_rss_mb():.0f} MB", flush=True)
     if spec["scratch"]:
         # same process, after the KD epoch (its RSS adds nothing; the KD peak was recorded above)
-        del obj.sets, obj.t_scores, obj.qs, obj.a
+        state = tr.model.state_dict()
+        del tr, obj, term, retrieval  # the KD sets go with them
         trs = Trainer(cfg, data, Scratch(), work / f"scale-{spec['users']}-scratch", dev, progress=False)
-        trs.model.load_state_dict(tr.model.state_dict())
-        del tr
+        trs.model.load_state_dict(state)
         cpu0 = cpu_s()
         res["scratch_epoch"] = _epoch_breakdown(trs._run_epoch(1))
         res["scratch_epoch"]["cpu_s"] = cpu_s() - cpu0
@@ -1009,7 +1020,7 @@ def main():
     if {"refresh", "epoch", "batch", "rss"} & set(a.parts):
         res["gowalla"] = prepare_gowalla(out, a)
         src = Path(res["gowalla"]["student_dir"]).parent
-        student = str(src / "gowalla-mf20" / "last.safetensors")
+        student = str(src / "gowalla-mf20" / RESUME_FILE)
         student_prev = str(src / f"student-e{a.student_epochs - 1}.safetensors")
         teacher = str(src / "gowalla-mf300")
         save()
@@ -1042,7 +1053,7 @@ def main():
     if "rss" in a.parts:
         run_dir = out / "rss-distill"
         shutil.rmtree(run_dir, ignore_errors=True)
-        cmd = [sys.executable, "-m", "compressor.cli", "distill", "--teacher", teacher, "--config", str(KD_CONFIG),
+        cmd = [sys.executable, "-m", "compress_app", "distill", "--teacher", teacher, "--config", str(KD_CONFIG),
                "--out", str(run_dir), "--epochs", "1", "--threads", str(a.threads), "--quiet", "--no-mlflow"]
         print("peak RSS of a Gowalla distillation ...", flush=True)
         res["rss"] = {**run_measured(cmd, out / "rss-distill.log"), "index": "Flat (recipe default)"}

@@ -53,9 +53,11 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
@@ -109,7 +111,7 @@ def free_port() -> int:
 
 
 def _process_tree(pid: int):
-    import psutil
+    import psutil  # optional: only the load test's memory and CPU readings need it
 
     try:
         parent = psutil.Process(pid)
@@ -285,9 +287,8 @@ def measure(server: Server, api: str, user_ids: np.ndarray, args, work: Path, ki
 # ------------------------------------------------------------------------------ FastAPI baseline
 def fastapi_baseline_app():
     """uvicorn factory: /recommend in FastAPI + pydantic over the same Recommender (comparison only)."""
-    from contextlib import asynccontextmanager
-    from typing import Annotated
-
+    # Here, not at the top: FastAPI and pydantic are optional, and only the baseline's worker processes
+    # (cwd = the checkout, so `serving` imports) need them and the serving stack.
     import faiss
     from fastapi import FastAPI, HTTPException
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -395,7 +396,7 @@ def comparisons(servers: dict) -> list[str]:
 
 # ---------------------------------------------------------------------------------- stand-in bundle
 def make_gowalla_bundle(out: Path, dim: int = 20, seed: int = 0) -> None:
-    from export.bundle import write_bundle
+    from export.bundle import write_bundle  # heavy (onnx, faiss) and only needed for --make-gowalla-bundle
 
     rows = [line.split() for line in (GOWALLA / "train.txt").read_text().splitlines() if line.strip()]
     user_ids = np.array([r[0] for r in rows])
@@ -417,36 +418,41 @@ def make_gowalla_bundle(out: Path, dim: int = 20, seed: int = 0) -> None:
 
 # -------------------------------------------------------------------------------- MLflow registry
 def register_checkpoint(checkpoint: Path, name: str, tracking_uri: str) -> str:
-    """Register CHECKPOINT as a new version of NAME (pyfunc model-from-code, as `--register` does); the models:/ URI."""
+    """Register CHECKPOINT as a new version of NAME (pyfunc model-from-code, as `--register` does); the models:/ URI.
+
+    A checkpoint trained untracked gets a run of its own (experiment "loadtest") to hold the logged model."""
     import urllib.parse
 
-    from compressor.tracking import MlflowTracker, _checkpoint_meta, _mlflow, register_checkpoint as tracked
+    from compress_app.tracking.environment import import_mlflow
+    from compress_app.tracking.registry import register_checkpoint as register_tracked, register_version
+    from compressor.checkpoint import read_meta
+    from compressor.run_dir import MODEL_FILE
 
     if checkpoint.is_dir():  # a run dir: its best checkpoint, as `compress export RUN_DIR` reads it
-        checkpoint = checkpoint / "model.safetensors"
-    meta = _checkpoint_meta(checkpoint)
+        checkpoint = checkpoint / MODEL_FILE
+    meta = read_meta(checkpoint)
     if not meta:
         raise SystemExit(f"{checkpoint}: not a compress checkpoint (no metadata)")
     if meta.get("mlflow_run_id"):
-        return tracked(checkpoint, name, tracking_uri=tracking_uri)["model_uri"]
+        return register_tracked(checkpoint, name, tracking_uri=tracking_uri)["model_uri"]
     experiment = "loadtest"
-    mlflow = _mlflow()
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    if client.get_experiment_by_name(experiment) is None:
+    client = import_mlflow().MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
         parts = urllib.parse.urlsplit(tracking_uri)
         location = None
         if parts.scheme == "sqlite" and parts.path.startswith("/"):  # sqlite:///relative.db or sqlite:////abs.db
             db = Path(parts.path[1:]).resolve()
             location = (db.parent / f"{db.stem}-artifacts").as_uri()
-        client.create_experiment(experiment, artifact_location=location)
-    tracker = MlflowTracker("register", tracking_uri=tracking_uri, experiment=experiment, register=name)
-    run = client.create_run(tracker.experiment_id, run_name=f"register-{meta.get('fingerprint', 'checkpoint')}",
+        experiment_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        experiment_id = exp.experiment_id
+    run = client.create_run(experiment_id, run_name=f"register-{meta.get('fingerprint', 'checkpoint')}",
                             tags={"compress.command": "benchmarks/loadtest.py --register-checkpoint",
                                   "compress.checkpoint_fingerprint": str(meta.get("fingerprint")),
                                   "compress.checkpoint_path": str(checkpoint.resolve())})
-    tracker.run_id = run.info.run_id
     try:
-        summary = tracker._register(checkpoint, meta)
+        summary = register_version(client, run.info.run_id, checkpoint, meta, name)
     finally:
         client.set_terminated(run.info.run_id)
     return summary["model_uri"]
@@ -515,7 +521,7 @@ def main() -> int:
 
     print(f"compress serve ({args.workers} workers) on {bundle}", flush=True)
     port = free_port()
-    server = Server("compress", [sys.executable, "-m", "compressor.cli", "serve", str(bundle), "--port", str(port),
+    server = Server("compress", [sys.executable, "-m", "compress_app", "serve", str(bundle), "--port", str(port),
                                  "--workers", str(args.workers)], port, "/readyz", args.out_dir / "compress-serve.log")
     try:
         time.sleep(1.0)  # /readyz answered from one worker: give the others their (sub-second) load

@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from compressor.run_dir import RESULT_FILE, RESUME_FILE  # noqa: E402  (constants only)
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 
 
@@ -106,14 +110,14 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
 
 def run_job(j, out: Path, env):
     run_dir = Path(j["args"][j["args"].index("--out") + 1])
-    if (run_dir / "result.json").exists():
+    if (run_dir / RESULT_FILE).exists():
         return j["name"], "reused", 0.0
     args = list(j["args"])
-    if (run_dir / "last.safetensors").exists():
+    if (run_dir / RESUME_FILE).exists():
         args.append("--resume")  # an interrupted earlier attempt: continue it
     t0 = time.time()
     with open(out / "logs" / f"{j['name']}.log", "w") as log:
-        p = subprocess.run([sys.executable, "-m", "compressor.cli", *args], cwd=ROOT, env=env, stdout=log,
+        p = subprocess.run([sys.executable, "-m", "compress_app", *args], cwd=ROOT, env=env, stdout=log,
                            stderr=subprocess.STDOUT)
     return j["name"], "ok" if p.returncode == 0 else f"failed ({p.returncode})", time.time() - t0
 
@@ -155,7 +159,7 @@ def schedule(jobs, out: Path, workers: int, deadline: float):
 
 
 def _load(out: Path, name: str):
-    p = out / name / "result.json"
+    p = out / name / RESULT_FILE
     return json.loads(p.read_text()) if p.exists() else None
 
 
@@ -271,7 +275,7 @@ def main():
             ap.error(f"--only: no job named {', '.join(sorted(unknown))} in suites {' '.join(a.suites)}")
         for name in a.only:
             for d in by_name[name]["deps"]:
-                if not (a.out / d / "result.json").exists():
+                if not (a.out / d / RESULT_FILE).exists():
                     ap.error(f"--only {name}: its dependency {d} has not finished ({a.out / d}/result.json)")
         jobs = [dict(by_name[n], deps=[]) for n in a.only]
     t0 = time.time()

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from compressor.optim import OPTIMIZER_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -35,12 +37,12 @@ CASES = [
 
 def measure(data_path: str, min_user: int, kind: str, dim: int, epochs: int, threads: int,
             optimizer: str = "adam") -> dict:
-    import torch
+    import torch  # the measuring child's imports, not the parent's: each case's peak RSS is its own
 
     from compressor.config import from_dict
     from compressor.data import load_dataset
     from compressor.device import configure_threads
-    from compressor.objectives import Scratch
+    from compressor.objectives import Scratch, SetupContext
     from compressor.trainer import Trainer
 
     configure_threads(threads)
@@ -51,7 +53,7 @@ def measure(data_path: str, min_user: int, kind: str, dim: int, epochs: int, thr
                      "model": {"kind": kind, "dim": dim, "init_std": 0.1 if kind == "lightgcn" else 0.01},
                      "train": {"epochs": epochs, "threads": threads, "optimizer": optimizer}})
     tr = Trainer(cfg, data, Scratch(), Path("/tmp/unused"), torch.device("cpu"), progress=False)
-    tr.objective.setup(tr)
+    tr.objective.setup(SetupContext(data, tr.sparse_grads))  # lazy_adam on MF: sparse gradients, as in training
     epoch_s = []
     for e in range(1, epochs + 1):
         row = tr._run_epoch(e)
@@ -73,7 +75,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("bench-out/throughput.json"))
-    ap.add_argument("--optimizers", nargs="+", default=["adam"], choices=["adam", "lazy_adam"],
+    ap.add_argument("--optimizers", nargs="+", default=["adam"], choices=OPTIMIZER_NAMES,
                     help="train.optimizer values to measure, each case with each (interleaved per case)")
     ap.add_argument("--only", nargs="+", default=None, metavar="DATA-KIND-DIM",
                     help="measure only these cases, e.g. gowalla-mf-300 citeulike-t-mf-400")

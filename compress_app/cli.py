@@ -1,79 +1,41 @@
-"""`compress`: the command line. The only module that touches compressor, export and serving together."""
+"""`compress`: the command line. Each command parses its options, calls the library, and prints the result.
+
+stdout carries one JSON object per command (machine-readable); logs and progress go to stderr.
+"""
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from . import __version__
+from compressor import __version__, api
+from compressor.config import reference_markdown
+from compressor.objectives import METHOD_NAMES
+from compressor.run_dir import CONFIG_FILE, LOG_FILE
+from export.bundle import AUTO_EXACT_MAX_ITEMS
+from export.from_checkpoint import export_checkpoint
+from serving.bundle import BundleError, verify_bundle
 
-log = logging.getLogger("compressor")
+from . import options
+from .errors import one_line, user_errors
+from .logs import setup_logging, setup_pipeline_logging
+from .pipeline.options import PipelineOptions
+from .pipeline.run import run_pipeline
+from .sources import MODELS_PREFIX, resolve_bundle, resolve_checkpoint
+from .tracking import MlflowTracker, TrackingError
+from .tracking import promote as promote_version
 
-DEVICE_OPT = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                          help="Where to train: auto picks CUDA when present, else CPU.")
-SEED_OPT = click.option("--seed", type=int, default=None, help="Seed for initialisation and sampling "
-                        "(overrides train.seed).")
-EPOCHS_OPT = click.option("--epochs", type=int, default=None, help="Maximum epochs (overrides train.epochs).")
-SET_OPT = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                       help="Override a config key, e.g. --set train.lr=0.002 (repeatable; value parsed as YAML).")
-THREADS_OPT = click.option("--threads", type=int, default=None,
-                           help="CPU threads for torch and FAISS (overrides train.threads; 0 = all cores).")
-QUIET_OPT = click.option("--quiet", is_flag=True, help="No progress bars; log warnings and the summary only.")
-
-
-# --- MLflow tracking and registry options (compressor.tracking) ----------------------------------------------
-def _export_tracking_uri(ctx, param, value):
-    """Make --tracking-uri visible to everything that resolves models:/ URIs in this process."""
-    import os
-
-    if value:
-        os.environ["MLFLOW_TRACKING_URI"] = value
-    return value
+DEFAULT_PIPELINE_CONFIGS = {"teacher": "configs/citeulike/mf-teacher.yaml",
+                            "student": "configs/citeulike/mf-student.yaml",
+                            "kd": "configs/citeulike/mf-rcekd.yaml"}
 
 
-TRACKING_URI_HELP = ("MLflow tracking server or store (default: $MLFLOW_TRACKING_URI, else MLflow's own default, "
-                     "sqlite:///mlflow.db in the working directory).")
-MLFLOW_OPTS = [
-    click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI",
-                 callback=_export_tracking_uri, help=TRACKING_URI_HELP),
-    click.option("--experiment", envvar="MLFLOW_EXPERIMENT_NAME", default="compress", show_default=True,
-                 help="MLflow experiment of the run (created when missing)."),
-    click.option("--no-mlflow", is_flag=True, envvar="COMPRESS_NO_MLFLOW",
-                 help="Do not track this run in MLflow (env COMPRESS_NO_MLFLOW=1)."),
-    click.option("--mlflow-optional", is_flag=True,
-                 help="If the tracking server is unreachable at start, warn and train untracked instead of failing."),
-    click.option("--register", metavar="NAME", default=None,
-                 help="Register the final model as a new version of MLflow registered model NAME (pyfunc top-k)."),
-    click.option("--alias", default=None, help="With --register: alias (e.g. champion) moved to the new version "
-                 "if it passes the promotion gate; otherwise the version is registered without it."),
-    click.option("--gate-share", type=float, default=0.9, show_default=True,
-                 help="Promotion gate: student test NDCG@20 must reach this share of its teacher's."),
-]
-_MLFLOW_NAMES = ("tracking_uri", "experiment", "no_mlflow", "mlflow_optional", "register", "alias", "gate_share")
-
-
-def mlflow_options(fn):
-    """Add the MLflow options to a training command; they arrive as one dict argument `mlflow_opts`."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        kwargs["mlflow_opts"] = {n: kwargs.pop(n) for n in _MLFLOW_NAMES}
-        return fn(*args, **kwargs)
-
-    for opt in reversed(MLFLOW_OPTS):
-        wrapper = opt(wrapper)
-    return wrapper
-
-
-def _tracking_callbacks(command: str, opts: dict) -> list:
+def tracking_callbacks(command: str, opts: dict) -> list:
     """[] with --no-mlflow, else an MlflowTracker (probes the server now: fails fast when it is unreachable)."""
-    from .tracking import MlflowTracker, TrackingError
-
     if opts["no_mlflow"]:
         if opts["register"]:
             raise TrackingError("--register needs MLflow; drop --no-mlflow")
@@ -81,83 +43,22 @@ def _tracking_callbacks(command: str, opts: dict) -> list:
     return [MlflowTracker(command, tracking_uri=opts["tracking_uri"], experiment=opts["experiment"],
                           register=opts["register"], alias=opts["alias"], gate_share=opts["gate_share"],
                           optional=opts["mlflow_optional"])]
-# --- end of MLflow options -----------------------------------------------------------------------------------
 
 
-LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-
-
-def _setup_logging(quiet: bool = False, logfile: Path | None = None) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    sh = logging.StreamHandler(sys.stderr)
-    sh.setFormatter(LOG_FORMAT)
-    sh.setLevel(logging.WARNING if quiet else logging.INFO)
-    root.addHandler(sh)
-    if logfile is not None:
-        logfile.parent.mkdir(parents=True, exist_ok=True)
-        root.addHandler(log_file_handler(logfile))
-    for noisy in ("urllib3", "mlflow", "alembic", "httpx", "matplotlib", "PIL", "faiss.loader"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def setup_pipeline_logging(stage_lines_only: bool, logfile: Path | None) -> None:
-    """The pipeline's logging: everything to its log file; with ``stage_lines_only`` (--quiet, and the scratch
-    process beside the teacher, whose terminal the teacher's progress bar owns) only stage lines and problems on
-    the terminal."""
-    _setup_logging(stage_lines_only, logfile)
-    if stage_lines_only:
-        logging.getLogger("compressor.pipeline").setLevel(logging.INFO)
-        for h in logging.getLogger().handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.addFilter(lambda r: r.name == "compressor.pipeline" or r.levelno >= logging.WARNING)
-                h.setLevel(logging.INFO)
-
-
-def log_file_handler(path: Path) -> logging.FileHandler:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(LOG_FORMAT)
-    return handler
-
-
-def user_errors(fn):
-    """Turn the project's user-facing errors into a one-line `Error: ...` and exit status 1 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .errors import USER_ERRORS
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            click.echo("interrupted; the last completed epoch is saved (use --resume to continue)", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-def _load_cfg(config_path, overrides, epochs=None, seed=None, threads=None):
-    from .api import make_config
-
+def _training_config(config_path, out: Path, overrides, epochs, seed, threads, resume):
+    if resume and config_path is None and (out / CONFIG_FILE).exists():
+        config_path = out / CONFIG_FILE  # a resumed run keeps its own resolved config
     pairs = list(overrides)
     pairs += [("train.epochs", epochs)] if epochs is not None else []
     pairs += [("train.seed", seed)] if seed is not None else []
     pairs += [("train.threads", threads)] if threads is not None else []
-    return make_config(config_path, pairs)
+    return api.make_config(config_path, pairs)
 
 
-RESUME_OPT = click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
-
-
-def training_options(fn):
-    """The options `train` and `distill` share (epochs, seed, device, threads, --set, --resume, quiet, MLflow)."""
-    for opt in reversed((EPOCHS_OPT, SEED_OPT, DEVICE_OPT, THREADS_OPT, SET_OPT, RESUME_OPT, QUIET_OPT, mlflow_options,
-                         user_errors)):
-        fn = opt(fn)
-    return fn
+def _print_result(out: Path, result) -> None:
+    click.echo(json.dumps({"out": str(out), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                           "test": {k: round(v, 6) for k, v in result.test.items() if k != "users"},
+                           "wall_time_s": round(result.wall_time_s, 1)}))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -170,6 +71,8 @@ def main():
       compress train    --config configs/citeulike/mf-teacher.yaml --out runs/teacher
       compress distill  --teacher runs/teacher --config configs/citeulike/mf-rcekd.yaml --out runs/student
       compress evaluate runs/student --json
+      compress export   runs/student --out bundles/student
+      compress serve    bundles/student
     """
 
 
@@ -178,32 +81,14 @@ def main():
               help="YAML recipe (see configs/). Defaults: MF on the bundled CiteULike-t.")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Run directory: checkpoints, metrics.jsonl, train.log, result.json.")
-@training_options
+@options.training_options
 def train(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, mlflow_opts):
     """Train a model (typically the teacher) with BPR, early stopping on validation NDCG@10."""
-    from .objectives import Scratch
-
-    _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, "train",
-                  lambda cfg, data, dev: (Scratch(), {}), callbacks=lambda: _tracking_callbacks("train", mlflow_opts))
-
-
-def _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, command, prepare,
-                  callbacks=None):
-    from .api import _fit
-
     out = Path(out)
-    if resume and config_path is None and (out / "config.yaml").exists():
-        config_path = out / "config.yaml"  # a resumed run keeps its own resolved config
-    cfg = _load_cfg(config_path, overrides, epochs, seed, threads)
-    _setup_logging(quiet, out / "train.log")
-    if callable(callbacks):  # built after the config and logging: config errors first, tracker warnings logged
-        callbacks = callbacks()
-    result = _fit(cfg, out, prepare, command=command, device=device, resume=resume, callbacks=callbacks,
-                  progress=not quiet)
-    click.echo(json.dumps({"out": str(out), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                           "test": {k: round(v, 6) for k, v in result.test.items() if k != "users"},
-                           "wall_time_s": round(result.wall_time_s, 1)}))
-    return result
+    cfg = _training_config(config_path, out, overrides, epochs, seed, threads, resume)
+    setup_logging(quiet, out / LOG_FILE)
+    callbacks = tracking_callbacks("train", mlflow_opts)  # after config and logging: config errors first
+    _print_result(out, api.train(cfg, out, device=device, resume=resume, callbacks=callbacks, progress=not quiet))
 
 
 @main.command()
@@ -213,23 +98,24 @@ def _run_training(config_path, out, epochs, seed, device, threads, overrides, re
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), required=False,
               help="Student recipe, e.g. configs/citeulike/mf-rcekd.yaml (model = the student).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory of the student.")
-@click.option("--method", type=click.Choice(["rcekd", "ce", "rrd", "scratch"]), default=None,
+@click.option("--method", type=click.Choice(METHOD_NAMES), default=None,
               help="Objective (overrides distill.method): rcekd (default), ce (vanilla CE-KD), rrd, scratch.")
-@training_options
+@options.training_options
 def distill(teacher, config_path, out, method, epochs, seed, device, threads, overrides, resume, quiet, mlflow_opts):
     """Distil a small student from a frozen teacher with RCE-KD (or a baseline, for a fair comparison).
 
     The teacher's top-K is computed once with FAISS and cached beside the run (reused by later runs with
     the same teacher); the student's top-M is refreshed at the start of every epoch.
     """
-    from .api import distill_objective
-
+    out = Path(out)
     if method:
         overrides = (*overrides, f"distill.method={method}")
-    source = resolve_source(teacher) if teacher else None
-    _run_training(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, "distill",
-                  distill_objective(source, out, label=teacher),
-                  callbacks=lambda: _tracking_callbacks("distill", mlflow_opts))
+    cfg = _training_config(config_path, out, overrides, epochs, seed, threads, resume)
+    setup_logging(quiet, out / LOG_FILE)
+    source = resolve_checkpoint(teacher) if teacher else None
+    callbacks = tracking_callbacks("distill", mlflow_opts)
+    _print_result(out, api.distill(source, cfg, out, device=device, resume=resume, callbacks=callbacks,
+                                   progress=not quiet, teacher_label=teacher))
 
 
 @main.command()
@@ -240,21 +126,17 @@ def distill(teacher, config_path, out, method, epochs, seed, device, threads, ov
               help="Evaluate on this data instead of the data recorded in the checkpoint (ids must match).")
 @click.option("--k", "ks", type=int, multiple=True, help="Cut-offs K (repeatable; default: the run's eval_ks).")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object of the metrics.")
-@DEVICE_OPT
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI", expose_value=False,
-              callback=_export_tracking_uri, help="MLflow server that resolves a models:/ CHECKPOINT. "
-              + TRACKING_URI_HELP)
+@options.DEVICE
+@options.tracking_uri("MLflow server that resolves a models:/ CHECKPOINT.", expose=False)
 @user_errors
 def evaluate(checkpoint, split, data_path, ks, as_json, device):
-    """Full-ranking Recall@K / NDCG@K of CHECKPOINT (a run directory or a .safetensors file).
+    """Full-ranking Recall@K / NDCG@K of CHECKPOINT (a run directory, a .safetensors file or a models:/ URI).
 
     All items are ranked except the user's training items; users without held-out items are skipped.
     """
-    from .api import evaluate as run_eval
-
-    _setup_logging(quiet=as_json)
-    path = resolve_source(checkpoint)
-    res = run_eval(path, split, data_path, ks or None, device)
+    setup_logging(quiet=as_json)
+    path = resolve_checkpoint(checkpoint)
+    res = api.evaluate(path, split, data_path, ks or None, device)
     metrics = {k: v for k, v in res.items() if k != "users"}
     if as_json:
         click.echo(json.dumps(metrics))
@@ -264,32 +146,20 @@ def evaluate(checkpoint, split, data_path, ks, as_json, device):
             click.echo(f"  {k:<10} {v:.5f}")
 
 
-def resolve_source(source: str) -> str:
-    """A checkpoint path, or a `models:/NAME/VERSION` / `models:/NAME@ALIAS` registry URI (downloaded)."""
-    if source.startswith("models:/"):
-        from .tracking import download_registered_checkpoint
-        return str(download_registered_checkpoint(source))
-    return source
-
-
 @main.command()
 @click.argument("name")
 @click.argument("version")
 @click.option("--alias", required=True, help="Alias to move to NAME/VERSION, e.g. champion.")
 @click.option("--force", is_flag=True, help="Move the alias even if the promotion gate blocks it.")
-@click.option("--gate-share", type=float, default=0.9, show_default=True,
-              help="Promotion gate: student test NDCG@20 must reach this share of its teacher's.")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI",
-              callback=_export_tracking_uri, help=TRACKING_URI_HELP)
+@options.GATE_SHARE
+@options.tracking_uri()
 @user_errors
 def promote(name, version, alias, force, gate_share, tracking_uri):
     """Point ALIAS of registered model NAME at VERSION, through the same gate as `--register --alias`.
 
     Exits 1 without moving the alias when the gate blocks (the reason is tagged on the version).
     """
-    from .tracking import promote as promote_version
-
-    _setup_logging()
+    setup_logging()
     click.echo(json.dumps(promote_version(name, version, alias, share=gate_share, force=force,
                                           tracking_uri=tracking_uri)))
 
@@ -297,12 +167,9 @@ def promote(name, version, alias, force, gate_share, tracking_uri):
 @main.command("config-reference")
 def config_reference():
     """Print every config key with its type, default and meaning (Markdown)."""
-    from .config import reference_markdown
-
     click.echo(reference_markdown(), nl=False)
 
 
-# --- export and serve (export/, serving/) ----------------------------------------------------------------------
 @main.command("export")
 @click.argument("source", required=False)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -310,16 +177,16 @@ def config_reference():
 @click.option("--verify", "verify_dir", type=click.Path(file_okay=False), default=None, metavar="BUNDLE_DIR",
               help="Instead of exporting, run every check the server runs at startup on BUNDLE_DIR.")
 @click.option("--index", "index_factory", default="auto", show_default=True, metavar="auto|FACTORY",
-              help="FAISS factory string (Flat, HNSW32, IVF256,SQ8 ...), or auto: exact Flat up to 50,000 items, "
-                   "else HNSW32 tuned to --recall-floor (Flat when it cannot reach it).")
+              help=f"FAISS factory string (Flat, HNSW32, IVF256,SQ8 ...), or auto: exact Flat up to "
+                   f"{AUTO_EXACT_MAX_ITEMS:,} items, else HNSW32 tuned to --recall-floor (Flat when it cannot reach it).")
 @click.option("--k-max", type=click.IntRange(min=1), default=100, show_default=True,
               help="k at which an approximate index's recall, and the exact index's top-k, are checked.")
 @click.option("--recall-floor", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Refuse an approximate index whose recall@k-max is lower.")
 @click.option("--force", is_flag=True, help="Write an approximate index even when it misses --recall-floor.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI", expose_value=False,
-              callback=_export_tracking_uri, help="MLflow server that resolves a models:/ SOURCE. " + TRACKING_URI_HELP)
+@options.tracking_uri("MLflow server that resolves a models:/ SOURCE.", expose=False)
+@user_errors
 def export_command(source, out, verify_dir, index_factory, k_max, recall_floor, force, overwrite):
     """Export SOURCE (a run dir, .safetensors or models:/ URI) as a serving bundle for `compress serve`.
 
@@ -331,12 +198,10 @@ def export_command(source, out, verify_dir, index_factory, k_max, recall_floor, 
     if verify_dir is not None:
         if source is not None or out is not None:
             raise click.UsageError("--verify BUNDLE_DIR takes no SOURCE and no --out")
-        from serving.bundle import BundleError, verify_bundle
-
         try:
             checks = verify_bundle(verify_dir)
         except BundleError as e:
-            msg = str(e)
+            msg = one_line(e)
             raise click.ClickException(msg if msg.startswith(str(verify_dir)) else f"{verify_dir}: {msg}") from None
         for line in checks:
             click.echo(line)
@@ -344,38 +209,14 @@ def export_command(source, out, verify_dir, index_factory, k_max, recall_floor, 
         return
     if source is None or out is None:
         raise click.UsageError("give SOURCE and --out BUNDLE_DIR (or --verify BUNDLE_DIR)")
-    _setup_logging()
-    _export_bundle(source, out, index_factory, k_max, recall_floor, force, overwrite)
-
-
-@user_errors
-def _export_bundle(source, out, index_factory, k_max, recall_floor, force, overwrite):
-    from export.bundle import ExportError
-    from export.from_checkpoint import export_checkpoint
-    from serving.bundle import BundleError
-
-    extra = {"registered_model_uri": source} if source.startswith("models:/") else None
-    try:
-        manifest = export_checkpoint(resolve_source(source), out, index_factory=index_factory, k_max=k_max,
-                                     recall_floor=recall_floor, force=force, overwrite=overwrite, lineage_extra=extra)
-    except (ExportError, BundleError) as e:
-        raise click.ClickException(str(e)) from None
+    setup_logging()
+    extra = {"registered_model_uri": source} if source.startswith(MODELS_PREFIX) else None
+    manifest = export_checkpoint(resolve_checkpoint(source), out, index_factory=index_factory, k_max=k_max,
+                                 recall_floor=recall_floor, force=force, overwrite=overwrite, lineage_extra=extra)
     index = manifest["index"]
     click.echo(json.dumps({"out": str(out), "num_users": manifest["num_users"], "num_items": manifest["num_items"],
                            "dim": manifest["dim"], "index": index["factory"], "exact": index["exact"],
                            "recall_at_k": index["recall_at_k"], "k": index["k"], "auto_note": index["auto_note"]}))
-
-
-def _resolve_bundle(source: str) -> str:
-    """A bundle directory, or the bundle logged for a `models:/NAME@ALIAS` (or /VERSION) model version."""
-    if not source.startswith("models:/"):
-        return source
-    from .tracking import TrackingError, download_registered_bundle
-
-    try:
-        return str(download_registered_bundle(source))
-    except TrackingError as e:
-        raise click.ClickException(str(e)) from None
 
 
 @main.command()
@@ -393,8 +234,8 @@ def _resolve_bundle(source: str) -> str:
                    "instead of 404.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=1_048_576, show_default=True,
               help="Largest request body; a bigger one is refused with 413 before it is read.")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI", expose_value=False,
-              callback=_export_tracking_uri, help="MLflow server that resolves a models:/ SOURCE. " + TRACKING_URI_HELP)
+@options.tracking_uri("MLflow server that resolves a models:/ SOURCE.", expose=False)
+@user_errors
 def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_bytes):
     """Serve SOURCE (a bundle directory or models:/NAME@ALIAS) over HTTP: POST /recommend, /recommend/batch;
     GET /healthz, /readyz, /metadata, /metrics.
@@ -402,9 +243,7 @@ def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_byte
     The bundle is verified before the port is bound (a corrupt bundle: exit status 1). The server runs as
     `python -m serving`, a fresh process that never imports torch or compressor.
     """
-    import os
-
-    bundle = _resolve_bundle(source)
+    bundle = resolve_bundle(source)
     argv = [sys.executable, "-m", "serving", bundle, "--host", host, "--port", str(port), "--max-k", str(max_k),
             "--max-batch", str(max_batch), "--fallback", fallback, "--max-body-bytes", str(max_body_bytes)]
     if workers is not None:
@@ -412,7 +251,6 @@ def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_byte
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)
-# --- end of export and serve ---------------------------------------------------------------------------------
 
 
 @main.command()
@@ -422,28 +260,28 @@ def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_byte
               "train` reads); default: the bundled CiteULike-t.")
 @click.option("--teacher", default=None, help="Use this trained teacher (run dir, .safetensors or models:/ URI) "
               "instead of training one.")
-@click.option("--teacher-config", default="configs/citeulike/mf-teacher.yaml", show_default=True,
+@click.option("--teacher-config", default=DEFAULT_PIPELINE_CONFIGS["teacher"], show_default=True,
               help="Teacher recipe.")
-@click.option("--student-config", default="configs/citeulike/mf-student.yaml", show_default=True,
+@click.option("--student-config", default=DEFAULT_PIPELINE_CONFIGS["student"], show_default=True,
               help="Student recipe, trained from scratch (the baseline).")
-@click.option("--kd-config", default="configs/citeulike/mf-rcekd.yaml", show_default=True,
+@click.option("--kd-config", default=DEFAULT_PIPELINE_CONFIGS["kd"], show_default=True,
               help="Student recipe with RCE-KD settings.")
-@EPOCHS_OPT
+@options.EPOCHS
 @click.option("--patience", type=int, default=10, show_default=True,
               help="Early-stopping patience of the teacher and RCE-KD stages (overrides train.patience). 10 keeps "
-                   "the first run under 15 minutes on 2 cores; the recipes (and the paper) use 30, which the "
-                   "cheap scratch baseline always keeps.")
+                   "the first run short on 2 cores; the recipes (and the paper) use 30, which the cheap scratch "
+                   "baseline always keeps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every stage.")
-@DEVICE_OPT
-@THREADS_OPT
-@SET_OPT
+@options.DEVICE
+@options.THREADS
+@options.SET
 @click.option("--index", default="auto", show_default=True, help="FAISS index of the bundles (see compress export).")
 @click.option("--fresh", is_flag=True, help="Redo every stage instead of reusing finished ones.")
 @click.option("--parallel/--sequential", default=True, show_default=True,
               help="Train the scratch baseline in a second process beside the teacher (half the cores each), "
                    "or one stage after the other.")
-@QUIET_OPT
-@mlflow_options
+@options.QUIET
+@options.mlflow_options
 @user_errors
 def pipeline(out, data, teacher, teacher_config, student_config, kd_config, epochs, patience, seed, device, threads,
              overrides, index, fresh, parallel, quiet, mlflow_opts):
@@ -454,18 +292,16 @@ def pipeline(out, data, teacher, teacher_config, student_config, kd_config, epoc
     Re-running reuses finished stages (a killed stage resumes from its last epoch); --fresh redoes them.
     Ends by printing where everything is and the `compress serve` command for the student's bundle.
     """
-    from .cli_pipeline import PipelineOptions, run_pipeline
-
     out = Path(out)
     setup_pipeline_logging(quiet, out / "pipeline.log")
     if mlflow_opts["no_mlflow"] and mlflow_opts["register"]:
         raise click.UsageError("--register needs MLflow; drop --no-mlflow")
     tracking = None
     if not mlflow_opts["no_mlflow"]:
-        _tracking_callbacks("pipeline", {**mlflow_opts, "register": None, "alias": None})  # probe now: fail fast
+        tracking_callbacks("pipeline", {**mlflow_opts, "register": None, "alias": None})  # probe now: fail fast
         tracking = {"tracking_uri": mlflow_opts["tracking_uri"], "experiment": mlflow_opts["experiment"],
                     "optional": mlflow_opts["mlflow_optional"]}
-    opts = PipelineOptions(out=out, data=data, teacher=resolve_source(teacher) if teacher else None,
+    opts = PipelineOptions(out=out, data=data, teacher=resolve_checkpoint(teacher) if teacher else None,
                            teacher_config=teacher_config, student_config=student_config, kd_config=kd_config,
                            overrides=overrides, epochs=epochs, patience=patience, seed=seed, device=device,
                            threads=threads, fresh=fresh, quiet=quiet, mlflow=tracking,

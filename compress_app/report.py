@@ -1,6 +1,6 @@
 """The compression report: a Markdown table and PNG figures from finished runs (plain numbers in, files out).
 
-The caller (the CLI's pipeline) gathers each entry's numbers — test metrics, parameter count, bundle bytes,
+The caller (the pipeline) gathers each entry's numbers — test metrics, parameter count, bundle bytes,
 in-process serving latency — and this module only lays them out, so it never touches export or serving.
 """
 
@@ -10,7 +10,25 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from compressor.run_dir import METRICS_FILE
+
+GAP_METRIC = "ndcg@20"  # the gap-recovered column and the promotion gate compare test NDCG@20
+
+
+def _figure(width: float = 7, height: float = 4):
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def report_metrics(*tests: dict) -> list[str]:
+    """The Recall@K / NDCG@K columns every entry has: recalls then NDCGs, each by K."""
+    common = set.intersection(*(set(t) for t in tests)) if tests else set()
+    keys = [k for k in common if k.partition("@")[0] in ("recall", "ndcg") and k.partition("@")[2].isdigit()]
+    return sorted(keys, key=lambda k: (k.partition("@")[0] != "recall", int(k.partition("@")[2])))
 
 
 @dataclass
@@ -26,7 +44,7 @@ class ReportEntry:
 
 
 def read_history(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -46,21 +64,20 @@ def _mb(n: int | None) -> str:
 def write_report(out_dir: Path, teacher: ReportEntry, scratch: ReportEntry, student: ReportEntry,
                  title: str = "Compression report", notes: list[str] | None = None) -> Path:
     """Write report.md, valid_ndcg10.png and metrics.png into out_dir; returns the Markdown path."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = [teacher, scratch, student]
-    rows = ["| model | dim | parameters | bundle | p50 / p99 latency | R@10 | R@20 | N@10 | N@20 | "
-            "gap recovered (N@20) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    metrics = report_metrics(*(e.test for e in entries))
+    names = [m.upper().replace("RECALL", "R").replace("NDCG", "N") for m in metrics]
+    rows = ["| model | dim | parameters | bundle | p50 / p99 latency | " + " | ".join(names)
+            + f" | gap recovered ({GAP_METRIC.upper().replace('NDCG', 'N')}) |",
+            "|---|---|---|---|---|" + "---|" * (len(metrics) + 1)]
     for e in entries:
-        gap = gap_recovered(e.test["ndcg@20"], scratch.test["ndcg@20"], teacher.test["ndcg@20"])
+        gap = gap_recovered(e.test[GAP_METRIC], scratch.test[GAP_METRIC], teacher.test[GAP_METRIC])
         gap_s = "—" if gap is None or e is teacher or e is scratch else f"{100 * gap:.0f}%"
         lat = (f"{e.latency_ms['p50']:.2f} / {e.latency_ms['p99']:.2f} ms" if e.latency_ms else "—")
         rows.append(f"| {e.label} | {e.dim} | {e.params:,} | {_mb(e.bundle_bytes)} | {lat} | "
-                    + " | ".join(f"{e.test[m]:.4f}" for m in METRICS) + f" | {gap_s} |")
+                    + " | ".join(f"{e.test[m]:.4f}" for m in metrics) + f" | {gap_s} |")
     shrink = teacher.params / max(student.params, 1)
     lines = [f"# {title}", "", "\n".join(rows), "",
              f"The RCE-KD student has {shrink:.0f}x fewer embedding parameters than its teacher. "
@@ -73,7 +90,7 @@ def write_report(out_dir: Path, teacher: ReportEntry, scratch: ReportEntry, stud
     md = out_dir / "report.md"
     md.write_text("\n".join(lines) + "\n")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure()
     for e in entries:
         pts = [(h["epoch"], h["valid_ndcg@10"]) for h in e.history if "valid_ndcg@10" in h]
         if pts:
@@ -84,17 +101,15 @@ def write_report(out_dir: Path, teacher: ReportEntry, scratch: ReportEntry, stud
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "valid_ndcg10.png", dpi=110)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure()
     width = 0.25
     for j, e in enumerate(entries):
-        ax.bar([i + (j - 1) * width for i in range(len(METRICS))], [e.test[m] for m in METRICS], width,
+        ax.bar([i + (j - 1) * width for i in range(len(metrics))], [e.test[m] for m in metrics], width,
                label=e.label)
-    ax.set_xticks(range(len(METRICS)), [m.upper().replace("NDCG", "NDCG") for m in METRICS])
+    ax.set_xticks(range(len(metrics)), [m.upper() for m in metrics])
     ax.set_ylabel("test")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "metrics.png", dpi=110)
-    plt.close(fig)
     return md

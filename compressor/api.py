@@ -13,12 +13,24 @@ Export and serving live in their own packages (the data flows compressor -> expo
 
 from __future__ import annotations
 
+import difflib
+import logging
 from pathlib import Path
 
+import torch
 import yaml
 
+from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, from_dict, load_config, to_dict
 from .data import Dataset, load_dataset
+from .device import configure_threads, resolve_device
+from .distill import TeacherError, load_teacher
+from .errors import MismatchError
+from .evaluation import evaluate as run_eval
+from .objectives import Scratch, build_objective, method_needs_teacher
+from .trainer import Trainer, TrainResult
+
+log = logging.getLogger(__name__)
 
 
 def _override_pairs(overrides) -> list[tuple[str, object]]:
@@ -39,6 +51,15 @@ def _override_pairs(overrides) -> list[tuple[str, object]]:
     return pairs
 
 
+def _suggest(prefix: list[str], key: str, node: dict) -> str:
+    """' (did you mean ...?)' with the closest key at that level of the config, or the keys there."""
+    close = difflib.get_close_matches(key, list(node), n=1)
+    path = ".".join(prefix)
+    if close:
+        return f" (did you mean '{'.'.join([*prefix, close[0]])}'?)"
+    return f" (keys{' under ' + path if path else ''}: {', '.join(node)})"
+
+
 def make_config(config: str | Path | Config | None = None, overrides=None) -> Config:
     """A validated Config from a YAML recipe (or defaults) plus overrides.
 
@@ -50,12 +71,12 @@ def make_config(config: str | Path | Config | None = None, overrides=None) -> Co
     for key, value in _override_pairs(overrides):
         node = raw
         parts = key.split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                raise ConfigError(f"override: unknown config key '{key}'")
-            node = node[p]
-        if parts[-1] not in node:
-            raise ConfigError(f"override: unknown config key '{key}'")
+        for depth, p in enumerate(parts):
+            last = depth == len(parts) - 1
+            if p not in node or (not last and not isinstance(node[p], dict)):
+                raise ConfigError(f"override: unknown config key '{key}'{_suggest(parts[:depth], p, node)}")
+            if not last:
+                node = node[p]
         node[parts[-1]] = value
     cfg = from_dict(raw, str(config) if isinstance(config, (str, Path)) else "<config>")
     # Record where the data really is, so `evaluate` and `--resume` find it from any directory.
@@ -73,82 +94,61 @@ def load_data(source: str | Config = "builtin:citeulike-t", **kwargs) -> Dataset
     return load_dataset(str(source), **kwargs)
 
 
-def _fit(cfg: Config, out, objective_factory, *, command: str, device: str = "auto", resume: bool = False,
-         callbacks=None, progress: bool = True, data: Dataset | None = None):
-    from .device import configure_threads, resolve_device
-    from .trainer import Trainer
-
+def _fit(cfg: Config, out, make_objective, *, command: str, device: str, resume: bool, callbacks, progress: bool,
+         data: Dataset | None) -> TrainResult:
+    """Resolve the device, load the data, build the objective (``make_objective(data, device) -> (objective,
+    checkpoint metadata)``) and run the trainer; its callbacks see ``on_error`` when training raises."""
     dev = resolve_device(device)
     configure_threads(cfg.train.threads)
     data = data if data is not None else load_data(cfg)
-    objective, extra_meta = objective_factory(cfg, data, dev)
+    objective, extra_meta = make_objective(data, dev)
     trainer = Trainer(cfg, data, objective, Path(out), dev, command=command, extra_meta=extra_meta,
-                      callbacks=callbacks, progress=progress)
-    try:
-        return trainer.fit(resume=resume)
-    except BaseException as e:
-        for cb in callbacks or ():
-            if hasattr(cb, "on_error"):
-                cb.on_error(trainer, e)
-        raise
+                      callbacks=list(callbacks or []), progress=progress)
+    return trainer.fit(resume=resume)
 
 
 def train(config: str | Path | Config | None = None, out: str | Path = "runs/train", *, overrides=None,
           device: str = "auto", resume: bool = False, callbacks=None, progress: bool = True,
-          data: Dataset | None = None):
-    """Train a model with BPR (the teacher, usually). Returns a TrainResult (``.out``, ``.test``, ...)."""
-    from .objectives import Scratch
+          data: Dataset | None = None) -> TrainResult:
+    """Train a model with BPR (the teacher, usually). Returns a TrainResult (``.out``, ``.test``, ...).
 
+    config: a YAML path, None (defaults) or a Config; callbacks: ``trainer.Callback`` objects."""
     cfg = make_config(config, overrides)
-    return _fit(cfg, out, lambda c, d, dev: (Scratch(), {}), command="train", device=device, resume=resume,
+    return _fit(cfg, out, lambda d, dev: (Scratch(), {}), command="train", device=device, resume=resume,
                 callbacks=callbacks, progress=progress, data=data)
-
-
-def distill_objective(teacher: str | Path | None, out: str | Path, label: str | None = None):
-    """The trainer's objective factory for `distill`: (cfg, data, device) -> (objective, checkpoint metadata).
-
-    Loads and id-aligns the teacher (a run dir, .safetensors or .npz) before any training."""
-    import logging
-
-    from .distill import TeacherError, build_objective, load_teacher
-
-    def prepare(c, d, dev):
-        meta = {"teacher": None}
-        t = None
-        if c.distill.method != "scratch":
-            if teacher is None:
-                raise TeacherError(f"--method {c.distill.method} needs --teacher")
-            t = load_teacher(teacher, d)
-            meta["teacher"] = {"source": str(label or teacher), "fingerprint": t.fingerprint, **t.info}
-            logging.getLogger("compressor").info("teacher %s: %s dim %s, fingerprint %s", label or teacher,
-                                                 t.info.get("kind"), t.info.get("dim"), t.fingerprint)
-        return build_objective(c, t, dev, Path(out)), meta
-
-    return prepare
 
 
 def distill(teacher: str | Path | None, config: str | Path | Config | None = None, out: str | Path = "runs/student",
             *, method: str | None = None, overrides=None, device: str = "auto", resume: bool = False,
-            callbacks=None, progress: bool = True, data: Dataset | None = None, teacher_label: str | None = None):
-    """Distil a student from a frozen teacher (a run dir, .safetensors or .npz) with RCE-KD or a baseline."""
+            callbacks=None, progress: bool = True, data: Dataset | None = None,
+            teacher_label: str | None = None) -> TrainResult:
+    """Distil a student from a frozen teacher (a run dir, .safetensors or .npz) with RCE-KD or a baseline.
+
+    The teacher is loaded and id-aligned to the data before any training; ``teacher_label`` is how checkpoints
+    and logs name it (default: the path, e.g. the models:/ URI it was downloaded from)."""
     ov = _override_pairs(overrides) + ([("distill.method", method)] if method else [])
     cfg = make_config(config, ov)
+    label = str(teacher_label or teacher)
 
-    prepare = distill_objective(teacher, out, label=teacher_label)
-    return _fit(cfg, out, prepare, command="distill", device=device, resume=resume, callbacks=callbacks,
+    def make_objective(d: Dataset, dev: torch.device):
+        meta = {"teacher": None}
+        t = None
+        if method_needs_teacher(cfg.distill.method):
+            if teacher is None:
+                raise TeacherError(f"--method {cfg.distill.method} needs --teacher")
+            t = load_teacher(teacher, d)
+            meta["teacher"] = {"source": label, "fingerprint": t.fingerprint, **t.info}
+            log.info("teacher %s: %s dim %s, fingerprint %s", label, t.info.get("kind"), t.info.get("dim"),
+                     t.fingerprint)
+        return build_objective(cfg, t, dev, Path(out)), meta
+
+    return _fit(cfg, out, make_objective, command="distill", device=device, resume=resume, callbacks=callbacks,
                 progress=progress, data=data)
 
 
 def evaluate(checkpoint: str | Path, split: str = "test", data_path: str | None = None, ks=None,
              device: str = "auto") -> dict:
     """Full-ranking Recall@K / NDCG@K of a checkpoint on its own data (or ``data_path`` with the same ids)."""
-    import torch
-
-    from .checkpoint import load_checkpoint
-    from .device import configure_threads, resolve_device
-    from .errors import MismatchError
-    from .evaluation import evaluate as run_eval
-
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     cfg = from_dict(ckpt.meta["config"], str(ckpt.path))

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from .errors import CompressError
+from .files import atomic_write_bytes
 from .models import build_model
 from .run_dir import MODEL_FILE, RESUME_FILE
 
@@ -52,28 +51,6 @@ def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + fsync + rename: a kill leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -161,6 +138,18 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     if not p.exists():
         raise CheckpointError(f"{p}: checkpoint not found")
     return p
+
+
+def read_meta(path: str | Path) -> dict:
+    """The compress metadata of a checkpoint file (or a run directory's model) without reading its tensors.
+
+    {} when the file is missing or is not a compress checkpoint: callers use it for optional lineage."""
+    try:
+        p = resolve_checkpoint_path(path)
+        with safe_open(str(p), framework="np") as f:
+            return json.loads((f.metadata() or {}).get("compress", "{}"))
+    except (CheckpointError, SafetensorError, OSError, json.JSONDecodeError):
+        return {}
 
 
 def load_checkpoint(path: str | Path, with_training_state: bool = False) -> Checkpoint:

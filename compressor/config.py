@@ -16,14 +16,19 @@ from pathlib import Path
 import yaml
 
 from .errors import CompressError
+from .kd_terms import CE_TARGETS
+from .models import MODEL_KINDS
+from .objectives import KD_USERS_MODES, METHOD_NAMES
+from .optim import OPTIMIZER_NAMES
 
 
 class ConfigError(CompressError, ValueError):
     """A mistake in a config file or override; the message names the key."""
 
 
-def _f(default, help: str, choices=None, min=None):  # noqa: A002 - mirrors argparse's names
-    kw = {"metadata": {"help": help, "choices": choices, "min": min}}
+def _f(default, help: str, choices=None, min=None, gt=None):  # noqa: A002 - mirrors argparse's names
+    """A schema field: ``choices`` the allowed values, ``min`` an inclusive and ``gt`` an exclusive lower bound."""
+    kw = {"metadata": {"help": help, "choices": choices, "min": min, "gt": gt}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), **kw)
     return field(default=default, **kw)
@@ -48,7 +53,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = _f("mf", "Model family.", choices=("mf", "lightgcn"))
+    kind: str = _f("mf", "Model family.", choices=MODEL_KINDS)
     dim: int = _f(64, "Embedding dimension.", min=1)
     layers: int = _f(3, "LightGCN propagation layers (ignored by MF).", min=0)
     init_std: float = _f(0.01, "Std of the normal initialisation of the embeddings.", min=0)
@@ -61,11 +66,10 @@ class TrainConfig:
     lr: float = _f(1e-3, "Adam learning rate.", min=0)
     weight_decay: float = _f(0.0, "Adam weight decay (L2).", min=0)
     optimizer: str = _f("adam", "adam: torch Adam over every row each step (the paper's recipe). "
-                                "lazy_adam: for MF, update only the rows a batch touches (11.6x faster epochs for "
-                                "a 300-dim MF teacher on Gowalla, 1 CPU thread; untouched rows keep their "
-                                "moments; it cost the CiteULike MF400 teacher 9% of its test NDCG@20); other "
-                                "models get the dense update.",
-                        choices=("adam", "lazy_adam"))
+                                "lazy_adam: for MF, update only the rows a batch touches (much faster epochs for "
+                                "wide MF teachers; untouched rows keep their moments, which costs some teacher "
+                                "quality: docs/benchmarks.md section 3); other models get the dense update.",
+                        choices=OPTIMIZER_NAMES)
     eval_every: int = _f(1, "Validate every N epochs.", min=1)
     patience: int = _f(30, "Stop after this many validations without a better validation metric.", min=1)
     metric: str = _f("ndcg@10", "Validation metric for early stopping and model selection.")
@@ -81,31 +85,30 @@ class TrainConfig:
 class RRDConfig:
     interesting: int = _f(100, "L1: interesting items sampled from the teacher's top-M.", min=1)
     top_m: int = _f(500, "M: depth of the teacher ranking the interesting items come from.", min=1)
-    temperature: float = _f(10.0, "T: sampling probability of rank r is proportional to exp(-r/T).", min=0)
+    temperature: float = _f(10.0, "T: sampling probability of rank r is proportional to exp(-r/T).", gt=0)
     uninteresting: int = _f(200, "L2: uniformly sampled items pushed below the interesting ones.", min=1)
 
 
 @dataclass
 class DistillConfig:
-    method: str = _f("rcekd", "Distillation objective.", choices=("rcekd", "ce", "rrd", "scratch"))
+    method: str = _f("rcekd", "Distillation objective.", choices=METHOD_NAMES)
     lambda_kd: float = _f(500.0, "lambda: weight of the KD loss against the BPR loss.", min=0)
-    tau: float = _f(1.0, "Softmax temperature of the CE terms.", min=0)
+    tau: float = _f(1.0, "Softmax temperature of the CE terms.", gt=0)
     K: int = _f(50, "Size of the teacher's and the student's top lists.", min=1)
     M: int = _f(200, "Depth of the student's ranking read each epoch (>= K).", min=1)
     L: int = _f(50, "Items sampled per user from the student's top-M (<= M).", min=1)
-    T: float = _f(10.0, "Sampling temperature of the closure weights.", min=0)
+    T: float = _f(10.0, "Sampling temperature of the closure weights.", gt=0)
     beta: float = _f(3.0, "Strength of the adaptive weight alpha = exp(-beta * overlap).", min=0)
     use_loss_s: bool = _f(True, "Ablation: keep loss_S (CE over the student's top-K).")
     use_loss_t: bool = _f(True, "Ablation: keep loss_T (CE over sampled + teacher-top items).")
     constant_alpha: typing.Optional[float] = _f(None, "Ablation: a constant alpha instead of the adaptive one.")
     ce_target: str = _f("student", "Vanilla CE baseline: CE over the student's or the teacher's top-K.",
-                        choices=("student", "teacher"))
+                        choices=CE_TARGETS)
     kd_users: str = _f("every_batch", "Which users get the KD terms: every_batch = every distinct user of every BPR "
                                       "batch (the spec's); once_per_epoch = each user only in the first batch it "
-                                      "appears in per epoch (1/11 of the KD work on CiteULike, 1/22 on Gowalla: a "
-                                      "Gowalla KD epoch took 15.2 s instead of 62.6 s on one core, with the same "
-                                      "CiteULike test NDCG@20 over 3 seeds; docs/benchmarks.md sections 2c, 2d, 4).",
-                       choices=("every_batch", "once_per_epoch"))
+                                      "appears in per epoch (a fraction of the KD work, at the same test quality "
+                                      "on CiteULike; docs/benchmarks.md sections 2c, 2d, 4).",
+                       choices=KD_USERS_MODES)
     index: str = _f("Flat", "FAISS factory string for the top-K retrievals (Flat = exact).")
     index_params: dict = _f({}, "FAISS search parameters, e.g. {nprobe: 32} or {efSearch: 128}.")
     rrd: RRDConfig = field(default_factory=RRDConfig, metadata={"help": "RRD baseline settings."})
@@ -177,8 +180,10 @@ def _build(cls, raw, where: str, source: str):
         meta = fields[key].metadata
         if meta.get("choices") and value not in meta["choices"]:
             raise ConfigError(f"{source}: '{path}' is {value!r}; expected one of {', '.join(meta['choices'])}")
-        if meta.get("min") is not None and value is not None and value < meta["min"]:
+        if meta.get("min") is not None and value is not None and not value >= meta["min"]:  # NaN fails too
             raise ConfigError(f"{source}: '{path}' must be >= {meta['min']}, got {value!r}")
+        if meta.get("gt") is not None and value is not None and not value > meta["gt"]:
+            raise ConfigError(f"{source}: '{path}' must be > {meta['gt']}, got {value!r}")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -262,6 +267,10 @@ def reference_markdown() -> str:
             helptext = f.metadata.get("help", "")
             if f.metadata.get("choices"):
                 helptext += f" One of: {', '.join(f.metadata['choices'])}."
+            if f.metadata.get("gt") is not None:
+                helptext += f" Must be > {f.metadata['gt']}."
+            elif f.metadata.get("min") is not None:
+                helptext += f" Must be >= {f.metadata['min']}."
             lines.append(f"| `{key}` | {tname} | `{default}` | {helptext} |")
 
     walk(Config, "")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import os
 
+import faiss
 import torch
 
 from .errors import DeviceError
 
 log = logging.getLogger(__name__)
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
@@ -18,9 +21,17 @@ def resolve_device(choice: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda: no CUDA device is available (use --device auto or cpu)")
-    if choice not in ("cpu", "cuda"):
+    if choice not in DEVICE_CHOICES:
         raise DeviceError(f"--device: expected auto, cpu or cuda, got {choice!r}")
     return torch.device(choice)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers and taskset narrow), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def configure_threads(threads: int = 0) -> int:
@@ -29,11 +40,7 @@ def configure_threads(threads: int = 0) -> int:
     Both libraries start their own OpenMP pool; leaving both at their defaults oversubscribes small machines,
     which makes FAISS many times slower. Training alternates between them, so each gets all cores in turn.
     """
-    n = threads or len(os.sched_getaffinity(0))
+    n = threads or available_cores()
     torch.set_num_threads(n)
-    try:
-        import faiss  # optional here: only retrieval needs it
-        faiss.omp_set_num_threads(n)
-    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
-        pass
+    faiss.omp_set_num_threads(n)
     return n

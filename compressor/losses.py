@@ -1,8 +1,9 @@
-"""Distillation losses and the per-epoch samplers they need (RCE-KD, CE-KD, RRD).
+"""Distillation losses (RCE-KD, CE-KD, RRD) and the BPR base loss.
 
 Everything here is a pure function of tensors: no model, dataset, config or device choice.
 Tensors stay on whatever device they arrive on. See ``shared/docs/rcekd.md`` for the method;
-step numbers in docstrings refer to its algorithm section.
+step numbers in docstrings refer to its algorithm section. The per-epoch samplers that build
+the sets these losses read live in ``kd_sets``.
 
 Shape conventions: ``b`` users in the batch, ``n_items`` items in the catalogue, ``d``/``dT``
 student/teacher embedding sizes, ``K`` top-list size, ``L`` sampled interesting items,
@@ -11,10 +12,8 @@ student/teacher embedding sizes, ``K`` top-list size, ``L`` sampled interesting 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,11 +25,8 @@ __all__ = [
     "rcekd_loss",
     "ce_kd_loss",
     "rrd_loss",
-    "interesting_position_counts",
-    "interesting_position_weights",
-    "sample_interesting_positions",
-    "sample_rrd_sets",
     "pair_scores",
+    "rowwise_isin",
     "rcekd_items",
     "rcekd_sets",
     "rcekd_loss_on_sets",
@@ -38,11 +34,9 @@ __all__ = [
     "teacher_pair_scores",
 ]
 
-# The spec caps c_u(j) at 50 so that exp((c+1)/T) stays bounded however long the lists are.
-COUNT_CAP = 50
 # Teacher vectors can be wide (2000-dim LightGCN): gather them in user chunks so that the
-# [chunk, k, dT] intermediate stays around this many elements (16 MiB of float32). Measured
-# on CPU (b=2048, 150 items, dT=400): ~0.5 s per batch at this size, 1.3 s unchunked.
+# [chunk, k, dT] intermediate stays around this many elements (16 MiB of float32) instead of
+# growing with the batch.
 _TEACHER_GATHER_ELEMS = 1 << 22
 
 
@@ -74,7 +68,7 @@ def _teacher_scores(user: Tensor, item_table: Tensor, idx: Tensor) -> Tensor:
     )
 
 
-def _rowwise_isin(x: Tensor, y: Tensor) -> Tensor:
+def rowwise_isin(x: Tensor, y: Tensor) -> Tensor:
     """``out[r, i] = x[r, i] in set(y[r])``.  x [b, k], y [b, m] -> bool [b, k].
 
     Sort + searchsorted costs O(b (k + m) log m) instead of the O(b k m) of broadcasting.
@@ -136,7 +130,7 @@ def build_teacher_side_set(qt: Tensor, a: Tensor, qs: Tensor) -> tuple[Tensor, T
     (items [b, L + K] long, mask [b, L + K] bool). ``items = [A_u, QT_u]``; the QT part is
     masked off where the item is already in A_u or QS_u, so every item of B_u counts once.
     """
-    keep_qt = ~(_rowwise_isin(qt, a) | _rowwise_isin(qt, qs))
+    keep_qt = ~(rowwise_isin(qt, a) | rowwise_isin(qt, qs))
     items = torch.cat([a, qt], dim=1)
     mask = torch.cat([torch.ones_like(a, dtype=torch.bool), keep_qt], dim=1)
     return items, mask
@@ -167,12 +161,8 @@ def rcekd_loss(
     qs: Tensor,
     a: Tensor,
     *,
-    tau: float,
-    beta: float,
-    use_loss_s: bool = True,
-    use_loss_t: bool = True,
-    constant_alpha: float | None = None,
     teacher_scores: Tensor | None = None,
+    **weighting,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """RCE-KD loss (steps 5-7), summed over the batch's users.
 
@@ -181,9 +171,8 @@ def rcekd_loss(
     a [b, L] (sampled interesting items) -> (scalar ``sum_u loss_KD(u)``, parts).
 
     ``loss_KD = (1 - alpha) loss_S + alpha loss_T`` with ``alpha = exp(-beta |QT ∩ A| / K)``.
-    Ablations: ``use_loss_s=False`` -> loss_T only ("w/o S"); ``use_loss_t=False`` -> loss_S
-    only ("w/o T"); ``constant_alpha`` replaces the adaptive alpha ("w/ const").
-    parts: detached 0-dim batch means of "loss_s", "loss_t", "alpha", "overlap".
+    weighting: the keywords of ``rcekd_loss_on_sets`` (``tau``, ``beta`` and the ablation switches), which
+    this builds the sets for and calls; parts as there.
 
     ``teacher_scores`` [b, K + L + K]: the teacher's scores of ``rcekd_items(qt, qs, a)``, when
     the caller has them already (the sets are fixed for an epoch, so a trainer can score them once
@@ -193,8 +182,7 @@ def rcekd_loss(
     sets = rcekd_sets(qt, qs, a)
     if teacher_scores is None:
         teacher_scores = _teacher_scores(teacher_user.detach(), teacher_items.detach(), sets.items)
-    return rcekd_loss_on_sets(student_user, student_items, sets, teacher_scores, tau=tau, beta=beta,
-                              use_loss_s=use_loss_s, use_loss_t=use_loss_t, constant_alpha=constant_alpha)
+    return rcekd_loss_on_sets(student_user, student_items, sets, teacher_scores, **weighting)
 
 
 class RCEKDSets(NamedTuple):
@@ -220,7 +208,7 @@ class RCEKDSets(NamedTuple):
 def rcekd_sets(qt: Tensor, qs: Tensor, a: Tensor) -> RCEKDSets:
     """qt [b, K], qs [b, K], a [b, L] -> RCEKDSets (see there)."""
     items, mask_t = _rcekd_items_and_mask(qt, qs, a)
-    return RCEKDSets(items, mask_t, _rowwise_isin(qt, a).sum(dim=1), qt.shape[1], qs.shape[1])
+    return RCEKDSets(items, mask_t, rowwise_isin(qt, a).sum(dim=1), qt.shape[1], qs.shape[1])
 
 
 def rcekd_loss_on_sets(
@@ -236,7 +224,13 @@ def rcekd_loss_on_sets(
     constant_alpha: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``rcekd_loss`` over prebuilt sets: student_user [b, d], student_items [n_items, d],
-    sets (b rows), teacher_scores [b, K + L + K] of ``sets.items`` -> (scalar sum, parts)."""
+    sets (b rows), teacher_scores [b, K + L + K] of ``sets.items`` -> (scalar ``sum_u loss_KD(u)``, parts).
+
+    tau: softmax temperature (> 0); beta: strength of ``alpha = exp(-beta |QT ∩ A| / K)``.
+    Ablations: ``use_loss_s=False`` -> loss_T only ("w/o S"); ``use_loss_t=False`` -> loss_S
+    only ("w/o T"); ``constant_alpha`` replaces the adaptive alpha ("w/ const").
+    parts: detached 0-dim batch means of "loss_s", "loss_t", "alpha", "overlap".
+    """
     if not (use_loss_s or use_loss_t):
         raise ValueError("at least one of use_loss_s / use_loss_t must be True")
     n_qs = sets.n_qs
@@ -316,195 +310,3 @@ def rrd_loss(
     else:
         denom = tail
     return -(s_int - denom).sum()
-
-
-# --------------------------------------------------------------------------------------------
-# samplers (run once per epoch, outside autograd)
-# --------------------------------------------------------------------------------------------
-
-
-def _gumbel_topk(log_w: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
-    """Indices of ``n`` distinct columns per row, drawn without replacement ∝ exp(log_w).
-
-    Gumbel-top-k gives exactly the distribution of successive draws without replacement
-    (what ``torch.multinomial(replacement=False)`` does) but stays in log space, so a small
-    temperature cannot underflow the weights to zero and make sampling fail.
-    """
-    u = torch.rand(log_w.shape, generator=generator, device=log_w.device, dtype=torch.float64)
-    u = u.clamp_(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
-    keys = log_w.to(torch.float64) - torch.log(-torch.log(u))
-    return torch.topk(keys, n, dim=1, sorted=False).indices
-
-
-@torch.no_grad()
-def interesting_position_counts(p: Tensor, qt: Tensor) -> Tensor:
-    """Step 4's ``c_u(j)``: teacher top-K items at position j or deeper in P_u, capped at 50.
-
-    p [n, M] long (student top-M, best first), qt [n, K] long -> [n, M] long.
-    """
-    hit = _rowwise_isin(p, qt).to(torch.long)
-    c = hit.flip(1).cumsum(1).flip(1)
-    return c.clamp_(max=COUNT_CAP)
-
-
-@torch.no_grad()
-def interesting_position_weights(p: Tensor, qt: Tensor, T: float) -> Tensor:
-    """Step 4's unnormalised weights ``exp((c_u(j) + 1) / T)``; [n, M] float64.
-
-    May overflow to inf for T below about 0.08; the sampler works on log weights instead.
-    """
-    c = interesting_position_counts(p, qt)
-    return torch.exp((c.to(torch.float64) + 1.0) / T)
-
-
-@torch.no_grad()
-def sample_interesting_positions(
-    p: Tensor,
-    qt: Tensor,
-    L: int,
-    T: float,
-    generator: torch.Generator | None = None,
-    block: int = 8192,
-) -> Tensor:
-    """Step 4: sample ``A_u``, L distinct positions of P_u with probability ∝ w_u(j).
-
-    p [n_users, M] long (student top-M, best first), qt [n_users, K] long ->
-    a [n_users, L] long item ids, listed in the student's order. Requires L <= M.
-    """
-    n, m = p.shape
-    if L > m:
-        raise ValueError(f"cannot sample L={L} distinct positions from M={m}")
-    out = torch.empty((n, L), dtype=p.dtype, device=p.device)
-    for start in range(0, n, block):
-        pb, qb = p[start : start + block], qt[start : start + block]
-        c = interesting_position_counts(pb, qb)
-        # Log weights (c+1)/T; the row max is irrelevant to Gumbel-top-k (shift invariant).
-        log_w = (c.to(torch.float64) + 1.0) / T
-        pos = _gumbel_topk(log_w, L, generator)
-        pos, _ = torch.sort(pos, dim=1)
-        out[start : start + block] = pb.gather(1, pos)
-    return out
-
-
-@torch.no_grad()
-def sample_rrd_sets(
-    teacher_topm: Tensor,
-    n_items: int,
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    L1: int,
-    L2: int,
-    T: float,
-    generator: torch.Generator | None = None,
-    block: int = 8192,
-    max_rounds: int = 100,
-    positive_keys: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """DE-RRD's per-epoch sets for every user.
-
-    teacher_topm [n_users, M] long (teacher's top-M, best first), n_items, train positives as
-    CSR (indptr [n_users + 1], indices [nnz]) -> (interesting [n_users, L1] long in teacher
-    order, uninteresting [n_users, L2] long).
-    Interesting: L1 distinct positions ∝ exp(-rank / T) (rank 1-based), sorted by rank.
-    Uninteresting: L2 independent uniform draws (with replacement, as in DE-RRD) from the
-    items outside the teacher's top-M and the user's positives, by vectorised rejection.
-    """
-    n, m = teacher_topm.shape
-    if L1 > m:
-        raise ValueError(f"cannot sample L1={L1} distinct positions from M={m}")
-    if len(indptr) != n + 1:
-        raise ValueError(f"indptr has {len(indptr)} entries, expected n_users + 1 = {n + 1}")
-    device = teacher_topm.device
-    # Fixed for a whole run (the teacher's top-M and the positives do not move): callers that sample every epoch
-    # build them once with ``rrd_positive_keys`` and pass them in.
-    pos_keys = positive_keys if positive_keys is not None else rrd_positive_keys(
-        teacher_topm, n_items, indptr, indices, L2)
-
-    ranks = torch.arange(1, m + 1, dtype=torch.float64, device=device)
-    log_w = (-ranks / T).expand(n, m)
-    interesting = torch.empty((n, L1), dtype=torch.long, device=device)
-    uninteresting = torch.empty((n, L2), dtype=torch.long, device=device)
-    for start in range(0, n, block):
-        tb = teacher_topm[start : start + block].to(torch.long)
-        nb = tb.shape[0]
-        pos = _gumbel_topk(log_w[:nb], L1, generator)
-        pos, _ = torch.sort(pos, dim=1)  # teacher order
-        interesting[start : start + nb] = tb.gather(1, pos)
-        if L2 > 0:
-            user_ids = torch.arange(start, start + nb, device=device)
-            uninteresting[start : start + nb] = _sample_outside(
-                tb, user_ids, n_items, pos_keys, L2, generator, max_rounds
-            )
-    return interesting, uninteresting
-
-
-def rrd_positive_keys(teacher_topm: Tensor, n_items: int, indptr: np.ndarray, indices: np.ndarray,
-                      L2: int) -> Tensor:
-    """Sorted keys ``user * n_items + item`` of every training positive (on the top-M's device), for
-    ``sample_rrd_sets``; refuses a user with no item left to sample as uninteresting."""
-    n, m = teacher_topm.shape
-    if len(indptr) != n + 1:
-        raise ValueError(f"indptr has {len(indptr)} entries, expected n_users + 1 = {n + 1}")
-    indptr_np = np.asarray(indptr, dtype=np.int64)
-    indices_np = np.asarray(indices, dtype=np.int64)
-    # Users with no allowed item would make rejection sampling loop forever.
-    if L2 > 0:
-        n_pos_outside = _count_positives_outside(teacher_topm.cpu(), indptr_np, indices_np)
-        allowed = n_items - m - n_pos_outside
-        if (allowed <= 0).any():
-            bad = int(np.flatnonzero(allowed <= 0)[0])
-            raise ValueError(f"user {bad} has no item outside its teacher top-M and positives")
-    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr_np))
-    return torch.from_numpy(np.sort(rows * n_items + indices_np)).to(teacher_topm.device)
-
-
-def _count_positives_outside(topm: Tensor, indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """Per user, how many training positives are not in its teacher top-M."""
-    n = topm.shape[0]
-    counts = np.diff(indptr)
-    rows = np.repeat(np.arange(n, dtype=np.int64), counts)
-    topm_np = topm.numpy().astype(np.int64)
-    n_items_bound = int(max(topm_np.max(initial=0), indices.max(initial=0))) + 1
-    topm_keys = np.sort((np.arange(n, dtype=np.int64)[:, None] * n_items_bound + topm_np).ravel())
-    pos_keys = rows * n_items_bound + indices
-    inside = np.isin(pos_keys, topm_keys)
-    return np.bincount(rows[~inside], minlength=n)
-
-
-def _sample_outside(
-    topm: Tensor,
-    user_ids: Tensor,
-    n_items: int,
-    pos_keys: Tensor,
-    n_draw: int,
-    generator: torch.Generator | None,
-    max_rounds: int,
-) -> Tensor:
-    """Uniform items per row outside ``topm[row]`` and the row's positives, by rejection."""
-    nb, m = topm.shape
-    out = torch.full((nb, n_draw), -1, dtype=torch.long, device=topm.device)
-    filled = torch.zeros(nb, dtype=torch.long, device=topm.device)
-    # Oversample by the worst-case rejection rate among rows, so one round usually suffices.
-    oversample = max(2, int(math.ceil(2.0 * n_items / max(n_items - m, 1))))
-    todo = torch.arange(nb, device=topm.device)
-    for _ in range(max_rounds):
-        if todo.numel() == 0:
-            return out
-        need = n_draw * oversample
-        cand = torch.randint(
-            0, n_items, (todo.numel(), need), generator=generator, device=topm.device
-        )
-        bad = _rowwise_isin(cand, topm[todo])
-        if pos_keys.numel() > 0:
-            keys = user_ids[todo].unsqueeze(1) * n_items + cand
-            idx = torch.searchsorted(pos_keys, keys).clamp_(max=pos_keys.numel() - 1)
-            bad |= pos_keys[idx] == keys
-        ok = ~bad
-        # Place accepted candidates after what each row already holds, in draw order.
-        slot = filled[todo].unsqueeze(1) + ok.cumsum(1) - 1
-        take = ok & (slot < n_draw)
-        r = todo.unsqueeze(1).expand_as(cand)[take]
-        out[r, slot[take]] = cand[take]
-        filled[todo] += take.sum(1)
-        todo = todo[filled[todo] < n_draw]
-    raise RuntimeError(f"rejection sampling did not finish in {max_rounds} rounds")

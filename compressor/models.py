@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
-MODEL_KINDS = ("mf", "lightgcn")
-
-
 class MF(nn.Module):
     """Matrix factorisation: the user and item vectors are free embeddings."""
 
     kind = "mf"
+    # vectors() are the embedding tables themselves (leaf parameters): a batch can gather its rows with sparse
+    # gradients, which a row-sparse optimizer (optim.LazyAdam) then updates alone.
+    leaf_tables = True
 
     def __init__(self, num_users: int, num_items: int, dim: int, init_std: float = 0.01):
         super().__init__()
@@ -48,6 +48,7 @@ class LightGCN(nn.Module):
     """
 
     kind = "lightgcn"
+    leaf_tables = False  # vectors() are propagated through the graph: their gradients reach every row
 
     def __init__(self, num_users: int, num_items: int, dim: int, layers: int = 3, init_std: float = 0.1):
         super().__init__()
@@ -101,10 +102,14 @@ class LightGCN(nn.Module):
         return u[users], i[items]
 
 
+MODELS: dict[str, type[nn.Module]] = {"mf": MF, "lightgcn": LightGCN}
+MODEL_KINDS = tuple(MODELS)  # model.kind's choices
+
+
 def build_model(kind: str, **args) -> nn.Module:
+    """A model of ``kind`` from its constructor numbers (``layers`` is LightGCN's and ignored for MF)."""
+    if kind not in MODELS:
+        raise ValueError(f"model.kind: unknown model {kind!r} (expected one of {', '.join(MODEL_KINDS)})")
     if kind == "mf":
         args.pop("layers", None)
-        return MF(**args)
-    if kind == "lightgcn":
-        return LightGCN(**args)
-    raise ValueError(f"model.kind: unknown model {kind!r} (expected one of {', '.join(MODEL_KINDS)})")
+    return MODELS[kind](**args)

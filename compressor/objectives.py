@@ -1,42 +1,174 @@
-"""Training objectives: what differs between `train`, and each `distill --method`.
+"""Training objectives: what differs between `train` and each `distill --method`, behind one ``Objective`` protocol.
 
-An objective has three hooks the trainer calls: ``setup(trainer)`` once, ``on_epoch_start(model, epoch, rng, gen)``
-at the start of each epoch (returns diagnostics), and ``batch_loss(model, users, pos, neg) -> (loss, parts)``.
-Losses themselves are pure functions in ``losses.py``; this module only gathers their inputs.
+The trainer knows only the protocol. An objective is assembled from parts, not inherited:
+  * the BPR base loss (``bpr_base_loss``), one sampled negative per positive: `train` and every method;
+  * for distillation, a ``KDRetrieval`` (teacher top-K with its cache, student top-M with FAISS, teacher scores),
+    one method's ``KDTerm`` (``kd_terms``) and a ``KDUsers`` (which users of a batch get the KD term).
+``Scratch`` is BPR alone; ``Distillation`` is BPR + lambda_kd * a KD term. ``METHODS`` maps each `distill.method`
+to its KD term, and is where the method names of the config schema and the CLI come from.
+Losses themselves are pure functions in ``losses``; this module only gathers their inputs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from .data import Dataset
+from .distill import Teacher, TeacherError
+from .kd_retrieval import KDRetrieval
+from .kd_terms import CETerm, KDTerm, RCEKDTerm, RRDTerm
 from .losses import bpr_loss
+from .run_dir import TOPK_CACHE_DIR
+
+if TYPE_CHECKING:  # annotations only: config.py imports this module for its name lists
+    from .config import Config
+
+KD_USERS_MODES = ("every_batch", "once_per_epoch")  # distill.kd_users, see KDUsers
+
+
+@dataclass(frozen=True)
+class SetupContext:
+    """What the trainer hands an objective once, before the first epoch."""
+
+    data: Dataset  # the run's data (RRD reads the training positives)
+    # Gather the batch's embedding rows with sparse gradients, so a row-sparse optimizer (train.optimizer
+    # lazy_adam) sees which rows the batch touched; only for models whose tables are leaf parameters (MF).
+    sparse_grads: bool = False
+
+
+class Objective(Protocol):
+    """The contract between the trainer and what it optimises.
+
+    ``setup`` runs once per training session, after the run directory was accepted (so a refused command does no
+    expensive work); ``on_epoch_start`` once per epoch; ``batch_loss`` for every BPR batch. Diagnostics are what
+    ``on_epoch_start`` returns (per epoch: retrieval times, recall, overlaps ...) and the ``parts`` of
+    ``batch_loss`` (detached scalars, averaged over the epoch's batches by the trainer); both go into
+    metrics.jsonl. All state lives in the objective from its constructor on.
+    """
+
+    name: str  # the method recorded in checkpoints ("scratch", "rcekd", ...)
+
+    def setup(self, ctx: SetupContext) -> None: ...
+
+    def on_epoch_start(self, model, epoch: int, rng: np.random.Generator, gen: torch.Generator) -> dict:
+        """``rng`` is the epoch's numpy generator (the trainer draws the negatives from it after this hook);
+        ``gen`` the torch generator on the training device for the objective's own draws."""
+
+    def batch_loss(self, model, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss to minimise, parts) for a batch of (user, positive, negative) triples [b] each."""
+
+
+def bpr_base_loss(model, users: Tensor, pos: Tensor, neg: Tensor, sparse_grads: bool = False):
+    """The BPR loss of a batch and the model's full user/item vectors it was computed from (the KD terms reuse
+    them): -> (loss, user vectors [U, d], item vectors [I, d])."""
+    u, i = model.vectors()
+    if sparse_grads:
+        uu = F.embedding(users, u, sparse=True)
+        ip, ineg = F.embedding(pos, i, sparse=True), F.embedding(neg, i, sparse=True)
+    else:
+        uu, ip, ineg = u[users], i[pos], i[neg]
+    loss = bpr_loss((uu * ip).sum(-1), (uu * ineg).sum(-1))
+    return loss, u, i
 
 
 class Scratch:
-    """BPR with one sampled negative per positive: the base loss of every method (and `compress train`)."""
+    """BPR with one sampled negative per positive: `compress train`, and `distill --method scratch`."""
 
     name = "scratch"
-    # Set by the trainer for train.optimizer lazy_adam on MF: gather the BPR rows with sparse gradients, so the
-    # optimizer sees which rows the batch touched (MF's tables are leaf parameters; LightGCN's are not).
-    sparse_grads = False
 
-    def setup(self, trainer) -> None:
-        pass
+    def __init__(self):
+        self.sparse_grads = False
+
+    def setup(self, ctx: SetupContext) -> None:
+        self.sparse_grads = ctx.sparse_grads
 
     def on_epoch_start(self, model, epoch, rng, gen) -> dict:
         return {}
 
-    def base_loss(self, model, users, pos, neg):
-        u, i = model.vectors()
-        if self.sparse_grads:
-            uu = F.embedding(users, u, sparse=True)
-            ip, ineg = F.embedding(pos, i, sparse=True), F.embedding(neg, i, sparse=True)
-        else:
-            uu, ip, ineg = u[users], i[pos], i[neg]
-        loss = bpr_loss((uu * ip).sum(-1), (uu * ineg).sum(-1))
-        return loss, u, i
-
-    def batch_loss(self, model, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):
-        loss, _, _ = self.base_loss(model, users, pos, neg)
+    def batch_loss(self, model, users: Tensor, pos: Tensor, neg: Tensor):
+        loss, _, _ = bpr_base_loss(model, users, pos, neg, self.sparse_grads)
         return loss, {"loss": loss.detach(), "loss_base": loss.detach()}
+
+
+class KDUsers:
+    """Which users of a BPR batch get the KD term: each distinct user of every batch (``every_batch``, the spec's),
+    or each user only in the first batch of the epoch that holds it (``once_per_epoch``: a fraction of the KD
+    work, see docs/benchmarks.md section 2c)."""
+
+    def __init__(self, mode: str, num_users: int, device: torch.device):
+        if mode not in KD_USERS_MODES:
+            raise ValueError(f"kd_users {mode!r}; expected one of {', '.join(KD_USERS_MODES)}")
+        # once_per_epoch: which users have had their KD term this epoch (cleared at every epoch start)
+        self._done = (torch.zeros(num_users, dtype=torch.bool, device=device)
+                      if mode == "once_per_epoch" else None)
+
+    def start_epoch(self) -> None:
+        if self._done is not None:
+            self._done.zero_()
+
+    def select(self, users: Tensor) -> Tensor:
+        """The batch's KD users (sorted, distinct); with once_per_epoch they are marked done."""
+        bu = torch.unique(users)
+        if self._done is not None:
+            bu = bu[~self._done[bu]]
+            self._done[bu] = True
+        return bu
+
+
+class Distillation:
+    """BPR + ``lambda_kd`` x a method's KD term over the batch's KD users."""
+
+    def __init__(self, term: KDTerm, kd_users: KDUsers, lambda_kd: float):
+        self.name = term.name
+        self.term, self.kd_users, self.lambda_kd = term, kd_users, lambda_kd
+        self.sparse_grads = False
+
+    def setup(self, ctx: SetupContext) -> None:
+        self.sparse_grads = ctx.sparse_grads
+        self.term.setup(ctx.data)
+
+    def on_epoch_start(self, model, epoch, rng, gen) -> dict:
+        self.kd_users.start_epoch()
+        return self.term.on_epoch_start(model, epoch, gen)
+
+    def batch_loss(self, model, users: Tensor, pos: Tensor, neg: Tensor):
+        base, u, i = bpr_base_loss(model, users, pos, neg, self.sparse_grads)
+        bu = self.kd_users.select(users)
+        kd, parts = self.term.loss(u[bu], i, bu)
+        loss = base + self.lambda_kd * kd
+        return loss, {"loss": loss.detach(), "loss_base": base.detach(), "loss_kd": kd.detach(), **parts}
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+# distill.method -> the factory of its KD term, (distill config section, retrieval) -> KDTerm; None: BPR alone
+METHODS: dict[str, Callable[..., KDTerm] | None] = {
+    "rcekd": RCEKDTerm.from_config,
+    "ce": CETerm.from_config,
+    "rrd": RRDTerm.from_config,
+    "scratch": None,
+}
+METHOD_NAMES = tuple(METHODS)  # distill.method's choices, and the CLI's --method
+
+
+def method_needs_teacher(method: str) -> bool:
+    return METHODS[method] is not None
+
+
+def build_objective(cfg: Config, teacher: Teacher | None, device: torch.device, out: Path) -> Objective:
+    """The objective of ``cfg.distill.method``; a teacher's top-K is cached beside the run directory ``out``."""
+    d = cfg.distill
+    make_term = METHODS[d.method]
+    if make_term is None:
+        return Scratch()
+    if teacher is None:
+        raise TeacherError(f"--method {d.method} needs --teacher")
+    retrieval = KDRetrieval(teacher, device, Path(out).resolve().parent / TOPK_CACHE_DIR, d.index, d.index_params)
+    return Distillation(make_term(d, retrieval), KDUsers(d.kd_users, retrieval.num_users, device), d.lambda_kd)

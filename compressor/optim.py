@@ -1,10 +1,9 @@
 """Optimisers: torch's Adam (the paper's recipe) and a row-sparse "lazy" Adam for wide MF tables.
 
 Why lazy Adam: a BPR batch of 2,048 interactions touches at most 6,144 embedding rows, but dense Adam reads and
-writes every row of every table on every step (parameters, two moments, the gradient). For an MF teacher with
-300-dim vectors on Gowalla that is 21M parameters per step: an epoch takes 144 s with torch Adam and 12.5 s with
-this one on one CPU thread (docs/benchmarks.md section 3). Lazy Adam updates only the rows that have a gradient in
-this batch, so the cost follows the batch, not the catalogue.
+writes every row of every table on every step (parameters, two moments, the gradient). For a wide MF teacher on a
+large catalogue that is most of an epoch's time. Lazy Adam updates only the rows that have a gradient in this
+batch, so the cost follows the batch, not the catalogue (speed-ups in docs/benchmarks.md section 3).
 
 Semantics (the same as TensorFlow's LazyAdam): a touched row gets exactly torch Adam's update, L2 weight decay
 included; an untouched row keeps its value *and* its moments (dense Adam would decay its moments and keep moving
@@ -12,16 +11,19 @@ it along its momentum). The bias correction uses the parameter's global step cou
 dense (an objective that reads whole tables, LightGCN's propagation) the update is torch Adam's, bit for bit in
 formula, over every row.
 
-Not free in quality: the CiteULike MF400 teacher (seed 0) reached test NDCG@20 0.0178 with it against 0.0196 with
-torch Adam (docs/benchmarks.md section 3), so the recipes keep torch Adam and this is an opt-in for teachers that
-dense Adam cannot train in the time at hand.
+Not free in quality: rarely sampled rows stand still instead of decaying, and a teacher trained with it scored
+lower than with torch Adam (docs/benchmarks.md section 3), so the recipes keep torch Adam and this is an opt-in
+for teachers that dense Adam cannot train in the time at hand.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
 
 class LazyAdam(torch.optim.Optimizer):
     """Adam with L2 weight decay; sparse gradients update only their rows (see the module docstring)."""
@@ -72,9 +74,29 @@ class LazyAdam(torch.optim.Optimizer):
         return loss
 
 
+@dataclass(frozen=True)
+class OptimizerSpec:
+    make: Callable[..., torch.optim.Optimizer]  # (params, lr=, weight_decay=) -> optimizer
+    row_sparse: bool  # updates only the rows a sparse gradient names: objectives should hand it sparse gradients
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adam": OptimizerSpec(torch.optim.Adam, row_sparse=False),
+    "lazy_adam": OptimizerSpec(LazyAdam, row_sparse=True),
+}
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)  # train.optimizer's choices
+
+
+def _spec(name: str) -> OptimizerSpec:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+    return OPTIMIZERS[name]
+
+
 def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "lazy_adam":
-        return LazyAdam(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; expected adam or lazy_adam")
+    return _spec(name).make(params, lr=lr, weight_decay=weight_decay)
+
+
+def wants_sparse_gradients(name: str) -> bool:
+    """Whether optimizer ``name`` should get row-sparse gradients where a model can produce them."""
+    return _spec(name).row_sparse

@@ -7,15 +7,17 @@ candidates, RRD's teacher lists). numpy float32 in, numpy out; never a users x i
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from .files import atomic_write_bytes
 
 __all__ = [
     "TopKSearcher",
@@ -295,7 +297,7 @@ def topk_cached(
 
     The file name is a sha256 of (fingerprint, k, factory); ``fingerprint`` must identify the
     vectors (e.g. the teacher checkpoint's hash). A cached array with the wrong shape is
-    recomputed. Writes are atomic (temp file, fsync, os.replace).
+    recomputed. Writes are atomic (``files.atomic_write_bytes``).
     """
     cache = Path(cache_dir)
     path = cache / _cache_name(fingerprint, k, factory)
@@ -308,17 +310,9 @@ def topk_cached(
         logger.warning("top-%d cache %s has shape %s, expected %s; recomputing",
                        k, path, ids.shape, (n_users, k))
     _, ids = TopKSearcher(item_vectors, factory).search(user_vectors, k)
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, ids, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    np.save(buf, ids, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
     logger.info("top-%d computed (%s) and cached: %s", k, factory, path)
     return ids
 

@@ -1,15 +1,13 @@
 """The one trainer behind `compress train` and every `compress distill` method.
 
-An epoch: sample one negative per training positive (never a positive of that user), shuffle, and step Adam on
-the objective's loss batch by batch; every ``eval_every`` epochs validate with full ranking and keep the best
-model; stop after ``patience`` validations without improvement; finally test the best model.
+An epoch: sample one negative per training positive (never a positive of that user), shuffle, and step the
+optimizer on the objective's loss batch by batch; every ``eval_every`` epochs validate with full ranking and keep
+the best model; stop after ``patience`` validations without improvement; finally test the best model.
 
 What differs between methods lives in an ``Objective`` (see ``objectives.py``): the trainer never knows whether a
-teacher exists. Run directory layout (``out``):
-  model.safetensors   best-validation model, with test metrics once training ends
-  last.safetensors    latest state incl. optimizer + early-stopping state, for ``--resume``
-  metrics.jsonl       one JSON line per epoch (losses, diagnostics, validation metrics, times)
-  config.yaml         the resolved config;  train.log  the run's log;  result.json  final summary
+teacher exists. The run directory ``out`` holds the files named in ``run_dir`` (best model, resume state, metrics
+log, resolved config, result). A command that refuses (a run already there, nothing to resume, a mismatch) leaves
+every file of ``out`` as it was: the checks come before the first write.
 Every epoch's randomness derives from (seed, epoch), so a resumed run reproduces the uninterrupted one exactly.
 """
 
@@ -21,6 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,14 +27,16 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import (MODEL_FILE, RESUME_FILE, atomic_write_bytes, load_checkpoint, restore_optimizer,
-                         save_checkpoint)
+from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import Config, to_dict
 from .data import Dataset
 from .errors import CompressError
 from .evaluation import evaluate
+from .files import atomic_write_bytes
 from .models import build_model
-from .optim import build_optimizer
+from .objectives import Objective, SetupContext
+from .optim import build_optimizer, wants_sparse_gradients
+from .run_dir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, RESULT_FILE, RESUME_FILE
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +94,26 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
-class Callback:
-    """What the trainer calls on its callbacks; subclass and override the hooks you need."""
+class Callback(Protocol):
+    """What the trainer calls on its callbacks. Implement all four hooks, or subclass this class and override the
+    ones you need (the others do nothing). Callbacks may read ``trainer.out, .cfg, .data, .epoch, .history,
+    .extra_meta`` (written into every checkpoint's metadata) and ``.objective.name``."""
 
     def on_start(self, trainer) -> None:
-        pass
+        """After the run directory was accepted and the objective set up, before the first epoch."""
 
     def on_epoch_end(self, trainer, row: dict) -> None:
-        pass
+        """After each epoch's row was written to the metrics log."""
 
     def on_end(self, trainer, result) -> None:
-        pass
+        """After the final checkpoint and result file."""
+
+    def on_error(self, trainer, exc: BaseException) -> None:
+        """When ``fit`` raises (also for a refused run directory, and for Ctrl-C), before the exception propagates."""
 
 
 class Trainer:
-    def __init__(self, cfg: Config, data: Dataset, objective, out: Path, device: torch.device,
+    def __init__(self, cfg: Config, data: Dataset, objective: Objective, out: Path, device: torch.device,
                  command: str = "train", extra_meta: dict | None = None, callbacks: list | None = None,
                  progress: bool = True):
         self.cfg, self.data, self.objective = cfg, data, objective
@@ -124,8 +130,8 @@ class Trainer:
         self.model.to(device)
         self.optimizer = build_optimizer(cfg.train.optimizer, self.model.parameters(), lr=cfg.train.lr,
                                          weight_decay=cfg.train.weight_decay)
-        if cfg.train.optimizer == "lazy_adam" and m.kind == "mf":
-            self.objective.sparse_grads = True
+        # a row-sparse optimizer gets sparse gradients from models whose tables are leaf parameters
+        self.sparse_grads = wants_sparse_gradients(cfg.train.optimizer) and self.model.leaf_tables
         self.stopper = EarlyStopping(cfg.train.patience)
         self.epoch = 0
         self.history: list[dict] = []
@@ -134,7 +140,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- state
     def _meta(self, status: str) -> dict:
-        return {"command": self.command, "method": getattr(self.objective, "name", "scratch"),
+        return {"command": self.command, "method": self.objective.name,
                 "package_version": __version__, "config": to_dict(self.cfg),
                 "data_fingerprint": self.data.fingerprint(), "data_source": self.data.source,
                 "epoch": self.epoch, "status": status, "history": self.history,
@@ -153,6 +159,8 @@ class Trainer:
                                rng_state=torch.get_rng_state())
 
     def resume(self) -> None:
+        """Restore the state of the run in ``out`` from its resume checkpoint; refuses (TrainingError) before
+        changing any file when the run cannot be continued with this data, objective and optimizer."""
         path = self.out / RESUME_FILE
         if not path.exists():
             raise TrainingError(f"{self.out}: nothing to resume (no {RESUME_FILE})")
@@ -160,9 +168,9 @@ class Trainer:
         if ckpt.meta.get("data_fingerprint") != self.data.fingerprint():
             raise TrainingError(f"{path}: was trained on different data (fingerprint "
                                 f"{ckpt.meta.get('data_fingerprint')} vs {self.data.fingerprint()})")
-        if ckpt.meta.get("method") != getattr(self.objective, "name", "scratch"):
+        if ckpt.meta.get("method") != self.objective.name:
             raise TrainingError(f"{path}: was a '{ckpt.meta.get('method')}' run, cannot resume it as "
-                                f"'{getattr(self.objective, 'name', 'scratch')}'")
+                                f"'{self.objective.name}'")
         self.model.load_state_dict({k: v.to(self.device) for k, v in ckpt.model_state.items()}, strict=False)
         saved_opt = ckpt.meta.get("config", {}).get("train", {}).get("optimizer", "adam")
         if saved_opt != self.cfg.train.optimizer:
@@ -183,7 +191,7 @@ class Trainer:
 
     def _rewrite_metrics_log(self) -> None:
         text = "".join(json.dumps(h) + "\n" for h in self.history)
-        atomic_write_bytes(self.out / "metrics.jsonl", text.encode())
+        atomic_write_bytes(self.out / METRICS_FILE, text.encode())
 
     # ------------------------------------------------------------------------------------------- training
     def _evaluate(self, split: str) -> dict:
@@ -238,20 +246,34 @@ class Trainer:
         return out
 
     def fit(self, resume: bool = False) -> TrainResult:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        """Train (or, with ``resume``, continue the run in ``out``) to the end; the callbacks' ``on_error`` sees
+        any exception before it propagates."""
+        try:
+            return self._fit(resume)
+        except BaseException as e:
+            for cb in self.callbacks:
+                cb.on_error(self, e)
+            raise
+
+    def _accept_out(self, resume: bool) -> None:
+        """Refuse a run directory this command must not touch, then (and only then) write the resolved config."""
         if resume:
             self.resume()
         else:
-            for stale in (RESUME_FILE, MODEL_FILE, "metrics.jsonl", "result.json"):
+            for stale in (RESUME_FILE, MODEL_FILE, METRICS_FILE, RESULT_FILE):
                 if (self.out / stale).exists():
                     raise TrainingError(f"{self.out}: already holds a run ({stale}); use --resume to continue it "
                                         f"or choose another --out")
-        self.objective.setup(self)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+
+    def _fit(self, resume: bool) -> TrainResult:
+        self._accept_out(resume)
+        self.objective.setup(SetupContext(data=self.data, sparse_grads=self.sparse_grads))
         for cb in self.callbacks:
             cb.on_start(self)
         cfg = self.cfg.train
-        log.info("%s %s on %s: %s, model %s dim %d, device %s", self.command, getattr(self.objective, "name", ""),
+        log.info("%s %s on %s: %s, model %s dim %d, device %s", self.command, self.objective.name,
                  self.data.source, self.data.summary(), self.cfg.model.kind, self.cfg.model.dim, self.device)
         while self.epoch < cfg.epochs and not self.stopper.stop:
             epoch = self.epoch + 1
@@ -274,7 +296,7 @@ class Trainer:
                 self._save(MODEL_FILE, "training", with_optimizer=False, metrics={"valid": valid})
             if epoch % cfg.checkpoint_every == 0:
                 self._save(RESUME_FILE, "training", with_optimizer=True)
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(self.out / METRICS_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
             for cb in self.callbacks:
                 cb.on_epoch_end(self, row)
@@ -296,7 +318,7 @@ class Trainer:
         summary = {"best_epoch": result.best_epoch, "epochs_run": last_epoch, "valid": valid, "test": test,
                    "wall_time_s": wall, "fingerprint": meta["fingerprint"], "method": meta["method"],
                    "data_fingerprint": meta["data_fingerprint"]}
-        atomic_write_bytes(self.out / "result.json", json.dumps(summary, indent=2).encode())
+        atomic_write_bytes(self.out / RESULT_FILE, json.dumps(summary, indent=2).encode())
         log.info("best epoch %d: test %s", result.best_epoch,
                  "  ".join(f"{k}={v:.5f}" for k, v in test.items() if k != "users"))
         for cb in self.callbacks:

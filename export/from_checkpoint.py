@@ -2,8 +2,9 @@
 
 Vectors come from the checkpoint's own model (`Checkpoint.build_model().vectors()`, for
 LightGCN the propagated vectors) under `torch.no_grad()`. The checkpoint's own top-k
-for a sample of users (torch matmul in user blocks, training items masked) is handed to
-`write_bundle` as the reference that the exact bundle must reproduce.
+for a sample of users (`compressor.evaluation.topk_excluding` in user blocks, training
+items masked) is handed to `write_bundle` as the reference that the exact bundle must
+reproduce.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+import compressor
 from compressor.checkpoint import load_checkpoint
+from compressor.evaluation import topk_excluding
 from export.bundle import ExportError, write_bundle
 
 logger = logging.getLogger(__name__)
@@ -29,9 +32,7 @@ SCORE_BLOCK_USERS = 256  # block of users scored at once: 256 x I float32 stays 
 def _package_version() -> str:
     try:
         return importlib.metadata.version("compress-recsys")
-    except importlib.metadata.PackageNotFoundError:
-        import compressor  # not installed (running from a checkout): use the source's version
-
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout: the source's version
         return str(getattr(compressor, "__version__", "0+unknown"))
 
 
@@ -48,7 +49,7 @@ def reference_topk(
 
     Returns (users (S,), items (S, k)) or None when no user has k unseen items.
     """
-    n_users, n_items = user_vecs.shape[0], item_vecs.shape[0]
+    n_items = item_vecs.shape[0]
     # np.diff counts duplicate training rows twice, so this never admits a user with < k unseen.
     eligible = np.flatnonzero(n_items - np.diff(indptr) >= k)
     if eligible.size == 0:
@@ -56,15 +57,9 @@ def reference_topk(
     rng = np.random.default_rng(seed)
     users = np.sort(rng.choice(eligible, min(num_users, eligible.size), replace=False)).astype(np.int64)
     out = np.empty((users.size, k), dtype=np.int64)
-    with torch.no_grad():
-        for start in range(0, users.size, SCORE_BLOCK_USERS):
-            block = users[start : start + SCORE_BLOCK_USERS]
-            scores = user_vecs[torch.as_tensor(block)] @ item_vecs.T
-            lens = indptr[block + 1] - indptr[block]
-            rows = np.repeat(np.arange(block.size), lens)
-            cols = np.concatenate([indices[indptr[u] : indptr[u + 1]] for u in block]) if lens.sum() else np.empty(0, np.int64)
-            scores[torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)] = -torch.inf
-            out[start : start + block.size] = torch.topk(scores, k, dim=1).indices.numpy()
+    for start in range(0, users.size, SCORE_BLOCK_USERS):
+        block = users[start : start + SCORE_BLOCK_USERS]
+        out[start : start + block.size] = topk_excluding(user_vecs, item_vecs, block, k, indptr, indices).cpu().numpy()
     return users, out
 
 

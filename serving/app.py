@@ -1,4 +1,4 @@
-"""HTTP serving of one bundle: a plain ASGI application on uvicorn, and `serve()` to run it.
+"""HTTP serving of one bundle: a plain ASGI application (run by `serving.server.serve()` on uvicorn).
 
 Endpoints (JSON unless noted; every error is `{"error": "<one line>"}` with the status below):
 
@@ -21,87 +21,67 @@ reading, or as soon as a streamed body passes the limit), 422 schema violations 
 `serving.schema`), 503 before the bundle is ready. User ids are looked up in the bundle's id map,
 so only valid indices ever reach ONNX Runtime.
 
-Why a plain ASGI callable and not FastAPI: measured with `benchmarks/loadtest.py --compare-fastapi`
-on a Gowalla-size bundle (29,858 users x 40,981 items, dim 20, exact index; 2 workers; wrk on the
-same 2 shared cores; 60 s runs), a FastAPI + pydantic /recommend over the same Recommender used
-0.94 ms of server CPU per request against 0.66 ms here, and answered 705 against 1,085 requests/s at
-concurrency 32 (p50 at concurrency 1: 0.86 against 0.66 ms); a 5 s rerun measured 0.78 against
-0.69 ms. The recommender takes ~0.45 ms of that (FAISS exact search) and uvicorn + httptools ~0.06 ms
-(`/healthz`), so the framework is the one part of the budget this layer controls. `serving.schema`
+Why a plain ASGI callable and not FastAPI: the recommender and uvicorn take a fixed share of each
+request, so the framework is the one part of the latency budget this layer controls, and FastAPI +
+pydantic over the same Recommender costs clearly more server CPU per request and answers fewer
+requests/s (`benchmarks/loadtest.py --compare-fastapi`; numbers in docs/benchmarks.md). `serving.schema`
 implements the same rules by hand (strict types, bounds, unknown fields refused).
 
 Threads: each worker process computes on its event-loop thread with one ONNX Runtime intra-op
-thread and one FAISS/OpenMP thread; single requests are answered inline (they take well under a
-millisecond), batches in chunks with a yield to the event loop between chunks, so one big batch
-cannot starve `/healthz` or other clients. The bundle is loaded on a background thread after
-startup, so `/healthz` answers at once and `/readyz` says 503 until the bundle is ready.
+thread and one FAISS/OpenMP thread; single requests are answered inline (they are short), batches
+in chunks with a yield to the event loop between chunks, so one big batch cannot starve `/healthz`
+or other clients. The bundle is loaded on a background thread after startup, so `/healthz` answers
+at once and `/readyz` says 503 until the bundle is ready.
 
-This module imports numpy, faiss, onnxruntime (via serving.bundle) and uvicorn only: never torch
-or `compressor`.
+This module imports numpy, faiss, orjson and onnxruntime (via serving.bundle) only: never torch
+or `compressor`. `serve` and `main` are re-exported from `serving.server`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import copy
 import hashlib
 import json
 import logging
 import os
-import shutil
-import sys
-import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable
 
 import faiss
 import numpy as np
 import orjson
 
-from serving.bundle import MANIFEST_FILE, BundleError, open_bundle, verify_bundle
+from serving.bundle import BundleError, open_bundle
+from serving.bundle_format import MANIFEST_FILE
+from serving.config import CONFIG_ENV, DEFAULT_MAX_BODY_BYTES, FALLBACKS, ServeConfig
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import Metrics, endpoint_label
 from serving.recommender import Recommender
 from serving.schema import ApiError, batch_request, parse_json, recommend_request, short
+from serving.server import main, serve
+
+__all__ = [
+    "App",
+    "CONFIG_ENV",
+    "DEFAULT_MAX_BODY_BYTES",
+    "FALLBACKS",
+    "ServeConfig",
+    "app_from_env",
+    "create_app",
+    "main",
+    "public_metadata",
+    "serve",
+]
 
 logger = logging.getLogger(__name__)
 
-CONFIG_ENV = "COMPRESS_SERVE_CONFIG"  # JSON ServeConfig handed from serve() to each worker process
-# Thread pools each worker would otherwise size to the core count; serve() pins them to 1.
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a full batch of 1,024 ids of 100 characters is ~110 kB
-FALLBACKS = (None, "popular")
 # Users answered per recommender call in a batch; the event loop gets a turn between chunks.
 # Users are sorted by history length first, so each chunk's FAISS over-fetch (k + seen) fits its users.
 BATCH_CHUNK = 32
 
 JSON_TYPE = b"application/json"
 Headers = list[tuple[bytes, bytes]]
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    bundle_path: str
-    max_k: int = 1000
-    max_batch: int = 1024
-    fallback: str | None = None
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    body_timeout_s: float = 10.0
-    metrics_dir: str | None = None
-    load_delay_s: float = 0.0  # testing aid: wait this long before loading, so readiness can be observed
-
-    def __post_init__(self) -> None:
-        for name in ("max_k", "max_batch", "max_body_bytes"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
-        if not self.body_timeout_s > 0:
-            raise ValueError(f"body_timeout_s must be positive, got {self.body_timeout_s!r}")
 
 
 def public_metadata(manifest: dict[str, Any], manifest_sha256: str, config: ServeConfig) -> dict[str, Any]:
@@ -128,8 +108,8 @@ def public_metadata(manifest: dict[str, Any], manifest_sha256: str, config: Serv
 
 
 def _dumps(payload: Any) -> bytes:
-    """Compact JSON. orjson writes numpy float32 arrays directly (shortest round-trip digits), ~7x faster than
-    the json module on a 64-user batch answer; json takes what orjson refuses (strings with lone surrogates,
+    """Compact JSON. orjson writes numpy float32 arrays directly (shortest round-trip digits), much faster than
+    the json module on a batch answer; json takes what orjson refuses (strings with lone surrogates,
     which a client can send as \\ud800 escapes and expects echoed back)."""
     try:
         return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -426,107 +406,3 @@ def app_from_env() -> App:
     if not raw:
         raise RuntimeError(f"{CONFIG_ENV} is not set; start the server with serving.app.serve()")
     return App(ServeConfig(**json.loads(raw)))
-
-
-def _cores() -> int:
-    """Cores this process may run on (the affinity mask, which containers narrow), else the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _log_config(level: str) -> dict[str, Any]:
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["loggers"]["serving"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
-    return config
-
-
-def serve(
-    bundle_path: str | os.PathLike,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    workers: int | None = None,
-    *,
-    max_k: int = 1000,
-    max_batch: int = 1024,
-    fallback: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    log_level: str = "info",
-    access_log: bool = False,
-    load_delay_s: float = 0.0,
-) -> None:
-    """Verify the bundle, then run uvicorn with `workers` processes (default: one per core).
-
-    Raises BundleError (before binding any socket) when the bundle fails a check, ValueError
-    for bad settings. Each worker loads the bundle itself with one ONNX Runtime and one FAISS thread.
-    """
-    for var in THREAD_ENV_VARS:  # inherited by the worker processes before they import numpy/faiss
-        os.environ.setdefault(var, "1")
-    workers = _cores() if workers is None else workers
-    if type(workers) is not int or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be in [0, 65535], got {port}")
-    config = ServeConfig(
-        bundle_path=os.path.abspath(bundle_path), max_k=max_k, max_batch=max_batch, fallback=fallback,
-        max_body_bytes=max_body_bytes, load_delay_s=load_delay_s,
-    )
-    started = time.perf_counter()
-    verify_bundle(config.bundle_path)  # refuse a corrupt bundle before binding
-    logger.info("bundle %s verified in %.2f s", config.bundle_path, time.perf_counter() - started)
-
-    import uvicorn
-
-    metrics_dir = tempfile.mkdtemp(prefix="compress-serve-metrics-")
-    os.environ[CONFIG_ENV] = json.dumps(asdict(ServeConfig(**{**asdict(config), "metrics_dir": metrics_dir})))
-    try:
-        uvicorn.run(
-            "serving.app:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            lifespan="on",
-            ws="none",
-            access_log=access_log,
-            log_level=log_level,
-            log_config=_log_config(log_level),
-            timeout_graceful_shutdown=10,
-        )
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m serving BUNDLE_DIR [--host ...]`: what `compress serve` runs after resolving its SOURCE."""
-    parser = argparse.ArgumentParser(prog="python -m serving", description="Serve a bundle over HTTP.")
-    parser.add_argument("bundle", help="bundle directory written by `compress export`")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
-    parser.add_argument("--max-k", type=int, default=1000)
-    parser.add_argument("--max-batch", type=int, default=1024)
-    parser.add_argument("--fallback", choices=["none", "popular"], default="none")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    parser.add_argument("--access-log", action="store_true")
-    parser.add_argument("--load-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)  # tests observe readiness
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
-    try:
-        serve(
-            args.bundle, args.host, args.port, args.workers, max_k=args.max_k, max_batch=args.max_batch,
-            fallback=None if args.fallback == "none" else args.fallback, max_body_bytes=args.max_body_bytes,
-            log_level=args.log_level, access_log=args.access_log, load_delay_s=args.load_delay_s,
-        )
-    except BundleError as exc:
-        msg = str(exc)
-        print(f"Error: {msg if msg.startswith(args.bundle) else f'{args.bundle}: {msg}'}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    return 0

@@ -1,8 +1,7 @@
 """Load and check a serving bundle written by `export.bundle.write_bundle`.
 
-The bundle layout is documented in `export/bundle.py`; the constants below fix the
-file names both sides use. This module imports only numpy, onnx, onnxruntime and
-faiss: it must never import torch or `compressor`, not even transitively.
+The bundle format (files, manifest keys, the shared checks) is `serving.bundle_format`. This module imports
+only numpy, onnx, onnxruntime and faiss: never torch, `compressor` or mlflow, not even transitively.
 
 Every check reads the bytes that were hashed (each file is read once, hashed, and
 parsed from memory), so a file swapped between the hash check and the parse cannot
@@ -25,18 +24,24 @@ import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import uses_external_data
 
-logger = logging.getLogger(__name__)
+from serving.bundle_format import (
+    DATA_FILES,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    ITEM_IDS_FILE,
+    MANIFEST_FILE,
+    METRIC,
+    MODEL_FILE,
+    QUERY_TRANSFORMS,
+    SEEN_FILE,
+    USER_IDS_FILE,
+    FormatError,
+    check_csr,
+    check_ids,
+    ort_session,
+)
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-MODEL_FILE = "model.onnx"
-INDEX_FILE = "items.faiss"
-USER_IDS_FILE = "user_ids.npy"
-ITEM_IDS_FILE = "item_ids.npy"
-SEEN_FILE = "seen.npz"
-DATA_FILES: tuple[str, ...] = (MODEL_FILE, INDEX_FILE, USER_IDS_FILE, ITEM_IDS_FILE, SEEN_FILE)
-QUERY_TRANSFORMS = ("none", "ip2l2")
-METRIC = "inner_product"
+logger = logging.getLogger(__name__)
 
 
 class BundleError(Exception):
@@ -201,12 +206,8 @@ def _load_model(
         raise _fail(MODEL_FILE, f"onnx.checker failed ({_short(exc)})") from exc
     checks.append(f"{MODEL_FILE}: onnx.checker full_check passed")
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_num_threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+        session = ort_session(data, intra_op_num_threads)
     except Exception as exc:
         raise _fail(MODEL_FILE, f"onnxruntime cannot load it ({_short(exc)})") from exc
     checks.append(f"{MODEL_FILE}: loads in onnxruntime")
@@ -306,12 +307,10 @@ def _load_ids(name: str, data: bytes, expected: int, what: str, checks: list[str
         ids = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:
         raise _fail(name, f"not a loadable .npy without pickle ({_short(exc)})") from exc
-    if ids.ndim != 1 or ids.dtype.kind != "U":
-        raise _fail(name, f"expected a 1-D unicode array, got {ids.dtype}{list(ids.shape)}")
-    if ids.shape[0] != expected:
-        raise _fail(name, f"length {ids.shape[0]} != {what} {expected}")
-    if np.unique(ids).shape[0] != ids.shape[0]:
-        raise _fail(name, "external ids are not unique")
+    try:
+        check_ids(ids, expected, what)
+    except FormatError as exc:
+        raise _fail(name, str(exc)) from None
     checks.append(f"{name}: {expected} unique ids")
     return ids
 
@@ -322,15 +321,10 @@ def _load_seen(data: bytes, num_users: int, num_items: int, checks: list[str]) -
             indptr, indices = npz["indptr"], npz["indices"]
     except Exception as exc:
         raise _fail(SEEN_FILE, f"not a loadable .npz with indptr and indices ({_short(exc)})") from exc
-    if indptr.ndim != 1 or indices.ndim != 1 or indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
-        raise _fail(SEEN_FILE, "indptr/indices must be 1-D integer arrays")
-    indptr, indices = indptr.astype(np.int64), indices.astype(np.int64)
-    if indptr.shape[0] != num_users + 1:
-        raise _fail(SEEN_FILE, f"indptr length {indptr.shape[0]} != num_users + 1 = {num_users + 1}")
-    if indptr[0] != 0 or indptr[-1] != indices.shape[0] or np.any(np.diff(indptr) < 0):
-        raise _fail(SEEN_FILE, "indptr is not a monotone 0..len(indices) CSR pointer")
-    if indices.size and (indices.min() < 0 or indices.max() >= num_items):
-        raise _fail(SEEN_FILE, f"indices outside [0, num_items={num_items})")
+    try:
+        indptr, indices = check_csr(indptr, indices, num_users, num_items)
+    except FormatError as exc:
+        raise _fail(SEEN_FILE, str(exc)) from None
     checks.append(f"{SEEN_FILE}: CSR {num_users} users x {num_items} items, {indices.shape[0]} entries")
     return indptr, indices
 

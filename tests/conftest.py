@@ -1,12 +1,21 @@
+"""Shared test fixtures: a small real data set, the CLI in a subprocess, a free loopback port, a server process,
+and one brute-force top-k oracle."""
+
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+CLI_MODULE = "compress_app"  # `python -m compress_app` is the `compress` console script
 
 # Tests share a 2-core machine: one thread each keeps FAISS/torch from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -35,10 +44,13 @@ def slice_data(tmp_path_factory) -> Path:
     return write_slice(tmp_path_factory.mktemp("data") / "users.dat")
 
 
-def run_cli(*args, check=True, timeout=600, env=None):
+def cli_command(*args) -> list[str]:
+    return [sys.executable, "-m", CLI_MODULE, *map(str, args)]
+
+
+def run_cli(*args, check=True, timeout=600, env=None, cwd=ROOT):
     e = dict(os.environ, **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", "compressor.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=e, cwd=ROOT)
+    proc = subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout, env=e, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"compress {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -46,3 +58,73 @@ def run_cli(*args, check=True, timeout=600, env=None):
 
 TINY_TRAIN = ["--set", "train.threads=1", "--set", "train.batch_size=512", "--set", "data.format=users_dat",
               "--quiet"]
+
+
+def assert_one_line_error(proc, *fragments: str) -> str:
+    """A user mistake: exit status 1, one `Error: ...` line naming what is wrong, no traceback."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def brute_force_topk(user_vecs: np.ndarray, item_vecs: np.ndarray, user: int, k: int,
+                     seen: np.ndarray | None = None) -> np.ndarray:
+    """The oracle: float64 inner products of one user with every item, seen items removed, best first
+    (ties by item index), at most k items."""
+    scores = item_vecs.astype(np.float64) @ user_vecs[user].astype(np.float64)
+    cand = np.arange(item_vecs.shape[0])
+    if seen is not None and len(seen):
+        cand = np.setdiff1d(cand, seen)
+    order = np.lexsort((cand, -scores[cand]))
+    return cand[order][:k]
+
+
+class Server:
+    """A server subprocess in its own session (so its uvicorn workers stop with it), on a free loopback port."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, cwd: Path = ROOT) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, *map(str, args), "--port", str(self.port)], cwd=cwd, env=dict(os.environ, **(env or {})),
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def wait(self, path: str, timeout: float = 60, status: int = 200) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                if self.http.get(path).status_code == status:
+                    return time.monotonic()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{self.url}{path} not {status} after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> str:
+        self.http.close()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError("server did not stop within 20 s of SIGTERM")
+        text = self.log.read_text()
+        assert "Traceback" not in text, text[-3000:]
+        return text

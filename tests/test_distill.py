@@ -1,10 +1,16 @@
 import json
-import types
 
 import numpy as np
 import pytest
+import torch
 
+from compressor import api
 from compressor.checkpoint import load_checkpoint
+from compressor.distill import load_teacher
+from compressor.losses import teacher_pair_scores
+from compressor.models import build_model
+from compressor.objectives import METHOD_NAMES, SetupContext, build_objective
+from compressor.trainer import Trainer
 
 from .conftest import TINY_TRAIN, run_cli
 
@@ -68,7 +74,6 @@ def test_every_method_runs_on_the_same_trainer(teacher, slice_data, tmp_path, me
 
 
 def _npz(path, ck, **override):
-    import torch
     with torch.no_grad():
         u, i = ck.build_model().vectors()
     arrays = {"user_vectors": u.detach().numpy(), "item_vectors": i.detach().numpy(), "user_ids": ck.user_ids,
@@ -121,45 +126,33 @@ def test_teacher_data_mismatch_is_a_clear_error_before_training(teacher, slice_d
 def test_rcekd_teacher_scores_of_the_epoch_sets_are_exact(teacher, slice_data, tmp_path):
     """The epoch's teacher scores (QT part cached at setup, [QS | A] scored per epoch) equal the teacher's
     inner products over every column of the [QS | A | QT] sets."""
-    import torch
-
-    from compressor import api
-    from compressor.distill import build_objective, load_teacher
-    from compressor.losses import teacher_pair_scores
-    from compressor.models import build_model
-
     cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8",
                                  "distill.method=rcekd", "distill.K=10", "distill.M=30", "distill.L=10"])
     data = api.load_data(cfg)
     t = load_teacher(teacher, data)
     obj = build_objective(cfg, t, torch.device("cpu"), tmp_path / "run")
-    obj.setup(None)
+    obj.setup(SetupContext(data))
+    term = obj.term
     torch.manual_seed(0)
     model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=8, init_std=0.1)
     for epoch in (1, 2):
         obj.on_epoch_start(model, epoch, np.random.default_rng(epoch), torch.Generator().manual_seed(epoch))
         want = teacher_pair_scores(torch.from_numpy(t.user_vectors), torch.from_numpy(t.item_vectors),
-                                   obj.sets.items)
-        assert obj.t_scores.shape == obj.sets.items.shape == (data.num_users, 10 + 10 + 10)
-        torch.testing.assert_close(obj.t_scores, want)
-        assert torch.equal(obj.sets.items[:, -10:], obj.qt)
+                                   term.sets.items)
+        assert term.t_scores.shape == term.sets.items.shape == (data.num_users, 10 + 10 + 10)
+        torch.testing.assert_close(term.t_scores, want)
+        assert torch.equal(term.sets.items[:, -10:], term.qt)
 
 
 @pytest.mark.parametrize("method", ["rcekd", "ce", "rrd"])
 def test_once_per_epoch_distills_each_user_exactly_once_per_epoch(teacher, slice_data, tmp_path, method):
-    import torch
-
-    from compressor import api
-    from compressor.distill import build_objective, load_teacher
-    from compressor.models import build_model
-
     cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8",
                                  f"distill.method={method}", "distill.K=10", "distill.M=30", "distill.L=10",
                                  "distill.rrd.top_m=40", "distill.rrd.interesting=10",
                                  "distill.rrd.uninteresting=20", "distill.kd_users=once_per_epoch"])
     data = api.load_data(cfg)
     obj = build_objective(cfg, load_teacher(teacher, data), torch.device("cpu"), tmp_path / "run")
-    obj.setup(types.SimpleNamespace(data=data))  # RRD reads the training positives from the trainer's data
+    obj.setup(SetupContext(data))  # RRD reads the training positives from the run's data
     model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=8, init_std=0.1)
     users = torch.as_tensor(data.train.users)
     items = torch.as_tensor(data.train.items)
@@ -169,7 +162,7 @@ def test_once_per_epoch_distills_each_user_exactly_once_per_epoch(teacher, slice
         distilled = []
         for b in range(0, len(order), 512):
             sl = order[b:b + 512]
-            distilled.append(obj._batch_users(users[sl]))
+            distilled.append(obj.kd_users.select(users[sl]))
             loss, parts = obj.batch_loss(model, users[sl], items[sl], items[sl])
             assert torch.isfinite(loss), (epoch, b)
         every = torch.cat(distilled)
@@ -183,3 +176,32 @@ def test_once_per_epoch_distills_each_user_exactly_once_per_epoch(teacher, slice
     # the last batches have few or no users left: a batch without KD users still gives a finite loss
     loss, _ = obj.batch_loss(model, users[:4], items[:4], items[:4])
     assert torch.isfinite(loss)
+
+
+def _attributes(obj) -> dict:
+    """Attribute names of an objective and of the parts it is assembled from."""
+    parts = {"objective": obj, "term": getattr(obj, "term", None), "kd_users": getattr(obj, "kd_users", None)}
+    parts["retrieval"] = getattr(parts["term"], "retrieval", None)
+    return {k: sorted(vars(v)) for k, v in parts.items() if v is not None}
+
+
+@pytest.mark.parametrize("method,extra", [(m, []) for m in METHOD_NAMES] + [("ce", ["distill.ce_target=teacher"]),
+                                                                            ("rcekd", ["train.optimizer=lazy_adam"])])
+def test_objectives_create_all_their_state_in_the_constructor(teacher, slice_data, tmp_path, method, extra):
+    """No hook adds an attribute, and the trainer sets none on the objective (it hands the sparse-gradient choice
+    to setup); every registered method runs its hooks."""
+    cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8",
+                                 f"distill.method={method}", "distill.K=10", "distill.M=30", "distill.L=10",
+                                 "distill.rrd.top_m=40", "distill.rrd.interesting=10",
+                                 "distill.rrd.uninteresting=20", "train.epochs=1", "train.threads=1", *extra])
+    data = api.load_data(cfg)
+    obj = build_objective(cfg, load_teacher(teacher, data), torch.device("cpu"), tmp_path / "run")
+    assert obj.name == method
+    before = _attributes(obj)
+    trainer = Trainer(cfg, data, obj, tmp_path / "run", torch.device("cpu"), progress=False)
+    assert _attributes(obj) == before
+    assert trainer.sparse_grads == ("train.optimizer=lazy_adam" in extra)
+    trainer.fit()
+    assert _attributes(obj) == before
+    assert obj.sparse_grads == trainer.sparse_grads
+    assert load_checkpoint(tmp_path / "run").meta["method"] == method

@@ -19,10 +19,11 @@ from export.bundle import (
     AUTO_APPROX_FACTORY,
     AUTO_EXACT_MAX_ITEMS,
     ExportError,
-    resolve_factory,
     topk_mismatch,
     write_bundle,
 )
+from export import index_build
+from export.index_build import resolve_factory
 from serving.bundle import open_bundle
 from serving.recommender import Recommender
 
@@ -204,10 +205,10 @@ def test_overwrite_rules(tmp_path, data):
     "change, message",
     [
         (lambda d: d.update(item_vectors=d["item_vectors"][:, :5]), "user dim 12 != item dim 5"),
-        (lambda d: d.update(user_ids=np.array(["same"] * U)), "user_ids contains duplicate"),
-        (lambda d: d.update(item_ids=d["item_ids"][:-1]), "item_ids has 1499 ids"),
-        (lambda d: d.update(seen_indptr=d["seen_indptr"][:-1]), "seen_indptr has length"),
-        (lambda d: d.update(seen_indices=d["seen_indices"] + I), r"seen_indices must lie in \[0, 1500\)"),
+        (lambda d: d.update(user_ids=np.array(["same"] * U)), "user_ids: external ids are not unique"),
+        (lambda d: d.update(item_ids=d["item_ids"][:-1]), "item_ids: length 1499 != num_items 1500"),
+        (lambda d: d.update(seen_indptr=d["seen_indptr"][:-1]), r"seen_indptr/seen_indices: indptr length 250 != num_users \+ 1"),
+        (lambda d: d.update(seen_indices=d["seen_indices"] + I), r"seen_indices: indices outside \[0, num_items=1500\)"),
         (lambda d: d.update(user_vectors=np.full((U, D), np.nan, np.float32)), "NaN"),
     ],
 )
@@ -219,7 +220,8 @@ def test_invalid_inputs(tmp_path, data, change, message):
 
 
 def test_export_bundle_module_does_not_import_torch():
-    code = "import sys, export.bundle; assert 'torch' not in sys.modules and 'compressor' not in sys.modules"
+    # export.bundle may use compressor.retrieval (numpy + faiss), never torch or mlflow.
+    code = "import sys, export.bundle; assert not {'torch', 'mlflow'} & {m.split('.')[0] for m in sys.modules}"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -263,14 +265,12 @@ def test_export_checkpoint(tmp_path, kind):
 
 
 def test_auto_picks_approximate_above_threshold_and_falls_back(tmp_path, data, monkeypatch):
-    import export.bundle as eb
-
-    monkeypatch.setattr(eb, "AUTO_EXACT_MAX_ITEMS", 1000)
+    monkeypatch.setattr(index_build, "AUTO_EXACT_MAX_ITEMS", 1000)
     manifest = write(tmp_path / "a", data, index_factory="auto")
     assert manifest["index"]["requested"] == "auto"
     assert manifest["index"]["factory"] == AUTO_APPROX_FACTORY and manifest["index"]["auto_note"] is None
     # An approximate pick that misses the floor: auto falls back to exact instead of refusing.
-    monkeypatch.setattr(eb, "AUTO_APPROX_FACTORY", "IVF16,PQ2x4")
+    monkeypatch.setattr(index_build, "AUTO_APPROX_FACTORY", "IVF16,PQ2x4")
     manifest = write(tmp_path / "b", data, index_factory="auto")
     assert manifest["index"]["factory"] == "Flat" and manifest["index"]["exact"]
     assert "fell back to Flat" in manifest["index"]["auto_note"]

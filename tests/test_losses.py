@@ -1,4 +1,4 @@
-"""compressor.losses against slow references written straight from docs/rcekd.md.
+"""compressor.losses and compressor.kd_sets against slow references written straight from docs/rcekd.md.
 
 References loop over users in Python, build sets with ``set`` and take softmaxes with
 ``math``; the code under test must agree with them on small random cases that include the
@@ -17,16 +17,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compressor import losses
+from compressor.kd_sets import (
+    interesting_position_counts,
+    interesting_position_weights,
+    sample_interesting_positions,
+    sample_rrd_sets,
+)
 from compressor.losses import (
     bpr_loss,
     build_teacher_side_set,
     ce_kd_loss,
-    interesting_position_counts,
-    interesting_position_weights,
     rcekd_loss,
     rrd_loss,
-    sample_interesting_positions,
-    sample_rrd_sets,
     subset_ce,
 )
 

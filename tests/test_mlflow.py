@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ import torch
 
 from compressor.checkpoint import load_checkpoint
 from compressor.evaluation import topk_excluding
-from compressor.tracking import TrackingError, metric_key, promotion_gate
+from compress_app.tracking import TrackingError, promotion_gate
+from compress_app.tracking.environment import metric_key
 
-from .conftest import ROOT, TINY_TRAIN, run_cli
+from .conftest import ROOT, TINY_TRAIN, cli_command, free_port, run_cli
 
 VENV_BIN = str(Path(sys.executable).parent)  # `mlflow models serve --env-manager local` execs `uvicorn` from PATH
 KD_TINY = ["--set", "distill.K=5", "--set", "distill.M=10", "--set", "distill.L=5"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
@@ -286,7 +280,7 @@ def test_server_lost_mid_run_keeps_unsent_metrics_and_resume_sends_them(tmp_path
     srv = Server(tmp_path / "srv")
     out = tmp_path / "run"
     try:
-        cmd = [sys.executable, "-m", "compressor.cli", "train", *map(str, _train_args(out, slice_data, 6)),
+        cmd = [*cli_command("train"), *map(str, _train_args(out, slice_data, 6)),
                "--set", "train.patience=100", "--tracking-uri", srv.uri]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                 env=dict(os.environ, **env))

@@ -11,7 +11,7 @@ def test_readme_config_reference_matches_schema():
     text = (ROOT / "README.md").read_text()
     m = re.search(r"<!-- config-reference:start -->\n(.*?)<!-- config-reference:end -->", text, re.S)
     assert m, "README lacks the config reference markers"
-    assert m.group(1) == reference_markdown(), "run: python -m compressor.cli config-reference, paste into README"
+    assert m.group(1) == reference_markdown(), "run: compress config-reference, paste into README"
 
 
 def test_readme_set_up_commands_are_the_ci_commands():

@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,8 +27,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from export.bundle import topk_mismatch, write_bundle
+from serving.app import create_app
 
-from .conftest import ROOT, TINY_TRAIN
+from .conftest import TINY_TRAIN, Server, brute_force_topk, free_port, run_cli
 
 U, I, D = 300, 2000, 16
 MOSTLY_SEEN, NOTHING_SEEN, HEAVY = 0, 1, 2  # 3 unseen items / no history / 1,500 seen (the exact-scoring path)
@@ -39,61 +39,6 @@ ERROR_STATUSES = {400, 404, 405, 413, 422, 503}
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server subprocess in its own session (so its uvicorn workers stop with it)."""
-
-    def __init__(self, args: list[str], log: Path, env: dict | None = None, cwd: Path = ROOT) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, *map(str, args), "--port", str(self.port)], cwd=cwd, env=dict(os.environ, **(env or {})),
-            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.http = httpx.Client(base_url=self.url, timeout=30)
-
-    def wait(self, path: str, timeout: float = 60, status: int = 200) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                if self.http.get(path).status_code == status:
-                    return time.monotonic()
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"{self.url}{path} not {status} after {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> str:
-        self.http.close()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            raise AssertionError("server did not stop within 20 s of SIGTERM")
-        text = self.log.read_text()
-        assert "Traceback" not in text, text[-3000:]
-        return text
-
-
-def cli(*args, cwd: Path = ROOT, env: dict | None = None, check: bool = True, timeout: float = 300):
-    proc = subprocess.run([sys.executable, "-m", "compressor.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=dict(os.environ, **(env or {})), timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"compress {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
 def metric_samples(text: str) -> dict[str, float]:
     """Prometheus text -> {'name{labels}': value}, checking the format line by line."""
     samples: dict[str, float] = {}
@@ -133,14 +78,6 @@ def seen_of(data: dict, user: int) -> np.ndarray:
     return data["seen_indices"][data["seen_indptr"][user] : data["seen_indptr"][user + 1]]
 
 
-def brute_force(user_vecs: np.ndarray, item_vecs: np.ndarray, user: int, k: int, seen: np.ndarray | None) -> np.ndarray:
-    scores = item_vecs.astype(np.float64) @ user_vecs[user].astype(np.float64)
-    if seen is not None:
-        scores[seen] = -np.inf
-    order = np.argsort(-scores, kind="stable")
-    return order[: min(k, int(np.isfinite(scores).sum()))]
-
-
 def item_index(names: list[str]) -> np.ndarray:
     return np.array([int(n.rsplit("-", 1)[1]) for n in names], dtype=np.int64)
 
@@ -171,7 +108,7 @@ def bundle(tmp_path_factory, data) -> Path:
 def api(bundle, tmp_path_factory):
     """`compress serve` with 2 workers, waited on until both workers report ready."""
     log = tmp_path_factory.mktemp("api") / "server.log"
-    server = Server(["-m", "compressor.cli", "serve", bundle, "--workers", 2, "--max-k", MAX_K,
+    server = Server(["-m", "compress_app", "serve", bundle, "--workers", 2, "--max-k", MAX_K,
                      "--max-batch", MAX_BATCH, "--max-body-bytes", MAX_BODY], log)
     try:
         server.wait("/readyz")
@@ -185,9 +122,9 @@ def api(bundle, tmp_path_factory):
 
 
 def _tracking_with_bundles():
-    """compressor.tracking when it can register models and carry bundles (it is being written alongside)."""
+    """compress_app.tracking when it can register models and carry bundles (MLflow is optional, so imported here)."""
     try:
-        from compressor import tracking
+        from compress_app import tracking
     except ImportError:
         return None
     needed = ("download_registered_bundle", "log_bundle_to_model_version")
@@ -206,33 +143,33 @@ def trained(tmp_path_factory, slice_data):
     uri = None
     if _tracking_with_bundles() is not None:
         uri = "models:/rec-serve@champion"
-        cli(*train, "--register", "rec-serve", "--alias", "champion", cwd=root,  # cwd: MLflow writes ./mlruns
+        run_cli(*train, "--register", "rec-serve", "--alias", "champion", cwd=root,  # cwd: MLflow writes ./mlruns
             env={**env, "COMPRESS_NO_MLFLOW": "0"})
-        cli("export", uri, "--out", bundle, cwd=root, env=env)
-        code = "import sys; from compressor.tracking import log_bundle_to_model_version as f; f(sys.argv[1], sys.argv[2])"
+        run_cli("export", uri, "--out", bundle, cwd=root, env=env)
+        code = "import sys; from compress_app.tracking import log_bundle_to_model_version as f; f(sys.argv[1], sys.argv[2])"
         subprocess.run([sys.executable, "-c", code, uri, str(bundle)], cwd=root, env=dict(os.environ, **env), check=True,
                        capture_output=True, timeout=120)
     else:
-        cli(*train, cwd=root, env={**env, "COMPRESS_NO_MLFLOW": "1"})
-        cli("export", run, "--out", bundle, cwd=root)
+        run_cli(*train, cwd=root, env={**env, "COMPRESS_NO_MLFLOW": "1"})
+        run_cli("export", run, "--out", bundle, cwd=root)
     return {"root": root, "env": env, "run": run, "bundle": bundle, "uri": uri}
 
 
 # -------------------------------------------------------------------------------- export CLI, refusal
 def test_export_cli_verify_and_one_line_errors(trained, bundle, tmp_path):
-    ok = cli("export", "--verify", trained["bundle"])
+    ok = run_cli("export", "--verify", trained["bundle"])
     assert ok.stdout.strip().splitlines()[-1].startswith("ok: ") and "sha256" in ok.stdout
-    again = cli("export", trained["run"], "--out", trained["bundle"], check=False)
+    again = run_cli("export", trained["run"], "--out", trained["bundle"], check=False)
     assert again.returncode == 1 and "Traceback" not in again.stderr
     last = again.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: ") and "not empty" in last and again.stderr.count("Error") == 1
     bad = tmp_path / "bad"
     shutil.copytree(bundle, bad)
     (bad / "seen.npz").write_bytes(b"\0" * (bad / "seen.npz").stat().st_size)
-    p = cli("export", "--verify", bad, check=False)
+    p = run_cli("export", "--verify", bad, check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip() == f"Error: {bad}: seen.npz: sha256 does not match manifest (file modified)"
-    usage = cli("export", trained["run"], check=False)
+    usage = run_cli("export", trained["run"], check=False)
     assert usage.returncode == 2 and "--out" in usage.stderr
 
 
@@ -244,14 +181,14 @@ def test_refuses_to_start_on_a_corrupt_bundle_before_binding(bundle, tmp_path):
     (bad / "items.faiss").write_bytes(bytes(blob))
     port = free_port()
     started = time.monotonic()
-    p = cli("serve", bad, "--port", port, check=False, timeout=60)
+    p = run_cli("serve", bad, "--port", port, check=False, timeout=60)
     assert p.returncode == 1, p.stderr
     assert p.stderr.strip() == f"Error: {bad}: items.faiss: sha256 does not match manifest (file modified)"
     assert "Uvicorn running" not in p.stderr and "Traceback" not in p.stderr
     assert time.monotonic() - started < 30
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # never bound, so free
-    missing = cli("serve", tmp_path / "nope", "--port", port, check=False, timeout=60)
+    missing = run_cli("serve", tmp_path / "nope", "--port", port, check=False, timeout=60)
     assert missing.returncode == 1 and "bundle directory does not exist" in missing.stderr
 
 
@@ -273,11 +210,11 @@ def test_health_metadata_and_no_torch(api, bundle):
     for proc in procs:
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
         assert "torch" not in maps, f"process {proc.pid} {proc.cmdline()} mapped torch"
-        assert "compressor.cli" not in " ".join(proc.cmdline())
+        assert "compress_app" not in " ".join(proc.cmdline())
 
 
 @pytest.mark.parametrize("exclude_seen", [True, False])
-def test_recommend_exact_against_brute_force(api, data, exclude_seen):
+def test_recommend_exact_against_brute_force_topk(api, data, exclude_seen):
     users = [MOSTLY_SEEN, NOTHING_SEEN, HEAVY, *np.random.default_rng(1).choice(np.arange(3, U), 12, replace=False)]
     for user in users:
         seen = seen_of(data, user) if exclude_seen else None
@@ -287,7 +224,7 @@ def test_recommend_exact_against_brute_force(api, data, exclude_seen):
             body = r.json()
             assert set(body) == {"user_id", "items", "scores"} and body["user_id"] == f"user-{user}"
             got = item_index(body["items"])
-            want = brute_force(data["user_vectors"], data["item_vectors"], user, k, seen)
+            want = brute_force_topk(data["user_vectors"], data["item_vectors"], user, k, seen)
             assert got.size == want.size == min(k, I - (seen.size if seen is not None else 0))
             assert topk_mismatch(data["user_vectors"][user], data["item_vectors"], got, want, seen) is None
             expected = data["item_vectors"][got].astype(np.float64) @ data["user_vectors"][user].astype(np.float64)
@@ -417,8 +354,6 @@ def test_body_limit_413_without_reading_the_body(api):
 
 def test_body_that_never_arrives_is_408_not_a_hang(bundle):
     """In-process (the server's limit is 10 s): a client that stops mid-body gets 408 and a closed connection."""
-    from serving.app import create_app
-
     app = create_app(bundle, body_timeout_s=0.2)
     sent: list[dict] = []
 
@@ -543,7 +478,7 @@ def test_serve_trained_checkpoint_end_to_end(trained):
     from compressor.checkpoint import load_checkpoint
 
     source = trained["uri"] or trained["bundle"]
-    server = Server(["-m", "compressor.cli", "serve", source, "--workers", 1], trained["root"] / "serve.log",
+    server = Server(["-m", "compress_app", "serve", source, "--workers", 1], trained["root"] / "serve.log",
                     env=trained["env"], cwd=trained["root"])
     try:
         server.wait("/readyz")
@@ -561,7 +496,7 @@ def test_serve_trained_checkpoint_end_to_end(trained):
             r = server.http.post("/recommend", json={"user_id": str(ckpt.user_ids[user]), "k": 20})
             assert r.status_code == 200, r.text
             got = np.array([item_pos[x] for x in r.json()["items"]])
-            assert topk_mismatch(u[user], i, got, brute_force(u, i, user, 20, seen), seen) is None
+            assert topk_mismatch(u[user], i, got, brute_force_topk(u, i, user, 20, seen), seen) is None
     finally:
         server.stop()
     if trained["uri"] is None:

@@ -16,6 +16,8 @@ import pytest
 
 from export.bundle import build_user_tower, write_bundle
 from serving.bundle import BundleError, open_bundle, sha256_bytes, verify_bundle
+from serving import dense_topk
+from serving import recommender as recommender_module
 from serving.recommender import Recommender
 
 faiss.omp_set_num_threads(1)  # 2 shared cores: keep tests single-threaded
@@ -120,8 +122,8 @@ def test_open_and_verify(flat_dir, data):
 
 def test_serving_imports_neither_torch_nor_compressor():
     code = (
-        "import sys, serving.bundle, serving.recommender; "
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'compressor')]; "
+        "import sys, serving.bundle, serving.recommender, serving.app; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'compressor', 'mlflow')]; "
         "assert not bad, bad"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -395,13 +397,11 @@ def big_flat(tmp_path_factory, big_data):
 @pytest.mark.parametrize("k", [1, BIG_K, 100, 700])
 @pytest.mark.parametrize("exclude_seen", [True, False])
 def test_dense_batch_equals_brute_force(big_flat, big_data, monkeypatch, k, exclude_seen, user_table):
-    import serving.recommender as recommender_module
-
     if not user_table:
         monkeypatch.setattr(recommender_module, "USER_TABLE_MAX_BYTES", 0)
     rec = Recommender(big_flat)
     assert rec.dense and (rec._user_table is not None) == user_table
-    assert BIG_I > recommender_module.PREFIX  # the norm-ordered pruning is exercised
+    assert BIG_I > dense_topk.PREFIX  # the norm-ordered pruning is exercised
     users = np.arange(BIG_U, dtype=np.int64)
     batch = rec.recommend(users, k, exclude_seen=exclude_seen)
     for user, (items, scores) in zip(users.tolist(), batch):

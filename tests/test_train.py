@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import signal
 import subprocess
@@ -8,10 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from compressor import api
 from compressor.checkpoint import load_checkpoint
-from compressor.config import ConfigError, load_config
+from compressor.config import Config, ConfigError, from_dict, load_config, reference_markdown
+from compressor.models import MODEL_KINDS
+from compressor.objectives import METHOD_NAMES
+from compressor.optim import OPTIMIZER_NAMES
+from compressor.run_dir import CONFIG_FILE
+from compressor.trainer import Callback, TrainingError
 
-from .conftest import ROOT, TINY_TRAIN, run_cli
+from .conftest import CLI_MODULE, ROOT, TINY_TRAIN, run_cli
 
 
 def test_every_shipped_recipe_validates():
@@ -79,7 +86,7 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path, sl
     epochs = 8
     _train(tmp_path / "full", slice_data, epochs, "--set", "train.patience=100")
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "compressor.cli", "train", "--out", str(killed), "--set", f"data.path={slice_data}",
+    cmd = [sys.executable, "-m", CLI_MODULE, "train", "--out", str(killed), "--set", f"data.path={slice_data}",
            "--set", "model.dim=16", "--epochs", str(epochs), "--set", "train.patience=100", *TINY_TRAIN]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = killed / "metrics.jsonl"
@@ -100,3 +107,64 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path, sl
     for k in a.model_state:
         assert torch.equal(a.model_state[k], b.model_state[k]), k
     assert len((killed / "metrics.jsonl").read_text().splitlines()) == epochs
+
+
+@pytest.mark.parametrize("key", ["distill.tau", "distill.T", "distill.rrd.temperature"])
+@pytest.mark.parametrize("value", [0, 0.0, -1.0])
+def test_temperatures_must_be_positive(key, value):
+    section, *rest = key.split(".")
+    raw = {section: {rest[0]: value} if len(rest) == 1 else {rest[0]: {rest[1]: value}}}
+    with pytest.raises(ConfigError, match=rf"'{key}' must be > 0, got {value}"):
+        from_dict(raw)
+    with pytest.raises(ConfigError, match=rf"'{key}' must be > 0"):
+        api.make_config(None, {key: value})
+    from_dict({section: {rest[0]: 0.01} if len(rest) == 1 else {rest[0]: {rest[1]: 0.01}}})  # any positive value
+    row = next(line for line in reference_markdown().splitlines() if line.startswith(f"| `{key}` |"))
+    assert "Must be > 0." in row
+
+
+def test_choice_lists_come_from_the_registries():
+    assert METHOD_NAMES == ("rcekd", "ce", "rrd", "scratch")
+    fields = {f"{sec}.{f.name}": f for sec in ("model", "train", "distill")
+              for f in dataclasses.fields(type(getattr(Config(), sec)))}
+    assert fields["distill.method"].metadata["choices"] == METHOD_NAMES
+    assert fields["model.kind"].metadata["choices"] == MODEL_KINDS
+    assert fields["train.optimizer"].metadata["choices"] == OPTIMIZER_NAMES
+
+
+class _Recorder(Callback):
+    def __init__(self):
+        self.calls = []
+
+    def on_start(self, trainer):
+        self.calls.append("start")
+
+    def on_error(self, trainer, exc):
+        self.calls.append(exc)
+
+
+def _files(out: Path) -> dict:
+    return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_command_changes_nothing_of_the_run(tmp_path, slice_data):
+    """Refusals come before any write: another config into a finished run, a resume with another optimizer, a
+    resume of nothing."""
+    base = {"data.path": str(slice_data), "data.format": "users_dat", "train.threads": 1, "train.batch_size": 512,
+            "model.dim": 8, "train.epochs": 2}
+    out = tmp_path / "run"
+    api.train(None, out, overrides=base, device="cpu", progress=False)
+    before = _files(out)
+    assert CONFIG_FILE in {str(p) for p in before}
+    rec = _Recorder()
+    with pytest.raises(TrainingError, match="already holds a run"):
+        api.train(None, out, overrides=base | {"model.dim": 16}, device="cpu", progress=False, callbacks=[rec])
+    assert _files(out) == before
+    assert len(rec.calls) == 1 and isinstance(rec.calls[0], TrainingError)  # on_error, and no on_start
+    with pytest.raises(TrainingError, match="train.optimizer adam"):
+        api.train(None, out, overrides=base | {"train.optimizer": "lazy_adam", "train.epochs": 3}, device="cpu",
+                  progress=False, resume=True)
+    assert _files(out) == before
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        api.train(None, tmp_path / "none", overrides=base, device="cpu", progress=False, resume=True)
+    assert not (tmp_path / "none").exists()

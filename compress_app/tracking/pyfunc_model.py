@@ -1,6 +1,6 @@
 """The registered MLflow model: external user ids in, their top-k external item ids out.
 
-MLflow "models from code": ``compressor.tracking`` logs *this file* as the model's code (``python_model=<path>``)
+MLflow "models from code": ``compress_app.tracking.registry`` logs *this file* as the model's code (``python_model=<path>``)
 with the run's safetensors checkpoint as the artifact ``checkpoint``. Loading executes this file (it ends with
 ``mlflow.models.set_model``) and reads the checkpoint with ``load_checkpoint``; no pickled object is written or
 read, so a registered model is a .py file, a safetensors file and MLflow's YAML/JSON metadata. Loading needs this
@@ -16,9 +16,13 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+
+from compressor.checkpoint import load_checkpoint
+from compressor.evaluation import topk_excluding
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 USER_COLUMN = "user_id"
@@ -62,10 +66,6 @@ class TopKRecommender(PythonModel):
     """Inner-product top-k over the checkpoint's final user and item vectors, training items excluded."""
 
     def load_context(self, context):
-        import torch
-
-        from compressor.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
         with torch.no_grad():
             u, i = ckpt.build_model("cpu").vectors()
@@ -76,10 +76,6 @@ class TopKRecommender(PythonModel):
         self.fingerprint = ckpt.fingerprint
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
-        import torch
-
-        from compressor.evaluation import topk_excluding
-
         k = (params or {}).get("k", DEFAULT_K)
         try:
             k = int(k)
@@ -111,5 +107,5 @@ class TopKRecommender(PythonModel):
         return pd.DataFrame({USER_COLUMN: ids, "items": items, "scores": item_scores})
 
 
-if __name__ != "compressor.pyfunc_model":  # executed as model code by MLflow (not imported for its constants)
+if __name__ != "compress_app.tracking.pyfunc_model":  # executed as model code by MLflow (not imported for its constants)
     mlflow.models.set_model(TopKRecommender())

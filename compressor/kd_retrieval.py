@@ -1,0 +1,96 @@
+"""What every KD term needs from outside its loss: the teacher's top-K (computed once, cached on disk), the
+student's top-M (refreshed every epoch with FAISS) and the frozen teacher's scores of per-user item lists.
+
+One ``KDRetrieval`` per distillation run; it holds the teacher tensors on the training device and the one piece of
+state that lives across epochs, the approximate index's trained quantizer. Nothing here allocates a
+users x items matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .distill import Teacher
+from .losses import teacher_pair_scores
+from .retrieval import TopKSearcher, exact_topk_on_device, faiss_has_gpu, measure_recall, topk_cached
+
+log = logging.getLogger(__name__)
+
+REUSE_RECALL_FLOOR = 0.95  # keep an approximate index's trained quantizer across epochs while recall@M holds
+RECALL_SAMPLE_USERS = 500  # users whose approximate top-M is checked against exact search every refresh
+TEACHER_SCORE_BLOCK = 4096  # users per block when scoring per-user item lists with the teacher
+
+
+class KDRetrieval:
+    """Top-K lists and teacher scores for one run: ``index``/``index_params`` are ``distill.index``/``index_params``,
+    ``cache_dir`` is where the teacher's top-K is kept (shared by sibling runs with the same teacher)."""
+
+    def __init__(self, teacher: Teacher, device: torch.device, cache_dir: Path, index: str, index_params: dict):
+        self.teacher, self.device, self.cache_dir = teacher, device, Path(cache_dir)
+        self.index, self.index_params = index, index_params
+        self.t_user = torch.from_numpy(teacher.user_vectors).to(device)
+        self.t_item = torch.from_numpy(teacher.item_vectors).to(device)
+        self.use_gpu = device.type == "cuda"
+        self._reusable: TopKSearcher | None = None  # last epoch's released searcher, while its recall held
+        self._said_torch_topk = False
+
+    @property
+    def num_users(self) -> int:
+        return self.t_user.shape[0]
+
+    def teacher_topk(self, k: int) -> torch.Tensor:
+        """The teacher's exact top-k items for every user [U, k] (training positives not removed, as in the spec)."""
+        t0 = time.perf_counter()
+        ids = topk_cached(self.cache_dir, self.teacher.fingerprint, self.teacher.user_vectors,
+                          self.teacher.item_vectors, k, "Flat")
+        log.info("teacher top-%d ready in %.1fs", k, time.perf_counter() - t0)
+        return torch.from_numpy(ids).to(self.device)
+
+    def student_topm(self, model, m: int) -> tuple[torch.Tensor, dict]:
+        """The student's top-m items for every user [U, m] (training positives not removed, as in the spec), and
+        diagnostics (retrieval time; for an approximate index its measured recall and whether it kept the
+        quantizer)."""
+        t0 = time.perf_counter()
+        if self.use_gpu and self.index in ("Flat", "FlatIP") and not faiss_has_gpu():
+            # faiss-cpu beside CUDA torch: the exact search on the GPU itself, not on one CPU thread.
+            if not self._said_torch_topk:
+                log.info("FAISS has no GPU support here: exact top-%d on %s with torch (blocked matmul + topk)",
+                         m, self.device)
+                self._said_torch_topk = True
+            with torch.no_grad():
+                u, i = model.vectors()
+                _, ids = exact_topk_on_device(u.detach().float(), i.detach().float(), m)
+            torch.cuda.synchronize(self.device)
+            return ids, {"time_retrieval_s": time.perf_counter() - t0}
+        with torch.no_grad():
+            u, i = model.vectors()
+            u = u.detach().float().cpu().numpy()
+            i = i.detach().float().cpu().numpy()
+        # An approximate (IVF) index keeps its trained quantizer from the previous epoch while the recall
+        # measured on it stays >= REUSE_RECALL_FLOOR: the student moves little per epoch, and k-means is most
+        # of an IVF refresh (docs/benchmarks.md section 4). Below the floor, the next refresh trains afresh.
+        searcher = TopKSearcher(i, self.index, use_gpu=self.use_gpu, params=self.index_params,
+                                trained_like=self._reusable)
+        _, ids = searcher.search(u, m)
+        diag = {"time_retrieval_s": time.perf_counter() - t0}
+        if not searcher.is_exact:
+            diag["retrieval_recall"] = measure_recall(searcher, u, i, m, sample_users=RECALL_SAMPLE_USERS)
+            diag["retrieval_reused_quantizer"] = float(searcher.reused_training)
+            # only its trained quantizer is kept for the next epoch, and only while its recall holds
+            ok = diag["retrieval_recall"] >= REUSE_RECALL_FLOOR
+            self._reusable = searcher.release() if ok else None
+            log.info("approximate top-%d (%s%s): recall@%d %.4f vs exact", m, self.index,
+                     ", quantizer kept" if searcher.reused_training else "", m, diag["retrieval_recall"])
+        if (ids < 0).any():  # an approximate index can come back short; never feed -1 to a gather
+            raise RuntimeError(f"index {self.index!r} returned fewer than {m} items; raise its search params")
+        return torch.from_numpy(ids).to(self.device), diag
+
+    def teacher_scores(self, items: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's scores [U, k] of per-user item lists [U, k] (all users), in user blocks."""
+        b = TEACHER_SCORE_BLOCK
+        return torch.cat([teacher_pair_scores(self.t_user[s:s + b], self.t_item, items[s:s + b])
+                          for s in range(0, items.shape[0], b)])
