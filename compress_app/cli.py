@@ -19,6 +19,7 @@ from compressor.run_dir import CONFIG_FILE, LOG_FILE
 from export.bundle import AUTO_EXACT_MAX_ITEMS
 from export.from_checkpoint import export_checkpoint
 from serving.bundle import BundleError, verify_bundle
+from serving.config import FALLBACKS
 
 from . import options
 from .errors import one_line, user_errors
@@ -229,7 +230,7 @@ def export_command(source, out, verify_dir, index_factory, k_max, recall_floor, 
 @click.option("--max-k", type=click.IntRange(min=1), default=1000, show_default=True, help="Largest k a request may ask.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Most user ids in one /recommend/batch request.")
-@click.option("--fallback", type=click.Choice(["none", "popular"]), default="none", show_default=True,
+@click.option("--fallback", type=click.Choice(["none", *(f for f in FALLBACKS if f)]), default="none", show_default=True,
               help="popular: answer unknown users with the most popular items, marked \"fallback\": \"popular\", "
                    "instead of 404.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=1_048_576, show_default=True,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from .data import FORMATS, SPLIT_ORDERS
 from .errors import CompressError
 from .kd_terms import CE_TARGETS
 from .models import MODEL_KINDS
@@ -37,7 +38,7 @@ def _f(default, help: str, choices=None, min=None, gt=None):  # noqa: A002 - mir
 @dataclass
 class SplitConfig:
     order: str = _f("file", "How each user's interactions are ordered before the 8:1:1 cut.",
-                    choices=("file", "timestamp", "random"))
+                    choices=SPLIT_ORDERS)
     ratios: list = _f([0.8, 0.1, 0.1], "train/valid/test shares per user (must sum to 1).")
     seed: int = _f(0, "Seed of the shuffle when order is 'random'.")
 
@@ -45,7 +46,7 @@ class SplitConfig:
 @dataclass
 class DataConfig:
     path: str = _f("builtin:citeulike-t", "A file, a directory with train/valid/test files, or builtin:citeulike-t.")
-    format: str = _f("auto", "Input format.", choices=("auto", "pairs", "lists", "users_dat"))
+    format: str = _f("auto", "Input format.", choices=FORMATS)
     min_user_interactions: int = _f(0, "k-core: drop users with fewer interactions (0 = keep all).", min=0)
     min_item_interactions: int = _f(0, "k-core: drop items with fewer interactions (0 = keep all).", min=0)
     split: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "Per-user split of a single file."})

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "datasets"
 BUILTIN = {"citeulike-t": BUILTIN_DIR / "citeulike-t" / "users.dat"}
-FORMATS = ("auto", "pairs", "lists", "users_dat")
+FORMATS = ("auto", "pairs", "lists", "users_dat")  # data.format: auto detects one of the readers below
+SPLIT_ORDERS = ("file", "timestamp", "random")  # data.split.order, see split_per_user
 SPLIT_FILE_NAMES = {
     "train": ("train.txt", "train.csv", "train.tsv", "train"),
     "valid": ("valid.txt", "valid.csv", "valid.tsv", "val.txt", "validation.txt", "valid"),

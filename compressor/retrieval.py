@@ -202,12 +202,12 @@ def exact_topk_on_device(user_vectors, item_vectors, k: int, block: int | None =
     """Exact top-k by inner product with torch on the tensors' own device (blocked matmul + topk).
 
     The CUDA path when FAISS has no GPU support (faiss-cpu beside a CUDA torch): an exact search of
-    5,219 users x 25,181 items takes milliseconds on a GPU against ~2 s for IndexFlatIP on one CPU thread,
-    and the ids never leave the device. user_vectors [n, d], item_vectors [n_items, d] torch tensors ->
+    CiteULike-size refresh takes milliseconds on a GPU against seconds for IndexFlatIP on one CPU thread
+    (docs/benchmarks.md section 4), and the ids never leave the device. user_vectors [n, d], item_vectors [n_items, d] torch tensors ->
     (scores [n, k], ids [n, k] int64) on their device, best first. Same answer as IndexFlatIP up to the order
     of exact ties.
     """
-    import torch
+    import torch  # lazy: this module stays torch-free for export, which imports it for ip2l2 and recall
 
     n_items = item_vectors.shape[0]
     if not 0 < k <= n_items:
