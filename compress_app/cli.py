@@ -125,7 +125,8 @@ def distill(teacher, config_path, out, method, epochs, seed, device, threads, ov
               help="Which held-out split to rank.")
 @click.option("--data", "data_path", default=None,
               help="Evaluate on this data instead of the data recorded in the checkpoint (ids must match).")
-@click.option("--k", "ks", type=int, multiple=True, help="Cut-offs K (repeatable; default: the run's eval_ks).")
+@click.option("--k", "ks", type=click.IntRange(min=1), multiple=True,
+              help="Cut-offs K (repeatable; default: the run's eval_ks).")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object of the metrics.")
 @options.DEVICE
 @options.tracking_uri("MLflow server that resolves a models:/ CHECKPOINT.", expose=False)

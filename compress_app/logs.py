@@ -12,9 +12,20 @@ PIPELINE_LOGGER = "compress_app.pipeline"
 NOISY_LOGGERS = ("urllib3", "mlflow", "alembic", "httpx", "matplotlib", "PIL", "faiss.loader")
 
 
+class _LazyFileHandler(logging.FileHandler):
+    """Appends to its file, which (with its directory) is created only when the first line is logged: a command
+    refused before it logs anything leaves no empty run directory behind."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, delay=True)
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 def log_file_handler(path: Path) -> logging.FileHandler:
-    """A handler appending to ``path``; the file is created only when the first line is logged."""
-    handler = logging.FileHandler(path, delay=True)
+    handler = _LazyFileHandler(path)
     handler.setFormatter(LOG_FORMAT)
     return handler
 
@@ -30,7 +41,6 @@ def setup_logging(quiet: bool = False, logfile: Path | None = None) -> None:
     terminal.setLevel(logging.WARNING if quiet else logging.INFO)
     root.addHandler(terminal)
     if logfile is not None:
-        logfile.parent.mkdir(parents=True, exist_ok=True)
         root.addHandler(log_file_handler(logfile))
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from compressor.run_dir import METRICS_FILE
 
-GAP_METRIC = "ndcg@20"  # the gap-recovered column and the promotion gate compare test NDCG@20
+from .tracking.gate import GATE_METRIC as GAP_METRIC  # the gap-recovered column compares what the gate compares
 
 
 def _figure(width: float = 7, height: float = 4):

@@ -252,7 +252,9 @@ class Trainer:
             return self._fit(resume)
         except BaseException as e:
             for cb in self.callbacks:
-                cb.on_error(self, e)
+                on_error = getattr(cb, "on_error", None)  # optional for callbacks written before it existed
+                if on_error is not None:
+                    on_error(self, e)
             raise
 
     def _accept_out(self, resume: bool) -> None:

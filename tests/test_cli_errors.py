@@ -29,3 +29,16 @@ def test_zero_temperature_is_refused_before_training(key, tmp_path, slice_data):
 def test_unknown_config_key_names_it(tmp_path):
     p = run_cli("train", "--out", tmp_path / "run", "--set", "train.lrr=0.1", check=False)
     assert_one_line_error(p, "train.lrr", "did you mean 'train.lr'")
+
+
+def test_refused_command_leaves_no_empty_run_directory(tmp_path):
+    out = tmp_path / "never"
+    p = run_cli("train", "--out", out, "--resume", check=False)
+    assert_one_line_error(p, "nothing to resume")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("k", ["0", "-3"])
+def test_evaluate_rejects_non_positive_cutoffs(k, tmp_path):
+    p = run_cli("evaluate", tmp_path, "--k", k, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "--k" in p.stderr

@@ -102,10 +102,10 @@ def runs(tmp_path_factory, slice_data, env):
     teacher, student = root / "teacher", root / "student"
     run_cli("train", *_train_args(teacher, slice_data, 3), "--set", "train.lr=0.01", "--experiment", "kd",
             "--register", "rec-teacher", "--alias", "champion", env=env)
-    p = run_cli("distill", "--teacher", "models:/rec-teacher@champion", "--method", "rcekd",
+    run_cli("distill", "--teacher", "models:/rec-teacher@champion", "--method", "rcekd",
                 *_train_args(student, slice_data, 2), *KD_TINY, "--experiment", "kd",
                 "--register", "rec-student", "--alias", "champion", "--gate-share", "1000000", env=env)
-    return {"teacher": teacher, "student": student, "student_stderr": p.stderr}
+    return {"teacher": teacher, "student": student}
 
 
 def _run_of(client, run_dir: Path):
@@ -176,6 +176,21 @@ def test_registered_versions_alias_gate_and_tags(runs, client):
     assert "< 1e+06 x teacher" in sv.tags["compress.gate.reason"]
     assert sv.tags["compress.teacher.run_id"] == mv.run_id
     assert sv.tags["compress.teacher.fingerprint"] == load_checkpoint(runs["teacher"]).fingerprint
+
+
+def test_register_checkpoint_uses_the_given_store_not_the_global_one(runs, server, client, tmp_path):
+    """From Python, with no MLFLOW_TRACKING_URI set: the version lands on the given server, nothing is written
+    to a default ./mlflow.db."""
+    code = ("import json, sys; from compress_app.tracking import register_checkpoint; "
+            "print(json.dumps(register_checkpoint(sys.argv[1], 'rec-again', tracking_uri=sys.argv[2])))")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    p = subprocess.run([sys.executable, "-c", code, str(runs["teacher"] / "model.safetensors"), server.uri],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    reg = json.loads(p.stdout.strip().splitlines()[-1])
+    assert client.get_model_version("rec-again", reg["version"]).run_id == load_checkpoint(runs["teacher"]).meta[
+        "mlflow_run_id"]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 
 def test_only_safe_files_in_the_registered_model(runs, client):

@@ -127,9 +127,20 @@ def test_second_pipeline_in_the_same_directory_is_refused(recipes, tmp_path):
 
 def test_pipeline_refuses_recipes_it_cannot_compare_before_training(recipes, tmp_path):
     """The report and the promotion gate compare test NDCG@20: eval_ks without 20 is refused up front, in one
-    line, before any stage runs (it used to train the teacher and then fail with a KeyError)."""
+    line, before any stage runs."""
     out = tmp_path / "no20"
     p = run_cli(*_args(recipes, out, "--set", "train.eval_ks=[10]", "--set", "train.metric=ndcg@10"),
                 env={"COMPRESS_NO_MLFLOW": "1"}, check=False)
     assert_one_line_error(p, "train.eval_ks", "20")
     assert not (out / "teacher").exists() and not (out / "scratch").exists()
+
+
+def test_fresh_deletes_nothing_when_the_run_is_refused(recipes, tmp_path):
+    """--fresh with a missing --teacher (or any other refusal) is refused before a single stage is removed."""
+    out = tmp_path / "fresh"
+    (out / "rcekd").mkdir(parents=True)
+    (out / "rcekd" / "metrics.jsonl").write_text("an earlier run's\n")
+    p = run_cli(*_args(recipes, out, "--fresh", "--teacher", tmp_path / "no-such-teacher"),
+                env={"COMPRESS_NO_MLFLOW": "1"}, check=False)
+    assert_one_line_error(p, "no-such-teacher")
+    assert (out / "rcekd" / "metrics.jsonl").read_text() == "an earlier run's\n"

@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 from compressor.checkpoint import load_checkpoint
-from compressor.device import available_cores
+from compressor.device import available_cores, resolve_device
 from compressor.errors import MismatchError
 from compressor.files import atomic_write_text
 from compressor.run_dir import RESUME_FILE, TOPK_CACHE_DIR
 
 from ..logs import PIPELINE_LOGGER
 from ..report import ReportEntry, read_history, write_report
+from ..tracking.gate import GATE_METRIC
 from . import scratch_process
 from .deliver import dir_bytes, export_stage, log_report, register_stage, serving_latency
 from .options import PipelineOptions, stage_configs
@@ -47,16 +48,20 @@ def run_pipeline(o: PipelineOptions) -> dict:
 
 
 def _given_teacher(o: PipelineOptions) -> tuple[Path, Path, dict]:
+    """(checkpoint, run dir, result) of --teacher; refused unless it carries the test metric the report compares."""
     ckpt = Path(o.teacher)
-    log.info("stage teacher  given: %s", o.teacher)
-    test = load_checkpoint(ckpt).meta.get("metrics", {}).get("test")
-    if not test:
-        raise MismatchError(f"{o.teacher}: the teacher checkpoint has no test metrics (train it with compress)")
+    test = load_checkpoint(ckpt).meta.get("metrics", {}).get("test") or {}
+    if GATE_METRIC not in test:
+        raise MismatchError(f"{o.teacher}: the teacher checkpoint has no test {GATE_METRIC} to compare the students "
+                            f"with (train it with compress, with {GATE_METRIC.partition('@')[2]} in train.eval_ks)")
     return ckpt, ckpt if ckpt.is_dir() else ckpt.parent, {"test": test}
 
 
 def _run_locked(o: PipelineOptions, out: Path) -> dict:
-    stage_configs(o)  # every recipe and override validated before anything is deleted or trained
+    # Everything that can be refused is checked before --fresh deletes anything or a stage trains.
+    stage_configs(o)
+    resolve_device(o.device)
+    given = _given_teacher(o) if o.teacher else None
     if o.fresh:
         log.info("--fresh: removing %s and the cached teacher top-K beside it", out)
         for sub in (*STAGE_RUNS, "bundles", "report", TOPK_CACHE_DIR):
@@ -69,8 +74,9 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
     # 1. teacher and 2. scratch student: independent, so when both must be trained the scratch baseline trains in
     # a second process beside the teacher, each with half the cores (see scratch_process).
     scratch_proc = None
-    if o.teacher:
-        teacher_ckpt, teacher_dir, results["teacher"] = _given_teacher(o)
+    if given:
+        teacher_ckpt, teacher_dir, results["teacher"] = given
+        log.info("stage teacher  given: %s", o.teacher)
         stages["teacher"] = GIVEN
     else:
         teacher_dir = teacher_ckpt = out / "teacher"
@@ -130,7 +136,7 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
         log_report(o, out / "report")
     summary = {"out": str(out), "teacher": str(teacher_dir), "scratch": str(out / "scratch"),
                "rcekd": str(out / "rcekd"), "bundle": str(bundle), "report": str(report),
-               "test_ndcg@20": {e.label: e.test["ndcg@20"] for e in entries}, "registered": registered,
+               f"test_{GATE_METRIC}": {e.label: e.test[GATE_METRIC] for e in entries}, "registered": registered,
                "stages": stages, "serve": f"compress serve {bundle}"}
     atomic_write_text(out / "report" / SUMMARY_FILE, json.dumps(summary, indent=1))
     return summary

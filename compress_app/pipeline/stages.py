@@ -15,7 +15,7 @@ from compressor.run_dir import LOG_FILE, RESULT_FILE, RESUME_FILE
 from compressor.trainer import TrainingError
 
 from ..logs import PIPELINE_LOGGER, log_file_handler
-from ..tracking import MlflowTracker
+from ..tracking import GATE_METRIC, MlflowTracker
 from .options import PipelineOptions, recipe, stage_overrides
 
 log = logging.getLogger(PIPELINE_LOGGER)
@@ -53,8 +53,8 @@ def run_stage(name: str, run_dir: Path, train) -> tuple[dict, str]:
     """Run ``train(resume)`` into ``run_dir`` unless it finished earlier. Returns (result.json, what happened)."""
     done = read_result(run_dir)
     if done is not None:
-        log.info("stage %-8s reused: %s (finished earlier; test ndcg@20 %.4f) — --fresh redoes it", name, run_dir,
-                 done["test"]["ndcg@20"])
+        log.info("stage %-8s reused: %s (finished earlier; test %s %.4f) — --fresh redoes it", name, run_dir,
+                 GATE_METRIC, done["test"][GATE_METRIC])
         return done, REUSED
     resume = prepare_run_dir(run_dir)
     log.info("stage %-8s %s: %s", name, "resuming" if resume else "running", run_dir)
@@ -69,8 +69,8 @@ def run_stage(name: str, run_dir: Path, train) -> tuple[dict, str]:
         logging.getLogger().removeHandler(handler)
         handler.close()
     done = read_result(run_dir)
-    log.info("stage %-8s finished in %.0fs: test ndcg@20 %.4f", name, time.perf_counter() - t0,
-             done["test"]["ndcg@20"])
+    log.info("stage %-8s finished in %.0fs: test %s %.4f", name, time.perf_counter() - t0, GATE_METRIC,
+             done["test"][GATE_METRIC])
     return done, RESUMED if resume else RAN
 
 

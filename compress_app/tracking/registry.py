@@ -43,6 +43,7 @@ def register_version(client, run_id: str, checkpoint: Path, meta: dict, name: st
     pickled), create a new version of NAME with metrics and lineage as tags, and move ``alias`` to it only
     through the promotion gate (a blocked version keeps no alias and says why in ``compress.gate.reason``)."""
     mlflow = import_mlflow()
+    mlflow.set_tracking_uri(client.tracking_uri)  # log_model writes through the global URI: the client's store
 
     sig = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("k", "long", DEFAULT_K)]))
     with warnings.catch_warnings():
