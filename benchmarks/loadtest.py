@@ -33,7 +33,7 @@ training interactions as seen items, random vectors. Use a bundle of a trained s
         --tracking-uri sqlite:///bench-out/serve/mlflow.db
 
 registers a checkpoint as a new version of NAME in an MLflow store for the `mlflow models serve` side,
-with the same pyfunc model-from-code `compress distill --register` logs (`MlflowTracker._register`), and
+with the same pyfunc model-from-code `compress distill --register` logs (`registry.register_version`), and
 prints its models:/ URI. A checkpoint of an untracked run (no MLflow run id) gets a new run in the
 experiment "loadtest" to hold the model; artifacts go beside a local database (`<db>-artifacts/`).
 """
@@ -424,7 +424,8 @@ def register_checkpoint(checkpoint: Path, name: str, tracking_uri: str) -> str:
     import urllib.parse
 
     from compress_app.tracking.environment import import_mlflow
-    from compress_app.tracking.registry import register_checkpoint as register_tracked, register_version
+    from compress_app.tracking.registry import (DEFAULT_RECALL_FLOOR, export_for_registration, register_version)
+    from compress_app.tracking.registry import register_checkpoint as register_tracked
     from compressor.checkpoint import read_meta
     from compressor.run_dir import MODEL_FILE
 
@@ -452,7 +453,9 @@ def register_checkpoint(checkpoint: Path, name: str, tracking_uri: str) -> str:
                                   "compress.checkpoint_fingerprint": str(meta.get("fingerprint")),
                                   "compress.checkpoint_path": str(checkpoint.resolve())})
     try:
-        summary = register_version(client, run.info.run_id, checkpoint, meta, name)
+        client.log_artifact(run.info.run_id, str(checkpoint), "checkpoint")  # reachable for re-export
+        bundle = export_for_registration(checkpoint)
+        summary = register_version(client, run.info.run_id, bundle, meta, name, recall_floor=DEFAULT_RECALL_FLOOR)
     finally:
         client.set_terminated(run.info.run_id)
     return summary["model_uri"]

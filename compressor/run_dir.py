@@ -9,5 +9,6 @@ METRICS_FILE = "metrics.jsonl"  # one JSON line per epoch: losses, diagnostics, 
 CONFIG_FILE = "config.yaml"  # the resolved config of the run
 RESULT_FILE = "result.json"  # the final summary: best epoch, valid and test metrics
 LOG_FILE = "train.log"  # the run's log
+RUN_BUNDLE_DIR = "bundle"  # the serving bundle `--register` exports the model into before registering it
 # Beside the run directories (in their parent), so sibling runs distilled from one teacher share its top-K.
 TOPK_CACHE_DIR = ".topk-cache"

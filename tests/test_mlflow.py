@@ -19,7 +19,8 @@ from compressor.evaluation import topk_excluding
 from compress_app.tracking import TrackingError, promotion_gate
 from compress_app.tracking.environment import metric_key
 
-from .conftest import ROOT, TINY_TRAIN, cli_command, free_port, run_cli
+from .conftest import ROOT, TINY_TRAIN, assert_one_line_error, cli_command, free_port, run_cli
+from .conftest import Server as ServingProcess
 
 VENV_BIN = str(Path(sys.executable).parent)  # `mlflow models serve --env-manager local` execs `uvicorn` from PATH
 KD_TINY = ["--set", "distill.K=5", "--set", "distill.M=10", "--set", "distill.L=5"]
@@ -202,10 +203,26 @@ def test_only_safe_files_in_the_registered_model(runs, client):
 
     for name in ("rec-teacher", "rec-student"):
         files = sorted(walk(f"models:/{name}/1"))
-        assert "pyfunc_model.py" in files and "artifacts/model.safetensors" in files, files
-        assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle", ".joblib", ".pt", ".pth"))]
+        assert "bundle_pyfunc.py" in files, files
+        for f in ("manifest.json", "model.onnx", "items.faiss", "user_ids.npy", "item_ids.npy", "seen.npz"):
+            assert f"artifacts/bundle/{f}" in files, (f, files)
+        assert "code/serving/recommender.py" in files  # the model carries its serving code
+        assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle", ".joblib", ".pt", ".pth",
+                                                    ".safetensors"))]
         mlmodel = mlflow.artifacts.load_text(f"models:/{name}/1/MLmodel")
         assert "model_code_path" in mlmodel and "python_model.pkl" not in mlmodel
+        reqs = mlflow.artifacts.load_text(f"models:/{name}/1/requirements.txt")
+        assert "torch" not in reqs and "compress-recsys" not in reqs
+
+
+def _without_training_code(tmp_path: Path) -> dict:
+    """Environment of a Python where torch and this project's training code cannot be imported (each is shadowed
+    by a package whose import fails), as on a serving host that installed only MLflow's requirements."""
+    shadow = tmp_path / "shadow"
+    for name in ("torch", "compressor", "compress_app", "export"):
+        (shadow / name).mkdir(parents=True, exist_ok=True)
+        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this host')\n")
+    return {"PYTHONPATH": str(shadow)}
 
 
 def _reference_topk(ckpt_path, users: list[str], k: int) -> list[list[str]]:
@@ -217,22 +234,59 @@ def _reference_topk(ckpt_path, users: list[str], k: int) -> list[list[str]]:
     return [ckpt.item_ids[r].tolist() for r in top.numpy()]
 
 
-def test_pyfunc_load_model_by_alias_in_a_plain_process(runs, env):
+def test_pyfunc_loads_without_torch_and_answers_as_compress_serve(runs, env, tmp_path):
     users = load_checkpoint(runs["teacher"]).user_ids[[0, 5, 17]].tolist()
     script = (
         "import json, sys, mlflow, pandas as pd\n"
+        "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('torch imported')\n"
         "m = mlflow.pyfunc.load_model('models:/rec-teacher@champion')\n"
         "users = json.loads(sys.argv[1])\n"
         "a = m.predict(pd.DataFrame({'user_id': users}), params={'k': 7})\n"
         "b = m.predict(users)\n"
-        "print(json.dumps({'df': a['items'].tolist(), 'ids': a['user_id'].tolist(), 'list': b['items'].tolist()}))\n")
+        "assert 'torch' not in sys.modules and 'compressor' not in sys.modules\n"
+        "print(json.dumps({'df': a['items'].tolist(), 'scores': a['scores'].tolist(), 'ids': a['user_id'].tolist(),"
+        " 'list': b['items'].tolist()}))\n")
     p = subprocess.run([sys.executable, "-c", script, json.dumps(users)], capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, **env), cwd=runs["teacher"].parent)
+                       timeout=300, env=dict(os.environ, **env, **_without_training_code(tmp_path)),
+                       cwd=runs["teacher"].parent)
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["ids"] == users
     assert got["df"] == _reference_topk(runs["teacher"], users, 7)
     assert got["list"] == _reference_topk(runs["teacher"], users, 10)  # k defaults to 10
+    # the same answers, scores included, as `compress serve` over the same registered version
+    server = ServingProcess(cli_command("serve", "models:/rec-teacher@champion", "--workers", 1)[1:],
+                            tmp_path / "serve.log", env=env)
+    try:
+        server.wait("/readyz")
+        for user, items, scores in zip(users, got["df"], got["scores"]):
+            answer = server.http.post("/recommend", json={"user_id": user, "k": 7}).json()
+            assert answer["items"] == items and answer["scores"] == pytest.approx(scores, rel=1e-6)
+    finally:
+        server.stop()
+
+
+def test_version_without_a_bundle_is_refused_by_serve_with_how_to_fix(runs, client, env, tmp_path):
+    """A version registered the old way (the checkpoint as its artifact, no bundle) still resolves to its
+    checkpoint, and `compress serve` says how to re-register it instead of failing obscurely."""
+    import mlflow
+
+    code = tmp_path / "legacy_model.py"
+    code.write_text("import mlflow\nfrom mlflow.pyfunc import PythonModel\n\n\nclass Legacy(PythonModel):\n"
+                    "    def predict(self, context, model_input, params=None):\n        return model_input\n\n\n"
+                    "mlflow.models.set_model(Legacy())\n")
+    run_id = load_checkpoint(runs["teacher"]).meta["mlflow_run_id"]
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name="legacy", python_model=str(code),
+                                       artifacts={"checkpoint": str(runs["teacher"] / "model.safetensors")},
+                                       pip_requirements=["mlflow"])
+    client.create_registered_model("rec-legacy")
+    mv = client.create_model_version("rec-legacy", source=info.model_uri, run_id=run_id, model_id=info.model_id)
+    p = run_cli("evaluate", f"models:/rec-legacy/{mv.version}", "--json", env=env)
+    want = json.loads((runs["teacher"] / "result.json").read_text())["test"]
+    assert json.loads(p.stdout)["ndcg@20"] == pytest.approx(want["ndcg@20"], abs=1e-9)
+    p = run_cli("serve", f"models:/rec-legacy/{mv.version}", "--port", free_port(), env=env, check=False)
+    assert_one_line_error(p, "holds no serving bundle", "re-register")
 
 
 def test_models_uri_accepted_by_evaluate(runs, env):
@@ -337,7 +391,8 @@ def test_mlflow_models_serve_answers_topk_over_http(runs, env, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/rec-teacher@champion",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=dict(os.environ, **env), start_new_session=True)
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=dict(os.environ, **env, **_without_training_code(tmp_path)),
+        start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, 180, log)
         users = load_checkpoint(runs["teacher"]).user_ids[[1, 2, 3]].tolist()

@@ -17,7 +17,7 @@ from serving.bundle import MANIFEST_FILE, BundleError, open_bundle, verify_bundl
 from serving.recommender import Recommender
 
 from ..logs import PIPELINE_LOGGER
-from ..tracking import TrackingError, log_bundle_to_model_version, register_checkpoint, resolve_tracking_uri
+from ..tracking import TrackingError, register_checkpoint, resolve_tracking_uri
 from ..tracking.environment import DEFAULT_EXPERIMENT, import_mlflow
 from .options import PipelineOptions
 from .stages import RAN, REUSED
@@ -26,7 +26,6 @@ log = logging.getLogger(PIPELINE_LOGGER)
 
 REGISTERED_FILE = "registered.json"
 LATENCY_CALLS, LATENCY_WARMUP, LATENCY_K = 2000, 100, 20
-BUNDLE_RECALL_FLOOR = 0.95
 
 
 def export_stage(name: str, checkpoint: Path, bundle_dir: Path, index: str) -> tuple[dict, str]:
@@ -64,7 +63,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def register_stage(o: PipelineOptions, run_dir: Path, bundle: Path) -> tuple[dict | None, str]:
-    """Register the student (after its bundle verified) with the gated alias; reused while the checkpoint is."""
+    """Register the student's verified bundle with the gated alias; reused while the checkpoint is the same."""
     marker = o.out / "report" / REGISTERED_FILE
     fingerprint = load_checkpoint(run_dir).fingerprint
     if marker.exists():
@@ -76,8 +75,7 @@ def register_stage(o: PipelineOptions, run_dir: Path, bundle: Path) -> tuple[dic
         log.warning("--register needs MLflow tracking; skipped")
         return None, "skipped"
     reg = register_checkpoint(run_dir / MODEL_FILE, o.register, o.alias, o.gate_share,
-                              tracking_uri=o.mlflow.get("tracking_uri"))
-    log_bundle_to_model_version(reg["model_uri"], bundle, recall_floor=BUNDLE_RECALL_FLOOR)
+                              tracking_uri=o.mlflow.get("tracking_uri"), bundle_dir=bundle)
     reg["fingerprint"] = fingerprint
     atomic_write_text(marker, json.dumps(reg, indent=1))
     return reg, RAN

@@ -1,5 +1,5 @@
 """MLflow for compress: run tracking (``tracker``), the registry (``registry``), the promotion gate (``gate``),
-the registered pyfunc model (``pyfunc_model``) and their shared plumbing (``environment``).
+the registered pyfunc model over the serving bundle (``bundle_pyfunc``) and their shared plumbing (``environment``).
 
 MLflow's environment defaults (telemetry off, bounded HTTP retries) are set here, when this package is first
 imported and before any of its modules imports mlflow.

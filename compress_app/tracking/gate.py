@@ -16,6 +16,7 @@ BUNDLE_RECALL_TAG = "compress.bundle.index_recall"
 BUNDLE_RECALL_FLOOR_TAG = "compress.bundle.recall_floor"
 BUNDLE_FACTORY_TAG = "compress.bundle.index_factory"
 CHECKPOINT_FINGERPRINT_TAG = "compress.checkpoint_fingerprint"
+CHECKPOINT_ARTIFACT_TAG = "compress.checkpoint.artifact_uri"  # the run artifact a version was exported from
 
 
 def test_metric(metrics: dict | None, key: str = GATE_METRIC):

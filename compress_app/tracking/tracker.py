@@ -10,7 +10,8 @@ One ``MlflowTracker`` (a trainer callback) turns a run into an MLflow run:
   artifacts  ``config.yaml``, ``result.json`` (the evaluation report), ``metrics.jsonl``, ``train.log``,
              ``checkpoint/model.safetensors`` and ``plots/valid_ndcg_at_10.png``
 MLflow metric and tag names cannot hold ``@``: ``ndcg@10`` is logged as ``ndcg_at_10``. With ``register``, the
-finished run's model becomes a registered version (``registry.register_version``).
+finished run's model is exported as a serving bundle into ``<run dir>/bundle`` and that bundle becomes a registered
+version (``registry.register_version``).
 
 Failure behaviour: the server is probed before anything runs (``/health``, a few seconds at most): unreachable
 is a ``TrackingError`` naming the URI, or a warning and no tracking with ``optional=True``. A server lost
@@ -37,7 +38,7 @@ from .environment import (DEFAULT_EXPERIMENT, TrackingError, git_commit, import_
                           probe, redact, resolve_tracking_uri)
 from .gate import DEFAULT_GATE_SHARE, GATE_METRIC, test_metric
 from .plots import plot_curve
-from .registry import register_version
+from .registry import DEFAULT_RECALL_FLOOR, export_for_registration, register_version
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +210,9 @@ class MlflowTracker:
                             "gate_share": self.gate_share})
             else:
                 try:
-                    self.registered = register_version(self.client, self.run_id, out / MODEL_FILE, meta,
-                                                       self.register, self.alias, self.gate_share)
+                    bundle = export_for_registration(out / MODEL_FILE)
+                    self.registered = register_version(self.client, self.run_id, bundle, meta, self.register,
+                                                       self.alias, self.gate_share, DEFAULT_RECALL_FLOOR)
                 except TrackingError:
                     raise
                 except Exception as e:  # noqa: BLE001
