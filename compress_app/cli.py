@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -26,7 +28,8 @@ from .errors import one_line, user_errors
 from .logs import setup_logging, setup_pipeline_logging
 from .pipeline.options import PipelineOptions
 from .pipeline.run import run_pipeline
-from .sources import MODELS_PREFIX, resolve_bundle, resolve_checkpoint
+from .follow import serve_following
+from .sources import MODELS_PREFIX, resolve_checkpoint, resolve_registered_bundle
 from .tracking import MlflowTracker, TrackingError
 from .tracking import promote as promote_version
 
@@ -224,7 +227,8 @@ def export_command(source, out, verify_dir, index_factory, k_max, recall_floor, 
 @main.command()
 @click.argument("source")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Interface to bind; the default answers this machine only (0.0.0.0 for every interface).")
+              help="Interface to bind; the default answers this machine only. Beyond loopback a token is required "
+                   "(see --token-file) unless --insecure-no-token.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes, each with one ONNX Runtime and one FAISS thread [default: one per core].")
@@ -236,20 +240,46 @@ def export_command(source, out, verify_dir, index_factory, k_max, recall_floor, 
                    "instead of 404.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=1_048_576, show_default=True,
               help="Largest request body; a bigger one is refused with 413 before it is read.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the bearer token that every endpoint but /healthz and /readyz requires "
+                   "(Authorization: Bearer TOKEN); or set $COMPRESS_SERVE_TOKEN. Also enables POST /admin/swap.")
+@click.option("--insecure-no-token", is_flag=True,
+              help="Bind beyond loopback without a token: anyone who reaches the port can query the model.")
+@click.option("--follow-alias", is_flag=True,
+              help="SOURCE models:/NAME@ALIAS: whenever the alias moves, download and verify the new version and "
+                   "swap it in without a restart (the old version serves until then, and if it fails to verify).")
+@click.option("--poll-s", type=click.FloatRange(min=0.5), default=30.0, show_default=True,
+              help="With --follow-alias: seconds between registry polls (backing off while it is unreachable).")
 @options.tracking_uri("MLflow server that resolves a models:/ SOURCE.", expose=False)
 @user_errors
-def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_bytes):
-    """Serve SOURCE (a bundle directory or models:/NAME@ALIAS) over HTTP: POST /recommend, /recommend/batch;
-    GET /healthz, /readyz, /metadata, /metrics.
+def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_bytes, token_file, insecure_no_token,
+          follow_alias, poll_s):
+    """Serve SOURCE (a bundle directory or models:/NAME@ALIAS) over HTTP: POST /recommend, /recommend/batch,
+    /admin/swap; GET /healthz, /readyz, /metadata, /metrics, /openapi.json.
 
     The bundle is verified before the port is bound (a corrupt bundle: exit status 1). The server runs as
-    `python -m serving`, a fresh process that never imports torch or compressor.
+    `python -m serving`, a fresh process that never imports torch, MLflow or the training code.
     """
-    bundle = resolve_bundle(source)
-    argv = [sys.executable, "-m", "serving", bundle, "--host", host, "--port", str(port), "--max-k", str(max_k),
+    if follow_alias and not (source.startswith(MODELS_PREFIX) and "@" in source):
+        raise click.UsageError("--follow-alias needs SOURCE models:/NAME@ALIAS")
+    label = None
+    if source.startswith(MODELS_PREFIX):
+        label, bundle = resolve_registered_bundle(source)
+    else:
+        bundle = source
+    argv = [sys.executable, "-m", "serving", str(bundle), "--host", host, "--port", str(port), "--max-k", str(max_k),
             "--max-batch", str(max_batch), "--fallback", fallback, "--max-body-bytes", str(max_body_bytes)]
-    if workers is not None:
-        argv += ["--workers", str(workers)]
+    argv += ["--workers", str(workers)] if workers is not None else []
+    argv += ["--token-file", token_file] if token_file else []
+    argv += ["--insecure-no-token"] if insecure_no_token else []
+    argv += ["--model-version", label] if label else []
+    setup_logging()
+    if follow_alias:
+        control = Path(tempfile.mkdtemp(prefix="compress-follow-")) / "control.json"
+        try:
+            sys.exit(serve_following(source, [*argv, "--control-file", str(control)], control, label, poll_s))
+        finally:
+            shutil.rmtree(control.parent, ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)

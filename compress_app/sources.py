@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from serving.bundle import verify_bundle
+
 from .tracking import download_registered_bundle, download_registered_checkpoint
+from .tracking.registry import resolve_model_version
 
 MODELS_PREFIX = "models:/"
 
@@ -14,8 +19,15 @@ def resolve_checkpoint(source: str) -> str:
     return source
 
 
-def resolve_bundle(source: str) -> str:
-    """A bundle directory, or a `models:/NAME@ALIAS` (or /VERSION) URI -> the bundle logged for that version."""
-    if source.startswith(MODELS_PREFIX):
-        return str(download_registered_bundle(source))
-    return source
+def version_label(mv) -> str:
+    """How a served model version is named in answers and metadata: models:/NAME/VERSION."""
+    return f"models:/{mv.name}/{mv.version}"
+
+
+def resolve_registered_bundle(uri: str) -> tuple[str, Path]:
+    """(version label, verified local bundle) of what a `models:/` URI names now. The version is pinned before
+    the download, so an alias that moves meanwhile cannot mix two versions."""
+    label = version_label(resolve_model_version(uri))
+    bundle = download_registered_bundle(label)
+    verify_bundle(bundle)
+    return label, bundle

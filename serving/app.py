@@ -12,13 +12,24 @@ Endpoints (JSON unless noted; every error is `{"error": "<one line>"}` with the 
                               (or a fallback answer) and does not fail the batch
     GET  /healthz          200 while the process runs
     GET  /readyz           200 once the bundle is loaded and verified, 503 before (or if loading failed)
-    GET  /metadata         the manifest's public part (lineage, dim, counts, index type and recall)
-    GET  /metrics          Prometheus text: requests by endpoint and status, latency histogram, in flight
+    GET  /metadata         the manifest's public part (lineage, dim, counts, index type and recall) and
+                           "model_version"
+    GET  /metrics          Prometheus text: requests by endpoint and status, latency histogram, in flight,
+                           swaps, auth failures, fallbacks, the model versions served
+    GET  /openapi.json     the OpenAPI 3.1 document of all of this (`serving.openapi`)
+    POST /admin/swap       {"bundle": "/abs/dir", "version": "label"} -> 200 {"version": ..., "bundle": ...}:
+                           verify the bundle in this worker (422 if it fails), then write the control file
+                           so every worker swaps to it (`serving.swap`); 403 when no token is configured
 
-Status codes: 400 malformed JSON, 404 unknown user or path, 405 wrong method, 408 body not
-received within `body_timeout_s`, 413 body over `max_body_bytes` (refused from Content-Length before
-reading, or as soon as a streamed body passes the limit), 422 schema violations (see
-`serving.schema`), 503 before the bundle is ready. User ids are looked up in the bundle's id map,
+Authentication (`serving.auth`): with a token configured, every endpoint but /healthz and /readyz needs
+`Authorization: Bearer <token>`, else 401 with `WWW-Authenticate: Bearer`. Every authorized response
+while a bundle is loaded carries `X-Model-Version: <label>`: the version that produced the answer.
+
+Status codes: 400 malformed JSON, 401 missing or wrong token, 403 swap without a configured token,
+404 unknown user or path, 405 wrong method, 408 body not received within `body_timeout_s`, 413 body
+over `max_body_bytes` (refused from Content-Length before reading, or as soon as a streamed body
+passes the limit), 422 schema violations (see `serving.schema`) or a swap bundle that fails
+verification, 503 before the bundle is ready. User ids are looked up in the bundle's id map,
 so only valid indices ever reach ONNX Runtime.
 
 Why a plain ASGI callable and not FastAPI: the recommender and uvicorn take a fixed share of each
@@ -31,35 +42,36 @@ Threads: each worker process computes on its event-loop thread with one ONNX Run
 thread and one FAISS/OpenMP thread; single requests are answered inline (they are short), batches
 in chunks with a yield to the event loop between chunks, so one big batch cannot starve `/healthz`
 or other clients. The bundle is loaded on a background thread after startup, so `/healthz` answers
-at once and `/readyz` says 503 until the bundle is ready.
+at once and `/readyz` says 503 until the bundle is ready; later bundles are opened off the event loop
+too (`serving.swap.BundleSlot`), and each request keeps the `LoadedBundle` it started with.
 
 This module imports numpy, faiss, orjson and onnxruntime (via serving.bundle) only: never torch
 or `compressor`. `serve` and `main` are re-exported from `serving.server`.
 """
 
+
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
-import threading
 import time
 from typing import Any, Awaitable, Callable
 
 import faiss
 import numpy as np
-import orjson
 
-from serving.bundle import BundleError, open_bundle
-from serving.bundle_format import MANIFEST_FILE
+from serving.auth import OPEN_PATHS, authorized, worker_token
+from serving.bundle import BundleError
 from serving.config import CONFIG_ENV, DEFAULT_MAX_BODY_BYTES, FALLBACKS, ServeConfig
+from serving.loaded import LoadedBundle, dumps, public_metadata
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import Metrics, endpoint_label
-from serving.recommender import Recommender
-from serving.schema import ApiError, batch_request, parse_json, recommend_request, short
+from serving.openapi import build_openapi
+from serving.schema import ApiError, batch_request, parse_json, recommend_request, short, swap_request
 from serving.server import main, serve
+from serving.swap import BundleSlot, Target, write_control
 
 __all__ = [
     "App",
@@ -82,75 +94,17 @@ BATCH_CHUNK = 32
 
 JSON_TYPE = b"application/json"
 Headers = list[tuple[bytes, bytes]]
+Answer = tuple[int, bytes, bytes]
+UNAUTHORIZED = "unauthorized: send a valid Authorization: Bearer header"
 
 
-def public_metadata(manifest: dict[str, Any], manifest_sha256: str, config: ServeConfig) -> dict[str, Any]:
-    """The manifest minus file hashes and local paths, plus this server's limits."""
-    index = manifest.get("index", {})
-    lineage = {k: v for k, v in (manifest.get("lineage") or {}).items() if not k.endswith("_path")}
-    return {
-        "format_version": manifest.get("format_version"),
-        "manifest_sha256": manifest_sha256,
-        "created_at": manifest.get("created_at"),
-        "dim": manifest.get("dim"),
-        "metric": manifest.get("metric"),
-        "num_users": manifest.get("num_users"),
-        "num_items": manifest.get("num_items"),
-        "index": {
-            key: index.get(key)
-            for key in ("factory", "requested", "exact", "query_transform", "search_params", "recall_at_k", "k")
-        },
-        "lineage": lineage,
-        "metrics": manifest.get("metrics"),
-        "versions": manifest.get("versions"),
-        "serving": {"max_k": config.max_k, "max_batch": config.max_batch, "fallback": config.fallback},
-    }
+class _Reply:
+    """Per request: the bundle version that answered it (set when a handler takes the current bundle)."""
 
+    __slots__ = ("version",)
 
-def _dumps(payload: Any) -> bytes:
-    """Compact JSON. orjson writes numpy float32 arrays directly (shortest round-trip digits), much faster than
-    the json module on a batch answer; json takes what orjson refuses (strings with lone surrogates,
-    which a client can send as \\ud800 escapes and expects echoed back)."""
-    try:
-        return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-    except orjson.JSONEncodeError:
-        return json.dumps(_plain(payload), separators=(",", ":")).encode()
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
-class _Loaded:
-    """What the request handlers need once the bundle is open."""
-
-    def __init__(self, recommender: Recommender, config: ServeConfig) -> None:
-        bundle = recommender.bundle
-        self.recommender = recommender
-        self.user_index = bundle.user_index
-        self.item_ids = bundle.item_ids
-        self.seen_len = np.diff(bundle.seen_indptr)
-        digest = hashlib.sha256((bundle.path / MANIFEST_FILE).read_bytes()).hexdigest()
-        self.metadata = _dumps(public_metadata(bundle.manifest, digest, config))
-        self._popular: dict[int, tuple[list[str], np.ndarray]] = {}
-
-    def answer(self, items: np.ndarray, scores: np.ndarray) -> tuple[list[str], np.ndarray]:
-        return self.item_ids[items].tolist(), scores
-
-    def popular(self, k: int) -> tuple[list[str], np.ndarray]:
-        """The fallback for unknown users (no history to exclude); cached per k."""
-        hit = self._popular.get(k)
-        if hit is None:
-            if len(self._popular) > 64:
-                self._popular.clear()
-            hit = self._popular[k] = self.answer(*self.recommender.popular(k))
-        return hit
+    def __init__(self) -> None:
+        self.version: bytes | None = None
 
 
 class App:
@@ -158,56 +112,30 @@ class App:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        self._token = worker_token(config)  # fails closed: a configured token that cannot be read stops the worker
         self.metrics = Metrics(config.metrics_dir)
-        self._loaded: _Loaded | None = None
-        self._load_error: str | None = None
-        self._loader: threading.Thread | None = None
-        self._routes: dict[str, tuple[str, Callable[..., Awaitable[tuple[int, bytes, bytes]]]]] = {
+        self.slot = BundleSlot(config, self.metrics)
+        self._openapi = dumps(build_openapi(config, auth=self._token is not None))
+        self._routes: dict[str, tuple[str, Callable[..., Awaitable[Answer]]]] = {
             "/recommend": ("POST", self._recommend),
             "/recommend/batch": ("POST", self._recommend_batch),
             "/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz),
             "/metadata": ("GET", self._metadata),
             "/metrics": ("GET", self._metrics),
+            "/openapi.json": ("GET", self._openapi_json),
+            "/admin/swap": ("POST", self._admin_swap),
         }
 
     # ------------------------------------------------------------------ lifecycle
     def start_loading(self) -> None:
-        """Open the bundle on a background thread (idempotent)."""
-        if self._loader is not None:
-            return
+        """Open the bundle on a background thread, then watch the control file (idempotent)."""
         # OpenMP thread counts are per calling thread: pin the one that runs FAISS searches.
         faiss.omp_set_num_threads(1)
-        self._loader = threading.Thread(target=self._load, name="bundle-loader", daemon=True)
-        self._loader.start()
-
-    def _load(self) -> None:
-        try:
-            if self.config.load_delay_s:
-                time.sleep(self.config.load_delay_s)
-            started = time.perf_counter()
-            bundle = open_bundle(self.config.bundle_path, intra_op_num_threads=1, faiss_threads=1)
-            loaded = _Loaded(Recommender(bundle), self.config)
-        except BundleError as exc:
-            self._load_error = str(exc)
-            logger.error("bundle %s failed verification: %s", self.config.bundle_path, exc)
-            return
-        except Exception as exc:  # anything else is a bug or an I/O failure: stay unready, say why
-            self._load_error = f"{type(exc).__name__}: {exc}"
-            logger.exception("loading bundle %s failed", self.config.bundle_path)
-            return
-        self._loaded = loaded
-        self.metrics.set_ready(True)
-        logger.info(
-            "worker %d ready in %.2f s: %d users, %d items, index %s",
-            os.getpid(), time.perf_counter() - started, bundle.num_users, bundle.num_items,
-            bundle.manifest["index"].get("factory"),
-        )
+        self.slot.start()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        if self._loader is not None:
-            self._loader.join(timeout)
-        return self._loaded is not None
+        return self.slot.wait_loaded(timeout)
 
     async def _lifespan(self, receive: Callable, send: Callable) -> None:
         while True:
@@ -216,6 +144,7 @@ class App:
                 self.start_loading()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                self.slot.stop()
                 self.metrics.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -236,24 +165,36 @@ class App:
         metrics = self.metrics
         metrics.request_started()
         headers: Headers = []
+        reply = _Reply()
+        allowed = True
         try:
+            # Before routing: a client without the token learns nothing, not even which paths exist.
+            if self._token is not None and path not in OPEN_PATHS and not authorized(scope["headers"], self._token):
+                allowed = False
+                metrics.auth_failed()
+                raise ApiError(401, UNAUTHORIZED, ((b"www-authenticate", b"Bearer"),))
             route = self._routes.get(path)
             if route is None:
-                raise ApiError(404, f"no such endpoint {short(path)}; see /metadata, /recommend, /recommend/batch")
+                raise ApiError(404, f"no such endpoint {short(path)}; see /openapi.json")
             method, handler = route
             got = scope["method"]
             if got != method and not (got == "HEAD" and method == "GET"):
                 raise ApiError(405, f"{path} accepts {method} only, got {short(got)}", ((b"allow", method.encode()),))
-            status, body, content_type = await handler(scope, receive)
+            status, body, content_type = await handler(scope, receive, reply)
         except ApiError as exc:
-            status, body, content_type = exc.status, _dumps({"error": exc.message}), JSON_TYPE
+            status, body, content_type = exc.status, dumps({"error": exc.message}), JSON_TYPE
             headers.extend(exc.headers)
         except _ClientGone:
             metrics.request_finished(endpoint_label(path), 499, time.perf_counter() - started)
             return
         except Exception:
             logger.exception("unhandled error answering %s %s", scope.get("method"), path)
-            status, body, content_type = 500, _dumps({"error": "internal server error"}), JSON_TYPE
+            status, body, content_type = 500, dumps({"error": "internal server error"}), JSON_TYPE
+        version = reply.version
+        if version is None and allowed and (current := self.slot.current) is not None:
+            version = current.version_header
+        if version is not None:
+            headers.append((b"x-model-version", version))
         headers.append((b"content-type", content_type))
         headers.append((b"content-length", str(len(body)).encode()))
         try:
@@ -292,18 +233,20 @@ class App:
             raise ApiError(408, f"request body not received within {self.config.body_timeout_s:g} s", close) from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _ready(self) -> _Loaded:
-        loaded = self._loaded
+    def _ready(self, reply: _Reply) -> LoadedBundle:
+        """The bundle this request will use from start to end (a swap meanwhile does not change it)."""
+        loaded = self.slot.current
         if loaded is None:
-            if self._load_error is not None:
-                raise ApiError(503, f"bundle failed to load: {self._load_error}")
+            if self.slot.load_error is not None:
+                raise ApiError(503, f"bundle failed to load: {self.slot.load_error}")
             raise ApiError(503, "not ready: the bundle is still loading")
+        reply.version = loaded.version_header
         return loaded
 
     # ------------------------------------------------------------------- handlers
-    async def _recommend(self, scope: dict, receive: Callable) -> tuple[int, bytes, bytes]:
+    async def _recommend(self, scope: dict, receive: Callable, reply: _Reply) -> Answer:
         body = await self._body(scope, receive)
-        loaded = self._ready()
+        loaded = self._ready(reply)
         req = recommend_request(parse_json(body), self.config.max_k)
         user = loaded.user_index.get(req.user_id)
         if user is None:
@@ -312,15 +255,15 @@ class App:
                 raise ApiError(404, f"unknown user id {short(req.user_id)}")
             self.metrics.users("fallback")
             items, scores = loaded.popular(req.k)
-            return 200, _dumps({"user_id": req.user_id, "items": items, "scores": scores, "fallback": "popular"}), JSON_TYPE
+            return 200, dumps({"user_id": req.user_id, "items": items, "scores": scores, "fallback": "popular"}), JSON_TYPE
         [(items, scores)] = loaded.recommender.recommend(np.array([user], dtype=np.int64), req.k, req.exclude_seen)
         self.metrics.users("ok")
         ids, values = loaded.answer(items, scores)
-        return 200, _dumps({"user_id": req.user_id, "items": ids, "scores": values}), JSON_TYPE
+        return 200, dumps({"user_id": req.user_id, "items": ids, "scores": values}), JSON_TYPE
 
-    async def _recommend_batch(self, scope: dict, receive: Callable) -> tuple[int, bytes, bytes]:
+    async def _recommend_batch(self, scope: dict, receive: Callable, reply: _Reply) -> Answer:
         body = await self._body(scope, receive)
-        loaded = self._ready()
+        loaded = self._ready(reply)
         req = batch_request(parse_json(body), self.config.max_k, self.config.max_batch)
         lookup = loaded.user_index
         results: list[dict[str, Any]] = [{}] * len(req.user_ids)
@@ -355,23 +298,49 @@ class App:
             self.metrics.users("ok", len(users))
         if unknown:
             self.metrics.users("fallback" if self.config.fallback == "popular" else "unknown", unknown)
-        return 200, _dumps({"results": results}), JSON_TYPE
+        return 200, dumps({"results": results}), JSON_TYPE
 
-    async def _healthz(self, scope: dict, receive: Callable) -> tuple[int, bytes, bytes]:
+    async def _healthz(self, scope: dict, receive: Callable, reply: _Reply) -> Answer:
         return 200, b'{"status":"ok"}', JSON_TYPE
 
-    async def _readyz(self, scope: dict, receive: Callable) -> tuple[int, bytes, bytes]:
-        if self._loaded is not None:
+    async def _readyz(self, scope: dict, receive: Callable, reply: _Reply) -> Answer:
+        if self.slot.current is not None:
             return 200, b'{"status":"ready"}', JSON_TYPE
-        if self._load_error is not None:
-            return 503, _dumps({"status": "failed", "error": self._load_error}), JSON_TYPE
+        if self.slot.load_error is not None:
+            return 503, dumps({"status": "failed", "error": self.slot.load_error}), JSON_TYPE
         return 503, b'{"status":"loading"}', JSON_TYPE
 
-    async def _metadata(self, scope: dict, receive: Callable) -> tuple[int, bytes, bytes]:
-        return 200, self._ready().metadata, JSON_TYPE
+    async def _metadata(self, scope: dict, receive: Callable, reply: _Reply) -> Answer:
+        return 200, self._ready(reply).metadata, JSON_TYPE
 
-    async def _metrics(self, scope: dict, receive: Callable) -> tuple[int, bytes, bytes]:
+    async def _metrics(self, scope: dict, receive: Callable, reply: _Reply) -> Answer:
         return 200, self.metrics.render().encode(), METRICS_CONTENT_TYPE.encode()
+
+    async def _openapi_json(self, scope: dict, receive: Callable, reply: _Reply) -> Answer:
+        return 200, self._openapi, JSON_TYPE
+
+    async def _admin_swap(self, scope: dict, receive: Callable, reply: _Reply) -> Answer:
+        """Verify the bundle here (off the event loop), publish it in the control file, serve it here."""
+        if self._token is None:
+            raise ApiError(403, "POST /admin/swap needs the server started with --token-file (or COMPRESS_SERVE_TOKEN)")
+        body = await self._body(scope, receive)
+        req = swap_request(parse_json(body))
+        target = Target(os.path.normpath(req.bundle), req.version)
+        try:
+            loaded = await asyncio.get_running_loop().run_in_executor(None, self.slot.open, target)
+        except (BundleError, OSError) as exc:
+            message = " ".join(str(exc).split())[:300]
+            if not message.startswith(target.bundle):
+                message = f"{target.bundle}: {message}"
+            self.slot.failed(f"POST /admin/swap: {message}")
+            raise ApiError(422, f"bundle refused: {message}") from None
+        if self.config.control_file:
+            # The control file names the resolved label, so every worker serves the same one.
+            write_control(self.config.control_file, Target(loaded.path, loaded.version))
+        self.slot.install(loaded, swap=True)
+        reply.version = loaded.version_header
+        logger.info("worker %d swapped to version %s (%s) on request", os.getpid(), loaded.version, loaded.path)
+        return 200, dumps({"version": loaded.version, "bundle": loaded.path}), JSON_TYPE
 
 
 class _ClientGone(Exception):
@@ -388,6 +357,10 @@ def create_app(
     body_timeout_s: float = 10.0,
     metrics_dir: str | None = None,
     load_delay_s: float = 0.0,
+    token_file: str | None = None,
+    control_file: str | None = None,
+    swap_poll_s: float = 1.0,
+    model_version: str | None = None,
 ) -> App:
     """The ASGI app for one bundle. It loads the bundle when the server sends lifespan startup
     (or when `start_loading()` is called); until then `/readyz` and the API answer 503."""
@@ -395,7 +368,8 @@ def create_app(
         ServeConfig(
             bundle_path=str(bundle_path), max_k=max_k, max_batch=max_batch, fallback=fallback,
             max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, metrics_dir=metrics_dir,
-            load_delay_s=load_delay_s,
+            load_delay_s=load_delay_s, token_file=token_file, control_file=control_file, swap_poll_s=swap_poll_s,
+            model_version=model_version,
         )
     )
 

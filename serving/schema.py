@@ -2,6 +2,7 @@
 
 `POST /recommend`        {"user_id": str, "k": int = 10, "exclude_seen": bool = true}
 `POST /recommend/batch`  {"user_ids": [str, ...], "k": int = 10, "exclude_seen": bool = true}
+`POST /admin/swap`       {"bundle": "/absolute/bundle/dir", "version": str (optional label)}
 
 Rules: the body is a JSON object; `user_id` / `user_ids` are required; `k` is a JSON integer
 (not a bool, not 10.0) in [1, max_k]; `exclude_seen` is a JSON boolean; `user_ids` is a non-empty
@@ -9,18 +10,29 @@ array of at most max_batch strings; unknown fields are refused (a misspelt `exlu
 be silently ignored). Malformed JSON (bad syntax, bad encoding, nesting past the parser's depth)
 is 400; a parseable body that breaks these rules is 422, and so is NaN/Infinity anywhere a value
 is checked (Python's json module reads them as floats, which no field accepts).
+
+A model version label (`version`, `--model-version`, the control file's `version`) is 1 to
+MAX_VERSION_LEN printable ASCII characters, no leading or trailing space: it goes into the
+`X-Model-Version` header and a Prometheus label as is. `serving.openapi` documents these rules from
+the constants below.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_K = 10
 RECOMMEND_FIELDS = ("user_id", "k", "exclude_seen")
 BATCH_FIELDS = ("user_ids", "k", "exclude_seen")
+SWAP_FIELDS = ("bundle", "version")
+MAX_VERSION_LEN = 128
+VERSION_PATTERN = "^[!-~](?:[ -~]*[!-~])?$"  # printable ASCII, no surrounding spaces (ECMA and Python regex alike)
+MAX_PATH_LEN = 4096
+BUNDLE_PATH_PATTERN = "^/[^\\u0000]*$"  # absolute, no NUL byte
 
 
 class ApiError(Exception):
@@ -38,6 +50,12 @@ class RecommendRequest:
     user_id: str
     k: int
     exclude_seen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SwapRequest:
+    bundle: str
+    version: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,3 +155,29 @@ def batch_request(doc: Any, max_k: int, max_batch: int) -> BatchRequest:
         if type(uid) is not str:
             raise ApiError(422, f"user_ids[{i}] must be a string, got {kind(uid)}")
     return BatchRequest(user_ids, _k(doc, max_k), _exclude_seen(doc))
+
+
+def version_problem(label: Any) -> str | None:
+    """Why `label` is not a valid model version label, or None when it is."""
+    if type(label) is not str:
+        return f"must be a string, got {kind(label)}"
+    if not 1 <= len(label) <= MAX_VERSION_LEN:
+        return f"must have 1 to {MAX_VERSION_LEN} characters, got {len(label)}"
+    if not re.fullmatch(VERSION_PATTERN, label):
+        return "must be printable ASCII without leading or trailing spaces"
+    return None
+
+
+def swap_request(doc: Any) -> SwapRequest:
+    doc = _object(doc, SWAP_FIELDS, "bundle")
+    bundle = doc["bundle"]
+    if type(bundle) is not str:
+        raise ApiError(422, f"bundle must be a string, got {kind(bundle)}")
+    if len(bundle) > MAX_PATH_LEN or not re.fullmatch(BUNDLE_PATH_PATTERN, bundle):
+        raise ApiError(422, f"bundle must be an absolute path of at most {MAX_PATH_LEN} characters, got {short(bundle)}")
+    version = doc.get("version")
+    if version is not None or "version" in doc:
+        problem = version_problem(version)
+        if problem:
+            raise ApiError(422, f"version {problem}")
+    return SwapRequest(bundle, version)

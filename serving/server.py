@@ -1,7 +1,11 @@
 """Run the HTTP app: `serve()` verifies a bundle and runs uvicorn workers; `main()` is `python -m serving`.
 
 The workers build their app with `serving.app:app_from_env`, reading the `ServeConfig` that `serve()` puts
-in the environment. This module imports uvicorn only inside `serve()`, and never torch or `compressor`.
+in the environment (never the token: the config names the token file, or says to read COMPRESS_SERVE_TOKEN
+from the inherited environment). Before binding, `serve()` refuses an unusable token, a non-loopback host
+without a token (unless insecure_no_token), bad settings and a bundle that fails verification; it then
+writes the initial bundle into the control file (`serving.swap`) in a state directory it removes on exit.
+This module imports uvicorn only inside `serve()`, and never torch or `compressor`.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from serving.auth import TOKEN_ENV, is_loopback, resolve_token
 from serving.bundle import BundleError, verify_bundle
 from serving.config import CONFIG_ENV, DEFAULT_MAX_BODY_BYTES, ServeConfig, pin_threads_to_one
+from serving.swap import Target, write_control
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +58,17 @@ def serve(
     log_level: str = "info",
     access_log: bool = False,
     load_delay_s: float = 0.0,
+    token_file: str | os.PathLike | None = None,
+    insecure_no_token: bool = False,
+    control_file: str | os.PathLike | None = None,
+    swap_poll_s: float = 1.0,
+    model_version: str | None = None,
 ) -> None:
     """Verify the bundle, then run uvicorn with `workers` processes (default: one per core).
 
     Raises BundleError (before binding any socket) when the bundle fails a check, ValueError
-    for bad settings. Each worker loads the bundle itself with one ONNX Runtime and one FAISS thread.
+    for bad settings (serving.auth.TokenError, a ValueError, for an unusable token). Each worker loads
+    the bundle itself with one ONNX Runtime and one FAISS thread.
     """
     pin_threads_to_one()  # inherited by the worker processes before they import numpy/faiss
     workers = _cores() if workers is None else workers
@@ -64,10 +76,19 @@ def serve(
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in [0, 65535], got {port}")
+    token_file = os.path.abspath(token_file) if token_file is not None else None
+    token, source = resolve_token(token_file, os.environ)
+    if token is None and not insecure_no_token and not is_loopback(host):
+        raise ValueError(f"refusing to serve on {host} without authentication: pass --token-file (or set "
+                         f"{TOKEN_ENV}), or --insecure-no-token to accept requests from anyone who can reach it")
+    del token  # workers read it again from the same place; it goes in no config, log or file of ours
     config = ServeConfig(
         bundle_path=os.path.abspath(bundle_path), max_k=max_k, max_batch=max_batch, fallback=fallback,
-        max_body_bytes=max_body_bytes, load_delay_s=load_delay_s,
+        max_body_bytes=max_body_bytes, load_delay_s=load_delay_s, token_file=token_file,
+        token_env=source == "env", swap_poll_s=swap_poll_s, model_version=model_version,
     )
+    if control_file is not None and not os.path.isdir(os.path.dirname(os.path.abspath(control_file))):
+        raise ValueError(f"control file {control_file}: its directory does not exist")
     started = time.perf_counter()
     verify_bundle(config.bundle_path)  # refuse a corrupt bundle before binding
     logger.info("bundle %s verified in %.2f s", config.bundle_path, time.perf_counter() - started)
@@ -76,9 +97,19 @@ def serve(
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    metrics_dir = tempfile.mkdtemp(prefix="compress-serve-metrics-")
-    os.environ[CONFIG_ENV] = json.dumps(asdict(ServeConfig(**{**asdict(config), "metrics_dir": metrics_dir})))
+    state_dir = tempfile.mkdtemp(prefix="compress-serve-")
     try:
+        metrics_dir = os.path.join(state_dir, "metrics")
+        os.mkdir(metrics_dir)
+        control = os.path.abspath(control_file) if control_file is not None else os.path.join(state_dir, "control.json")
+        try:
+            write_control(control, Target(config.bundle_path, model_version))
+        except OSError as exc:
+            raise ValueError(f"control file {control}: cannot write it ({exc.strerror or exc})") from None
+        logger.info("swap control file: %s (auth: %s)", control,
+                    {"file": "token file", "env": TOKEN_ENV}.get(source or "", "none"))
+        worker_config = ServeConfig(**{**asdict(config), "metrics_dir": metrics_dir, "control_file": control})
+        os.environ[CONFIG_ENV] = json.dumps(asdict(worker_config))
         uvicorn.run(
             "serving.app:app_from_env",
             factory=True,
@@ -93,7 +124,7 @@ def serve(
             timeout_graceful_shutdown=10,
         )
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true")
+    parser.add_argument("--token-file", default=None,
+                        help=f"file holding the bearer token every endpoint but /healthz and /readyz then requires "
+                             f"(default: the {TOKEN_ENV} environment variable, if set)")
+    parser.add_argument("--insecure-no-token", action="store_true",
+                        help="allow a non-loopback --host without a token (anyone who can reach it may call it)")
+    parser.add_argument("--control-file", default=None,
+                        help='JSON {"bundle": "/abs/dir", "version": "label"} the workers watch for swaps '
+                             "(default: control.json in the server's temporary state directory)")
+    parser.add_argument("--swap-poll-s", type=float, default=1.0, help="seconds between control-file checks")
+    parser.add_argument("--model-version", default=None,
+                        help="version label of BUNDLE (default: the manifest's MLflow model version, else "
+                             "sha256:<first 12 hex of the manifest's sha256>)")
     parser.add_argument("--load-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)  # tests observe readiness
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
@@ -117,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             args.bundle, args.host, args.port, args.workers, max_k=args.max_k, max_batch=args.max_batch,
             fallback=None if args.fallback == "none" else args.fallback, max_body_bytes=args.max_body_bytes,
             log_level=args.log_level, access_log=args.access_log, load_delay_s=args.load_delay_s,
+            token_file=args.token_file, insecure_no_token=args.insecure_no_token, control_file=args.control_file,
+            swap_poll_s=args.swap_poll_s, model_version=args.model_version,
         )
     except BundleError as exc:
         msg = str(exc)

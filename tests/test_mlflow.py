@@ -418,3 +418,61 @@ def test_registry_option_mistakes_are_one_line_errors(tmp_path, slice_data, env)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "--register needs MLflow" in p.stderr
     p = run_cli("train", *_train_args(tmp_path / "b", slice_data, 1), "--alias", "champion", env=env, check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "--alias needs --register" in p.stderr
+
+
+def test_serve_follows_the_alias_and_refuses_a_tampered_version(runs, client, env, tmp_path, slice_data, monkeypatch):
+    """`compress serve models:/NAME@ALIAS --follow-alias`: moving the alias swaps the answering version in both
+    workers without a restart; a version whose bundle fails verification is not swapped in."""
+    from compress_app.tracking import download_registered_bundle
+    from serving.bundle import open_bundle
+    from serving.recommender import Recommender
+
+    for seed in (1, 2, 3):
+        run_cli("train", *_train_args(tmp_path / f"v{seed}", slice_data, 1), "--seed", seed, "--experiment", "follow",
+                "--register", "rec-follow", env=env)
+    client.set_registered_model_alias("rec-follow", "live", "1")
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", env["COMPRESS_CACHE_DIR"])  # the cache the server's follower reads
+    # Version 3's bundle, as this host's cache holds it, is tampered with: it must never be served.
+    tampered = download_registered_bundle("models:/rec-follow/3")
+    blob = bytearray((tampered / "items.faiss").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (tampered / "items.faiss").write_bytes(bytes(blob))
+
+    def expected(version, user):
+        rec = Recommender(open_bundle(download_registered_bundle(f"models:/rec-follow/{version}"), faiss_threads=None))
+        return rec.item_external_ids(rec.recommend(rec.user_indices([user]), 5)[0][0]).tolist()
+
+    user = load_checkpoint(tmp_path / "v1").user_ids[3]
+    server = ServingProcess(cli_command("serve", "models:/rec-follow@live", "--follow-alias", "--poll-s", 0.5,
+                                        "--workers", 2)[1:], tmp_path / "follow.log", env=env)
+
+    def answers(n=12):
+        out = []
+        for _ in range(n):
+            r = server.http.post("/recommend", json={"user_id": user, "k": 5})
+            assert r.status_code == 200, r.text
+            out.append((r.headers["x-model-version"], r.json()["items"]))
+        return out
+
+    def wait_for(version, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = answers()
+            if all(v == f"models:/rec-follow/{version}" for v, _ in got):
+                return got
+            time.sleep(0.3)
+        raise AssertionError(f"still answering {sorted({v for v, _ in got})}, not version {version}")
+
+    try:
+        server.wait("/readyz")
+        assert all(items == expected(1, user) for _, items in wait_for(1))
+        client.set_registered_model_alias("rec-follow", "live", "2")
+        assert all(items == expected(2, user) for _, items in wait_for(2))
+        assert server.http.get("/metadata").json()["model_version"] == "models:/rec-follow/2"
+        client.set_registered_model_alias("rec-follow", "live", "3")
+        time.sleep(3)  # several polls: version 3 is downloaded from the cache, fails verification, is refused
+        assert all(v == "models:/rec-follow/2" for v, _ in answers())
+        client.set_registered_model_alias("rec-follow", "live", "1")
+        wait_for(1)
+    finally:
+        server.stop()

@@ -121,37 +121,19 @@ def api(bundle, tmp_path_factory):
         server.stop()
 
 
-def _tracking_with_bundles():
-    """compress_app.tracking when it can register models and carry bundles (MLflow is optional, so imported here)."""
-    try:
-        from compress_app import tracking
-    except ImportError:
-        return None
-    needed = ("download_registered_bundle", "log_bundle_to_model_version")
-    return tracking if all(hasattr(tracking, n) for n in needed) else None
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, slice_data):
-    """A 2-epoch MF on the test slice, exported with `compress export`; registered as models:/rec-serve@champion
-    with its bundle logged when compressor.tracking supports it (else `uri` is None)."""
+    """A 2-epoch MF on the test slice, registered as models:/rec-serve@champion (the registered model is its
+    serving bundle), and exported again from that URI with `compress export`."""
     root = tmp_path_factory.mktemp("trained")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "COMPRESS_CACHE_DIR": str(root / "cache")}
     run, bundle = root / "run", root / "bundle"
     train = ["train", "--out", run, "--set", f"data.path={slice_data}", "--set", "model.dim=16", "--epochs", 2,
              "--set", "train.lr=0.01", *TINY_TRAIN]
-    uri = None
-    if _tracking_with_bundles() is not None:
-        uri = "models:/rec-serve@champion"
-        run_cli(*train, "--register", "rec-serve", "--alias", "champion", cwd=root,  # cwd: MLflow writes ./mlruns
+    uri = "models:/rec-serve@champion"
+    run_cli(*train, "--register", "rec-serve", "--alias", "champion", cwd=root,  # cwd: MLflow writes ./mlruns
             env={**env, "COMPRESS_NO_MLFLOW": "0"})
-        run_cli("export", uri, "--out", bundle, cwd=root, env=env)
-        code = "import sys; from compress_app.tracking import log_bundle_to_model_version as f; f(sys.argv[1], sys.argv[2])"
-        subprocess.run([sys.executable, "-c", code, uri, str(bundle)], cwd=root, env=dict(os.environ, **env), check=True,
-                       capture_output=True, timeout=120)
-    else:
-        run_cli(*train, cwd=root, env={**env, "COMPRESS_NO_MLFLOW": "1"})
-        run_cli("export", run, "--out", bundle, cwd=root)
+    run_cli("export", uri, "--out", bundle, cwd=root, env=env)
     return {"root": root, "env": env, "run": run, "bundle": bundle, "uri": uri}
 
 
@@ -474,8 +456,7 @@ def test_serve_trained_checkpoint_end_to_end(trained):
     torch = pytest.importorskip("torch")
     from compressor.checkpoint import load_checkpoint
 
-    source = trained["uri"] or trained["bundle"]
-    server = Server(["-m", "compress_app", "serve", source, "--workers", 1], trained["root"] / "serve.log",
+    server = Server(["-m", "compress_app", "serve", trained["uri"], "--workers", 1], trained["root"] / "serve.log",
                     env=trained["env"], cwd=trained["root"])
     try:
         server.wait("/readyz")
@@ -483,8 +464,7 @@ def test_serve_trained_checkpoint_end_to_end(trained):
         meta = server.http.get("/metadata").json()
         assert meta["lineage"]["checkpoint_fingerprint"] == ckpt.fingerprint
         assert meta["lineage"]["model_kind"] == "mf" and "checkpoint_path" not in meta["lineage"]
-        if trained["uri"]:
-            assert meta["lineage"]["registered_model_uri"] == trained["uri"]
+        assert meta["model_version"] == "models:/rec-serve/1"  # the registered version, as it answers
         with torch.no_grad():
             u, i = (t.detach().float().numpy() for t in ckpt.build_model().vectors())
         item_pos = {iid: n for n, iid in enumerate(ckpt.item_ids.tolist())}
@@ -496,5 +476,3 @@ def test_serve_trained_checkpoint_end_to_end(trained):
             assert topk_mismatch(u[user], i, got, brute_force_topk(u, i, user, 20, seen), seen) is None
     finally:
         server.stop()
-    if trained["uri"] is None:
-        pytest.skip("compressor.tracking cannot carry bundles yet: models:/ serving not tested")

@@ -82,6 +82,9 @@ def _params(params: dict | None) -> tuple[int, bool]:
 
 class BundleRecommender(PythonModel):
     """Top-k over the registered serving bundle, training items excluded (as `compress serve` answers)."""
+    # The input is checked by _user_ids / _params (a DataFrame, a list or an array of ids), not by type hints:
+    # MLflow's type-hint validation (and its warning, at class definition, that hints are missing) is skipped.
+    _skip_type_hint_validation = True
 
     def load_context(self, context):
         # Thread pools are the host process's business (a notebook, `mlflow models serve`): leave them alone.
