@@ -10,7 +10,6 @@ polls back off, and each change of state (lost, back, refused version) is logged
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import subprocess
@@ -18,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from compressor.files import atomic_write_text
 from serving.bundle import BundleError, verify_bundle
+from serving.swap import ControlError, Target, read_control, write_control
 
 from .sources import version_label
 from .tracking import TrackingError, download_registered_bundle
@@ -28,11 +27,6 @@ from .tracking.registry import resolve_model_version
 log = logging.getLogger("compress_app.follow")
 
 MAX_BACKOFF_S = 300.0
-
-
-def write_control(control_file: Path, bundle: Path, label: str) -> None:
-    """Ask every worker of the server to swap to ``bundle`` (the control file's format is serving's)."""
-    atomic_write_text(control_file, json.dumps({"bundle": str(Path(bundle).resolve()), "version": label}))
 
 
 class AliasFollower:
@@ -65,19 +59,23 @@ class AliasFollower:
             self.refused = label
             log.error("%s moved to %s, which is not served: %s; still serving %s", self.uri, label, e, self.current)
             return
-        write_control(self.control_file, bundle, label)
+        self._hand_over(bundle, label)
         log.info("%s moved to %s: handed to the server (was %s)", self.uri, label, self.current)
         self.current, self.bundle, self.refused = label, bundle, None
+
+    def _hand_over(self, bundle: Path, label: str) -> None:
+        """Ask every worker of the server to swap to ``bundle`` (serving's control file)."""
+        write_control(str(self.control_file), Target(str(Path(bundle).resolve()), label))
 
     def _reassert(self) -> None:
         """The server writes its initial bundle into the control file while it starts; a hand-over made before
         that is overwritten, so whenever the file names another version, ours is written again."""
         try:
-            named = json.loads(self.control_file.read_text()).get("version")
-        except (OSError, ValueError):
-            return  # not written yet by the starting server, or mid-rename: the next poll looks again
+            named = read_control(str(self.control_file)).version
+        except ControlError:
+            return  # not written yet by the starting server: the next poll looks again
         if named != self.current and self.bundle is not None:
-            write_control(self.control_file, self.bundle, self.current)
+            self._hand_over(self.bundle, self.current)
 
     def _failed(self, message: str) -> None:
         if not self.failing:
