@@ -62,6 +62,11 @@ from typing import Annotated, Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from serving.bundle import open_bundle  # noqa: E402  (the checkout first on sys.path)
+
 GOWALLA = ROOT.parent / "shared" / "data" / "gowalla"
 BATCH_USERS = 64
 K = 10
@@ -293,7 +298,6 @@ def fastapi_baseline_app():
     from fastapi import FastAPI, HTTPException
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-    from serving.bundle import open_bundle
     from serving.recommender import Recommender
 
     state: dict[str, Recommender] = {}
@@ -499,7 +503,7 @@ def main() -> int:
         ap.error("--duration and --max-requests must be positive")
     bundle = args.bundle.resolve()
     manifest = json.loads((bundle / "manifest.json").read_text())
-    user_ids = np.load(bundle / "user_ids.npy", allow_pickle=False)
+    user_ids = open_bundle(bundle, faiss_threads=None).user_ids  # whatever id encoding the bundle's format uses
     args.out_dir.mkdir(parents=True, exist_ok=True)
     work = args.out_dir / "work"
     work.mkdir(exist_ok=True)

@@ -18,7 +18,7 @@ from compressor import __version__, api
 from compressor.config import reference_markdown
 from compressor.objectives import METHOD_NAMES
 from compressor.run_dir import CONFIG_FILE, LOG_FILE
-from export.bundle import AUTO_EXACT_MAX_ITEMS
+from export.bundle import QUANTIZATIONS
 from export.from_checkpoint import export_checkpoint
 from serving.bundle import BundleError, verify_bundle
 from serving.config import FALLBACKS
@@ -182,17 +182,22 @@ def config_reference():
 @click.option("--verify", "verify_dir", type=click.Path(file_okay=False), default=None, metavar="BUNDLE_DIR",
               help="Instead of exporting, run every check the server runs at startup on BUNDLE_DIR.")
 @click.option("--index", "index_factory", default="auto", show_default=True, metavar="auto|FACTORY",
-              help=f"FAISS factory string (Flat, HNSW32, IVF256,SQ8 ...), or auto: exact Flat up to "
-                   f"{AUTO_EXACT_MAX_ITEMS:,} items, else HNSW32 tuned to --recall-floor (Flat when it cannot reach it).")
+              help="FAISS factory string (Flat, HNSW32, IVF256,SQ8 ...), or auto: measure the exact scan, IVF and "
+                   "HNSW in the bundle's codec and keep the smallest that reaches --recall-floor and is no slower "
+                   "than the exact scan (what was tried is in the manifest's index.auto).")
 @click.option("--k-max", type=click.IntRange(min=1), default=100, show_default=True,
               help="k at which an approximate index's recall, and the exact index's top-k, are checked.")
 @click.option("--recall-floor", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Refuse an approximate index whose recall@k-max is lower.")
-@click.option("--force", is_flag=True, help="Write an approximate index even when it misses --recall-floor.")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default="fp32", show_default=True,
+              help="Store the user table and the item codes as fp16 or int8 (per-row scale); kept only if the "
+                   "bundle's top-k agrees with the fp32 one on the reference users (else refused, see --force).")
+@click.option("--force", is_flag=True, help="Write an approximate index that misses --recall-floor, or a quantized "
+              "bundle that fails its agreement check (the measured numbers go in the manifest).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 @options.tracking_uri("MLflow server that resolves a models:/ SOURCE.", expose=False)
 @user_errors
-def export_command(source, out, verify_dir, index_factory, k_max, recall_floor, force, overwrite):
+def export_command(source, out, verify_dir, index_factory, k_max, recall_floor, quantize, force, overwrite):
     """Export SOURCE (a run dir, .safetensors or models:/ URI) as a serving bundle for `compress serve`.
 
     \b
@@ -217,7 +222,8 @@ def export_command(source, out, verify_dir, index_factory, k_max, recall_floor, 
     setup_logging()
     extra = {"registered_model_uri": source} if source.startswith(MODELS_PREFIX) else None
     manifest = export_checkpoint(resolve_checkpoint(source), out, index_factory=index_factory, k_max=k_max,
-                                 recall_floor=recall_floor, force=force, overwrite=overwrite, lineage_extra=extra)
+                                 recall_floor=recall_floor, quantize=quantize, force=force, overwrite=overwrite,
+                                 lineage_extra=extra)
     index = manifest["index"]
     click.echo(json.dumps({"out": str(out), "num_users": manifest["num_users"], "num_items": manifest["num_items"],
                            "dim": manifest["dim"], "index": index["factory"], "exact": index["exact"],
@@ -262,9 +268,9 @@ def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_byte
     """
     if follow_alias and not (source.startswith(MODELS_PREFIX) and "@" in source):
         raise click.UsageError("--follow-alias needs SOURCE models:/NAME@ALIAS")
-    label = None
+    label = digest = None
     if source.startswith(MODELS_PREFIX):
-        label, bundle = resolve_registered_bundle(source)
+        label, bundle, digest = resolve_registered_bundle(source)
     else:
         bundle = source
     argv = [sys.executable, "-m", "serving", str(bundle), "--host", host, "--port", str(port), "--max-k", str(max_k),
@@ -277,9 +283,11 @@ def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_byte
     if follow_alias:
         control = Path(tempfile.mkdtemp(prefix="compress-follow-")) / "control.json"
         try:
-            sys.exit(serve_following(source, [*argv, "--control-file", str(control)], control, label, poll_s))
+            code = serve_following(source, [*argv, "--control-file", str(control)], control, label, Path(bundle),
+                                   digest, poll_s)
         finally:
             shutil.rmtree(control.parent, ignore_errors=True)
+        sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)

@@ -79,8 +79,13 @@ def write_report(out_dir: Path, teacher: ReportEntry, scratch: ReportEntry, stud
         rows.append(f"| {e.label} | {e.dim} | {e.params:,} | {_mb(e.bundle_bytes)} | {lat} | "
                     + " | ".join(f"{e.test[m]:.4f}" for m in metrics) + f" | {gap_s} |")
     shrink = teacher.params / max(student.params, 1)
+    size = ""
+    if teacher.bundle_bytes and student.bundle_bytes:
+        ratio = teacher.bundle_bytes / student.bundle_bytes
+        size = (f"Its bundle is {ratio:.1f}x smaller ({_mb(student.bundle_bytes)} against {_mb(teacher.bundle_bytes)}): "
+                f"{ratio / shrink:.2f} of the parameter ratio (ids and seen items cost the same in both bundles). ")
     lines = [f"# {title}", "", "\n".join(rows), "",
-             f"The RCE-KD student has {shrink:.0f}x fewer embedding parameters than its teacher. "
+             f"The RCE-KD student has {shrink:.1f}x fewer embedding parameters than its teacher. {size}"
              "Metrics: full ranking over all items, training items excluded, test split, best validation epoch. "
              "Latency: one user per call, in-process (ONNX Runtime user tower -> FAISS search -> seen items "
              "removed), 1 thread.", "", "![validation NDCG@10](valid_ndcg10.png)", "",

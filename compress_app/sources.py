@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving.bundle import verify_bundle
-
-from .tracking import download_registered_bundle, download_registered_checkpoint
-from .tracking.registry import resolve_model_version
+from .tracking import download_registered_checkpoint
+from .tracking.registry import fetch_verified_bundle, resolve_model_version
 
 MODELS_PREFIX = "models:/"
 
@@ -24,10 +22,9 @@ def version_label(mv) -> str:
     return f"models:/{mv.name}/{mv.version}"
 
 
-def resolve_registered_bundle(uri: str) -> tuple[str, Path]:
-    """(version label, verified local bundle) of what a `models:/` URI names now. The version is pinned before
-    the download, so an alias that moves meanwhile cannot mix two versions."""
+def resolve_registered_bundle(uri: str) -> tuple[str, Path, str]:
+    """(version label, verified local bundle, its manifest sha256) of what a `models:/` URI names now. The
+    version is pinned before the download, so an alias that moves meanwhile cannot mix two versions."""
     label = version_label(resolve_model_version(uri))
-    bundle = download_registered_bundle(label)
-    verify_bundle(bundle)
-    return label, bundle
+    bundle, digest = fetch_verified_bundle(label)
+    return label, bundle, digest

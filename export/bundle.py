@@ -5,8 +5,10 @@ serving loader import. `write_bundle` puts everything in a temp dir beside `out_
 parity for every user, recall of approximate indexes, the serving loader's own checks, and for exact indexes
 the served top-k against the caller's reference), and only then renames it into place.
 
-The parts: `export.onnx_tower` (user tower + parity), `export.index_build` (index choice, build, recall
-tuning), `export.topk_check` (served top-k against a reference).
+The parts: `export.onnx_tower` (user tower at fp32/fp16/int8 + parity), `export.index_build` (explicit factories,
+build, recall tuning), `export.index_auto` (`index_factory="auto"`: candidates measured, smallest kept),
+`export.served` (the serving recommender over a bundle being written), `export.quantize_check` (a quantized
+bundle's answers against fp32), `export.topk_check` (served top-k against a reference).
 """
 
 from __future__ import annotations
@@ -29,21 +31,22 @@ import onnx
 import onnxruntime as ort
 
 from export.errors import ExportError
-from export.index_build import AUTO_APPROX_FACTORY, AUTO_EXACT_MAX_ITEMS, build_item_index, resolve_factory
-from export.onnx_tower import build_user_tower, check_parity
+from export.index_auto import choose_index
+from export.index_build import RecallSample, build_item_index
+from export.onnx_tower import build_user_tower, check_parity, quantize_user_table
+from export.quantize_check import check_quantized
+from export.served import ServedProbe
 from export.topk_check import check_served_topk, topk_mismatch
 from serving.bundle import BundleError, open_bundle, verify_bundle
-from serving.bundle_format import (DATA_FILES, FORMAT_VERSION, INDEX_FILE, ITEM_IDS_FILE, MANIFEST_FILE, METRIC,
-                                   MODEL_FILE, ONNX_INPUT, ONNX_IR_VERSION, ONNX_OPSET, ONNX_OUTPUT, SEEN_FILE,
-                                   USER_IDS_FILE, FormatError, check_csr, check_ids)
+from serving.bundle_format import (FORMAT_VERSION, ID_ROLES, INDEX_FILE, MANIFEST_FILE, METRIC, MODEL_FILE, ONNX_INPUT,
+                                   ONNX_IR_VERSION, ONNX_OPSET, ONNX_OUTPUT, QUANTIZATIONS, SEEN_FILE, FormatError,
+                                   check_csr, check_ids, data_files, encode_ids, ids_file, smallest_int)
 
 __all__ = [
-    "AUTO_APPROX_FACTORY",
-    "AUTO_EXACT_MAX_ITEMS",
+    "QUANTIZATIONS",
     "ExportError",
     "BundleError",
     "build_user_tower",
-    "resolve_factory",
     "topk_mismatch",
     "verify_bundle",
     "write_bundle",
@@ -108,6 +111,35 @@ def _as_reference(reference_topk: tuple[np.ndarray, np.ndarray] | None, num_user
     return users, items
 
 
+def _as_test(test_indptr: Any, test_indices: Any, num_users: int, num_items: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The caller's held-out test CSR (both arrays or neither)."""
+    if test_indptr is None and test_indices is None:
+        return None
+    if test_indptr is None or test_indices is None:
+        raise ExportError("test_indptr and test_indices go together: pass both or neither")
+    try:
+        return check_csr(test_indptr, test_indices, num_users, num_items)
+    except FormatError as exc:
+        raise ExportError(f"test_indptr/test_indices: {exc}") from None
+
+
+def _write_ids(tmp: Path, role: str, ids: np.ndarray) -> dict[str, str]:
+    """The `role` ids in their compact file; returns the manifest's ids entry."""
+    try:
+        encoding, data = encode_ids(ids)
+    except FormatError as exc:
+        raise ExportError(f"{role}_ids: {exc}") from None
+    name = ids_file(role, encoding)
+    (tmp / name).write_bytes(data)
+    return {"file": name, "encoding": encoding}
+
+
+def _write_seen(tmp: Path, indptr: np.ndarray, indices: np.ndarray) -> dict[str, str]:
+    ptr, idx = smallest_int(indptr), smallest_int(indices)
+    np.savez_compressed(tmp / SEEN_FILE, indptr=ptr, indices=idx)
+    return {"indptr": str(ptr.dtype), "indices": str(idx.dtype), "compressed": True}
+
+
 def _package_versions(package_version: str) -> dict[str, str]:
     return {
         "package": package_version,
@@ -121,7 +153,7 @@ def _package_versions(package_version: str) -> dict[str, str]:
 
 def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
     """Hash the data files into `manifest["files"]` and write it, fsynced."""
-    for name in DATA_FILES:
+    for name in data_files(manifest):
         _fsync_file(tmp / name)
         manifest["files"][name] = {"sha256": _sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
     try:
@@ -174,19 +206,26 @@ def write_bundle(
     index_factory: str = "auto",
     k_max: int = 100,
     recall_floor: float = 0.95,
+    quantize: str = "fp32",
     force: bool = False,
     overwrite: bool = False,
     lineage: dict[str, Any],
     metrics: dict[str, Any],
     reference_topk: tuple[np.ndarray, np.ndarray] | None = None,
+    test_indptr: np.ndarray | None = None,
+    test_indices: np.ndarray | None = None,
     package_version: str,
 ) -> dict[str, Any]:
     """Write, verify and atomically install a bundle at `out_dir`; returns the manifest.
 
-    Raises ExportError (one-line message) when inputs are inconsistent, ONNX parity
-    exceeds PARITY_ATOL, an approximate index's recall@k_max is below `recall_floor`
-    (unless `force`), the serving loader rejects the result, or the served top-k of an
-    exact index differs from `reference_topk`. Nothing is left at `out_dir` on failure.
+    `quantize` ("fp32", "fp16", "int8") stores the user table at that precision and, for `index_factory` "auto"
+    or "Flat", the item vectors as that codec's exact scan; a quantized bundle is kept only when
+    `export.quantize_check` passes on the reference users (and, given `test_indptr`/`test_indices`, a CSR of
+    held-out items per user, on test NDCG). Raises ExportError (one-line message) when inputs are inconsistent,
+    ONNX parity exceeds PARITY_ATOL, an explicit approximate index's recall@k_max is below `recall_floor` or a
+    quantized bundle fails its check (unless `force`: then the numbers are recorded), the serving loader rejects
+    the result, or the served top-k of an exact index differs from `reference_topk`. Nothing is left at
+    `out_dir` on failure.
     """
     out = Path(out_dir)
     users_f32 = _as_vectors(user_vectors, "user_vectors")
@@ -205,31 +244,62 @@ def write_bundle(
         raise ExportError(f"k_max must be >= 1, got {k_max}")
     if not 0.0 <= recall_floor <= 1.0:
         raise ExportError(f"recall_floor must be in [0, 1], got {recall_floor}")
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
     ref_users, ref_items = _as_reference(reference_topk, num_users)
+    test = _as_test(test_indptr, test_indices, num_users, num_items)
+    k = min(int(k_max), num_items)
     _prepare_out_dir(out, overwrite)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a serving user must be able to read it
-        # 1. ONNX user tower + parity for every user.
-        onnx.save_model(build_user_tower(users_f32, producer_version=package_version), str(tmp / MODEL_FILE))
-        parity = check_parity(tmp / MODEL_FILE, users_f32)
+        # 1. ONNX user tower + parity for every user (against the rows it stores).
+        onnx.save_model(build_user_tower(users_f32, quantize=quantize, producer_version=package_version),
+                        str(tmp / MODEL_FILE))
+        _, stored_users = quantize_user_table(users_f32, quantize)
+        parity = check_parity(tmp / MODEL_FILE, stored_users)
         logger.info("ONNX parity over %d users: max abs diff %.3g", num_users, parity)
 
-        # 2. Item index (+ recall for approximate ones).
-        item_index = build_item_index(index_factory, items_f32, users_f32, k_max, recall_floor, force)
+        # 2. Ids and seen CSR.
+        ids_entry = {role: _write_ids(tmp, role, ids) for role, ids in zip(ID_ROLES, (uids, iids))}
+        seen_entry = _write_seen(tmp, indptr, indices)
+
+        # 3. Item index: chosen by measurement for auto, else the factory asked for (+ recall when approximate).
+        probe = ServedProbe(tmp / MODEL_FILE, uids, iids, indptr, indices, dim)
+        sample = RecallSample.draw(items_f32, users_f32, stored_users, k)
+        if index_factory == "auto":
+            item_index = choose_index(items_f32, sample, recall_floor, quantize, probe)
+        else:
+            item_index = build_item_index(index_factory, items_f32, sample, recall_floor, force, quantize)
         faiss.write_index(item_index.index, str(tmp / INDEX_FILE))
         index_entry, exact = item_index.manifest_entry(), item_index.exact
-        del item_index
 
-        # 3. Ids and seen CSR.
-        np.save(tmp / USER_IDS_FILE, uids, allow_pickle=False)
-        np.save(tmp / ITEM_IDS_FILE, iids, allow_pickle=False)
-        np.savez(tmp / SEEN_FILE, indptr=indptr, indices=indices)
+        # 4. A quantized bundle must answer what fp32 answers (through the serving path, before any file is final).
+        check = None
+        if quantize != "fp32":
+            served = probe.recommender(item_index.index, item_index.query_transform, item_index.search_params)
+            fp32_served = None
+            if not exact and index_factory != "auto":  # the fp32 bundle of this factory: same index, fp32 users
+                fp32_tower = build_user_tower(users_f32, producer_version=package_version).SerializeToString()
+                fp32_served = ServedProbe(fp32_tower, uids, iids, indptr, indices, dim).recommender(
+                    item_index.index, item_index.query_transform, item_index.search_params)
+            reference = (ref_users, ref_items) if ref_users.size else None
+            check, check_users, check_items = check_quantized(
+                served, users_f32, items_f32, indptr, indices, k, reference, test, fp32_served)
+            del served, fp32_served
+            if not check.passed:
+                msg = f"quantize {quantize} refused: {'; '.join(check.failures)}"
+                if not force:
+                    raise ExportError(f"{msg}; pass force=True (--force) to keep it")
+                logger.warning("forced export: %s", msg)
+        del item_index, probe
 
-        # 4. Manifest. An approximate index is allowed to differ from the reference (its recall is
-        #    recorded instead), so only an exact one is compared; the count is what step 6 checks.
-        check_reference = exact and ref_users.size > 0
+        # 5. Manifest. An approximate index is allowed to differ from the reference (its recall is recorded
+        #    instead), so only an exact fp32 one is compared; a quantized exact scan is compared with the answers
+        #    its check measured. The count is what step 7 checks.
+        check_reference = exact and quantize == "fp32" and ref_users.size > 0
+        check_consistent = exact and check is not None and check_users.size > 0
         if ref_users.size and not exact:
             logger.info("approximate index: reference top-k not compared (recall@%d recorded instead)", index_entry["k"])
         _write_manifest(tmp, {
@@ -238,7 +308,17 @@ def write_bundle(
             "metric": METRIC,
             "num_users": int(num_users),
             "num_items": int(num_items),
+            "ids": ids_entry,
+            "seen": seen_entry,
             "index": index_entry,
+            "quantization": {
+                "user_table": quantize,
+                "item_codes": index_entry["codec"],
+                "user_max_abs_error": float(np.max(np.abs(stored_users - users_f32))),
+                "passed": None if check is None else check.passed,
+                "forced": bool(check is not None and not check.passed),
+                "check": None if check is None else check.manifest_entry(),
+            },
             "onnx": {"opset": ONNX_OPSET, "ir_version": ONNX_IR_VERSION, "input": ONNX_INPUT, "output": ONNX_OUTPUT},
             "files": {},  # filled in by _write_manifest
             "lineage": dict(lineage),
@@ -246,18 +326,24 @@ def write_bundle(
             "versions": _package_versions(package_version),
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "parity_max_abs_diff": parity,
-            "reference_topk_users": int(ref_users.size) if check_reference else 0,
+            "reference_topk_users": int(ref_users.size if check_reference else check_users.size if check_consistent else 0),
         })
 
-        # 5. The serving loader's checks (faiss_threads=None: leave this process's FAISS threads alone).
+        # 6. The serving loader's checks (faiss_threads=None: leave this process's FAISS threads alone).
         try:
             bundle = open_bundle(tmp, faiss_threads=None)
         except BundleError as exc:
             raise ExportError(f"serving loader rejects the new bundle: {exc}") from exc
+        for role, want, got in (("user", uids, bundle.user_ids), ("item", iids, bundle.item_ids)):
+            if not np.array_equal(want, got):
+                raise ExportError(f"{ids_entry[role]['file']}: ids read back differ from the {role}_ids written")
 
-        # 6. What the server answers for the reference users, through the loaded bundle.
+        # 7. What the server answers for the reference users, through the loaded bundle.
         if check_reference:
             check_served_topk(bundle, ref_users, ref_items, users_f32, items_f32)
+        elif check_consistent:
+            check_served_topk(bundle, check_users, check_items, stored_users, bundle.item_vectors,
+                              what="the answers its quantization check measured")
         manifest = bundle.manifest
         del bundle
         _install(tmp, out)

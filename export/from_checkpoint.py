@@ -70,13 +70,18 @@ def export_checkpoint(
     index_factory: str = "auto",
     k_max: int = 100,
     recall_floor: float = 0.95,
+    quantize: str = "fp32",
     force: bool = False,
     overwrite: bool = False,
     lineage_extra: dict[str, Any] | None = None,
+    test_indptr: np.ndarray | None = None,
+    test_indices: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint (run dir or .safetensors), compute its vectors and write a verified bundle.
 
-    Returns the manifest. Raises ExportError (and CheckpointError from loading).
+    `quantize` ("fp32", "fp16", "int8") and the optional held-out test CSR (`test_indptr`/`test_indices`, for the
+    quantization check's NDCG) go to `write_bundle`. Returns the manifest. Raises ExportError (and
+    CheckpointError from loading).
     """
     ckpt = load_checkpoint(checkpoint_path)
     meta = ckpt.meta
@@ -127,10 +132,13 @@ def export_checkpoint(
         index_factory=index_factory,
         k_max=k_max,
         recall_floor=recall_floor,
+        quantize=quantize,
         force=force,
         overwrite=overwrite,
         lineage=lineage,
         metrics=metrics,
         reference_topk=reference,
+        test_indptr=test_indptr,
+        test_indices=test_indices,
         package_version=_package_version(),
     )

@@ -1,8 +1,10 @@
 """The bundle's item index: which FAISS factory, how it is built, and the search parameters that reach the recall floor.
 
-Exact (Flat) is IndexFlatIP over the item vectors. Every other factory is built with metric L2 over the
-ip2l2-augmented items (`compressor.retrieval.ip2l2_items`), padded with zero columns when a PQ/SQ codec
-needs it, and gets the smallest nprobe/efSearch whose recall@k against exact search reaches the floor.
+Exact scans (`EXACT_SCAN`: Flat, and the SQfp16/SQ8 codes of a quantized bundle's "Flat") are built with metric
+inner product over the item vectors. Every explicit factory string other than "Flat" is built with metric L2 over the ip2l2-augmented items
+(`compressor.retrieval.ip2l2_items`), padded with zero columns when a PQ/SQ codec needs it, and gets the smallest
+nprobe/efSearch whose recall@k against exact search reaches the floor. `index_factory="auto"` is
+`export.index_auto`; "Flat" means the exact scan in the bundle's item codec (`EXACT_SCAN`).
 """
 
 from __future__ import annotations
@@ -16,17 +18,14 @@ import numpy as np
 
 from compressor.retrieval import ip2l2_items, recall_at_k
 from export.errors import ExportError
-from serving.bundle_format import ip2l2_queries
+from serving.bundle_format import QUANTIZATIONS, ip2l2_queries
 
 logger = logging.getLogger(__name__)
 
-# `--index auto`: exact IndexFlatIP up to this many items, AUTO_APPROX_FACTORY above. Serving's latency
-# budget leaves the search a fraction of a millisecond per request, and exact search stays under it up to
-# 50k items at dim 64 (see docs/benchmarks.md).
-AUTO_EXACT_MAX_ITEMS = 50_000
-# Above the threshold: HNSW32 with the ip2l2 reduction (no training; efSearch tuned to the recall floor).
-# On structureless vectors no efSearch reaches the floor, so `auto` then falls back to exact Flat.
-AUTO_APPROX_FACTORY = "HNSW32"
+# The exact scan storing item vectors at each quantization: float32, float16 codes, 8-bit per-dimension range
+# codes. The export's own quantization check decides whether the codes keep the answers.
+EXACT_SCAN = {"fp32": "Flat", "fp16": "SQfp16", "int8": "SQ8"}
+EXACT_SCANS = frozenset(EXACT_SCAN.values())
 # efSearch beyond this buys little recall and costs more than exact search.
 MAX_EF_SEARCH = 512
 # Most zero columns appended after the ip2l2 coordinate to suit a PQ/SQ factory.
@@ -44,10 +43,16 @@ class ItemIndex:
     exact: bool
     max_norm: float | None
     k: int
+    codec: str = "fp32"
     search_params: dict[str, int] = field(default_factory=dict)
     recall: float = 1.0
     sample_users: int = 0
     auto_note: str | None = None
+    auto: dict[str, Any] | None = None
+
+    @property
+    def query_transform(self) -> str:
+        return "none" if self.exact else "ip2l2"
 
     def manifest_entry(self) -> dict[str, Any]:
         """The manifest's `index` object (see serving.bundle_format)."""
@@ -56,7 +61,8 @@ class ItemIndex:
             "requested": self.requested,
             "auto_note": self.auto_note,
             "exact": self.exact,
-            "query_transform": "none" if self.exact else "ip2l2",
+            "codec": self.codec,
+            "query_transform": self.query_transform,
             "metric_faiss": "inner_product" if self.exact else "l2",
             "search_params": self.search_params,
             "recall_at_k": float(self.recall),
@@ -64,24 +70,24 @@ class ItemIndex:
             "recall_sample_users": self.sample_users,
             "max_norm": self.max_norm,
             "index_dim": int(self.index.d),
+            "auto": self.auto,
         }
-
-
-def resolve_factory(index_factory: str, num_items: int) -> str:
-    if index_factory == "auto":
-        return "Flat" if num_items <= AUTO_EXACT_MAX_ITEMS else AUTO_APPROX_FACTORY
-    return index_factory
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200]
 
 
-def _build_index(factory: str, items: np.ndarray) -> tuple[faiss.Index, bool, float | None]:
-    """Returns (index, exact, max_norm or None)."""
+def build_index(factory: str, items: np.ndarray, exact_scan: bool = False) -> tuple[faiss.Index, bool, float | None]:
+    """Returns (index, exact, max_norm or None): an exact scan (`factory` in EXACT_SCANS) over inner product, any
+    other factory string over ip2l2 ("Flat" is always the exact scan)."""
     dim = items.shape[1]
-    if factory == "Flat":
-        index = faiss.IndexFlatIP(dim)
+    if factory == "Flat" or exact_scan:
+        if factory not in EXACT_SCANS:
+            raise ExportError(f"exact scan {factory!r} not in {sorted(EXACT_SCANS)}")
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            index.train(items)
         index.add(items)
         return index, True, None
     augmented, max_norm = ip2l2_items(items)
@@ -141,24 +147,42 @@ def _tunable(index: faiss.Index, k: int) -> tuple[str | None, list[int]]:
     return "efSearch", _doubling(max(64, k), max(MAX_EF_SEARCH, 2 * k))
 
 
-def _tune_recall(
-    index: faiss.Index, items: np.ndarray, queries: np.ndarray, k: int, recall_floor: float
-) -> tuple[dict[str, int], float]:
+@dataclass
+class RecallSample:
+    """Seeded users whose served vectors query each index, and the exact top-k over the true item vectors."""
+
+    queries: np.ndarray
+    truth: np.ndarray
+    k: int
+
+    @classmethod
+    def draw(cls, items: np.ndarray, true_users: np.ndarray, served_users: np.ndarray, k: int) -> "RecallSample":
+        sample_n = min(RECALL_SAMPLE_USERS, true_users.shape[0])
+        sample = np.sort(np.random.default_rng(0).choice(true_users.shape[0], sample_n, replace=False))
+        truth_index = faiss.IndexFlatIP(items.shape[1])
+        truth_index.add(items)
+        _, truth = truth_index.search(np.ascontiguousarray(true_users[sample]), k)
+        return cls(np.ascontiguousarray(served_users[sample]), truth, k)
+
+    @property
+    def users(self) -> int:
+        return int(self.queries.shape[0])
+
+
+def tune_recall(index: faiss.Index, exact: bool, sample: RecallSample, recall_floor: float) -> tuple[dict[str, int], float]:
     """Smallest nprobe/efSearch reaching recall_floor (or the largest tried) and its recall@k."""
-    truth_index = faiss.IndexFlatIP(items.shape[1])
-    truth_index.add(items)
-    _, truth = truth_index.search(queries, k)
-    aug_q = ip2l2_queries(queries, index.d)
-    name, values = _tunable(index, k)
+    k = sample.k
+    queries = sample.queries if exact else ip2l2_queries(sample.queries, index.d)
+    name, values = (None, []) if exact else _tunable(index, k)
     if name is None:
-        _, found = index.search(aug_q, k)
-        return {}, recall_at_k(found, truth)
+        _, found = index.search(queries, k)
+        return {}, recall_at_k(found, sample.truth)
     space = faiss.ParameterSpace()
     recall = 0.0
     for value in values:
         space.set_index_parameter(index, name, float(value))
-        _, found = index.search(aug_q, k)
-        recall = recall_at_k(found, truth)
+        _, found = index.search(queries, k)
+        recall = recall_at_k(found, sample.truth)
         logger.info("recall@%d with %s=%d: %.4f", k, name, value, recall)
         if recall >= recall_floor:
             return {name: value}, recall
@@ -168,41 +192,31 @@ def _tune_recall(
 def build_item_index(
     index_factory: str,
     items: np.ndarray,
-    users: np.ndarray,
-    k_max: int,
+    sample: RecallSample,
     recall_floor: float,
     force: bool,
+    quantize: str = "fp32",
 ) -> ItemIndex:
-    """Build the index `index_factory` asks for; approximate ones are tuned on a seeded sample of `users`.
-
-    Raises ExportError when an explicitly requested approximate index misses `recall_floor` (unless
-    `force`); `auto` falls back to exact Flat instead.
-    """
-    num_users, num_items = users.shape[0], items.shape[0]
-    factory = resolve_factory(index_factory, num_items)
-    k = min(int(k_max), num_items)
-    index, exact, max_norm = _build_index(factory, items)
-    built = ItemIndex(index, factory, index_factory, exact, max_norm, k)
-    if exact:
+    """Build the explicit factory `index_factory` ("Flat": the exact scan of `quantize`'s codec); approximate
+    indexes are tuned on `sample`. Raises ExportError when one misses `recall_floor` (unless `force`)."""
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize {quantize!r} not in {QUANTIZATIONS}")
+    exact_scan = index_factory == "Flat"
+    factory = EXACT_SCAN[quantize] if exact_scan else index_factory
+    index, exact, max_norm = build_index(factory, items, exact_scan)
+    codec = quantize if exact_scan else "factory"
+    built = ItemIndex(index, factory, index_factory, exact, max_norm, sample.k, codec=codec)
+    if factory == "Flat":
         return built
-    sample_n = min(RECALL_SAMPLE_USERS, num_users)
-    sample = np.sort(np.random.default_rng(0).choice(num_users, sample_n, replace=False))
-    built.search_params, built.recall = _tune_recall(index, items, users[sample], k, recall_floor)
-    built.sample_users = int(sample_n)
-    logger.info("index %s: recall@%d = %.4f with %s", factory, k, built.recall, built.search_params)
-    if built.recall >= recall_floor:
+    built.search_params, built.recall = tune_recall(index, exact, sample, recall_floor)
+    built.sample_users = sample.users
+    logger.info("index %s: recall@%d = %.4f with %s", factory, sample.k, built.recall, built.search_params)
+    if exact or built.recall >= recall_floor:  # an exact scan's codes are judged by the quantization check
         return built
     msg = (
-        f"index {factory!r} recall@{k} = {built.recall:.4f} < recall_floor {recall_floor} "
+        f"index {factory!r} recall@{sample.k} = {built.recall:.4f} < recall_floor {recall_floor} "
         f"(best {built.search_params or 'default params'}); use a more exact index or force=True"
     )
-    if index_factory == "auto":
-        # `auto` promises a usable index, not a particular one: exact is always correct.
-        note = f"{factory} reached recall@{k} {built.recall:.4f} < {recall_floor}; fell back to Flat"
-        logger.warning("auto index: %s", note)
-        del index, built
-        flat, _, _ = _build_index("Flat", items)
-        return ItemIndex(flat, "Flat", index_factory, True, None, k, sample_users=int(sample_n), auto_note=note)
     if not force:
         raise ExportError(msg)
     logger.warning("forced export: %s", msg)

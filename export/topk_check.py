@@ -72,10 +72,12 @@ def check_served_topk(
     reference: np.ndarray,
     user_vectors: np.ndarray,
     item_vectors: np.ndarray,
+    what: str = "the checkpoint's reference",
 ) -> None:
     """ExportError naming the first user whose served top-k (seen items excluded) is not `reference`'s.
 
-    `user_vectors`/`item_vectors` are the export's inputs: scores are judged on the true vectors.
+    Scores are judged on `user_vectors`/`item_vectors`: the export's inputs for an fp32 bundle, the stored
+    (quantized) vectors when `reference` is what the quantization check measured. `what` names the reference.
     """
     # blas_threads=None: a check inside the exporting process must not change its BLAS thread pool.
     served = Recommender(bundle, blas_threads=None).recommend(users, reference.shape[1], exclude_seen=True)
@@ -83,6 +85,6 @@ def check_served_topk(
         why = topk_mismatch(user_vectors[user], item_vectors, items, reference[row], bundle.seen(user))
         if why is not None:
             raise ExportError(
-                f"top-k of user {user} ({bundle.user_ids[user]}) differs from the checkpoint's reference: {why}"
+                f"top-k of user {user} ({bundle.user_ids[user]}) differs from {what}: {why}"
             )
-    logger.info("served top-%d equals the reference for %d users", reference.shape[1], users.size)
+    logger.info("served top-%d equals %s for %d users", reference.shape[1], what, users.size)

@@ -191,7 +191,9 @@ class App:
             logger.exception("unhandled error answering %s %s", scope.get("method"), path)
             status, body, content_type = 500, dumps({"error": "internal server error"}), JSON_TYPE
         version = reply.version
-        if version is None and allowed and (current := self.slot.current) is not None:
+        # The open probes name no version when a token guards everything else.
+        named = allowed and (self._token is None or path not in OPEN_PATHS)
+        if version is None and named and (current := self.slot.current) is not None:
             version = current.version_header
         if version is not None:
             headers.append((b"x-model-version", version))
@@ -307,7 +309,9 @@ class App:
         if self.slot.current is not None:
             return 200, b'{"status":"ready"}', JSON_TYPE
         if self.slot.load_error is not None:
-            return 503, dumps({"status": "failed", "error": self.slot.load_error}), JSON_TYPE
+            # Open to everyone: with a token configured the reason (it names paths) is only in the server's log.
+            detail = {} if self._token is not None else {"error": self.slot.load_error}
+            return 503, dumps({"status": "failed", **detail}), JSON_TYPE
         return 503, b'{"status":"loading"}', JSON_TYPE
 
     async def _metadata(self, scope: dict, receive: Callable, reply: _Reply) -> Answer:
@@ -323,6 +327,9 @@ class App:
         """Verify the bundle here (off the event loop), publish it in the control file, serve it here."""
         if self._token is None:
             raise ApiError(403, "POST /admin/swap needs the server started with --token-file (or COMPRESS_SERVE_TOKEN)")
+        if self.config.admin_swap_owner:
+            raise ApiError(409, f"POST /admin/swap is off: {self.config.admin_swap_owner} chooses what this server "
+                                "serves")
         body = await self._body(scope, receive)
         req = swap_request(parse_json(body))
         target = Target(os.path.normpath(req.bundle), req.version)
@@ -336,7 +343,7 @@ class App:
             raise ApiError(422, f"bundle refused: {message}") from None
         if self.config.control_file:
             # The control file names the resolved label, so every worker serves the same one.
-            write_control(self.config.control_file, Target(loaded.path, loaded.version))
+            write_control(self.config.control_file, Target(loaded.path, loaded.version, loaded.manifest_sha256))
         self.slot.install(loaded, swap=True)
         reply.version = loaded.version_header
         logger.info("worker %d swapped to version %s (%s) on request", os.getpid(), loaded.version, loaded.path)

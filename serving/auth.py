@@ -6,18 +6,24 @@ again from the same place (the config handed to the workers names the file, neve
 printable ASCII without spaces, so it fits an `Authorization: Bearer <token>` header as is.
 
 With a token every endpoint but `OPEN_PATHS` needs `Authorization: Bearer <token>`, compared with
-`hmac.compare_digest`. Messages never quote the token. This module imports only the standard library.
+`hmac.compare_digest` over sha256 digests (so neither the content nor the length of the token leaks through
+timing). Messages never quote the token. Each worker reads the token when it starts: rotating it means
+restarting the server. This module imports only the standard library.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import logging
 import ipaddress
 import os
 import re
 from typing import Mapping
 
 from serving.config import ServeConfig
+
+logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "COMPRESS_SERVE_TOKEN"
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes of orchestrators, which hold no token
@@ -39,6 +45,8 @@ def _check(token: str, where: str) -> str:
 
 def read_token_file(path: str) -> str:
     try:
+        if os.stat(path).st_mode & 0o077:
+            logger.warning("token file %s can be read by other users of this machine (chmod 600 it)", path)
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except OSError as exc:
@@ -57,14 +65,19 @@ def resolve_token(token_file: str | None, environ: Mapping[str, str]) -> tuple[s
     return None, None
 
 
+def digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
+
 def worker_token(config: ServeConfig) -> bytes | None:
-    """The token a worker checks requests against, read where serve() found it; fails closed."""
+    """The sha256 digest of the token a worker checks requests against, read where serve() found it; fails
+    closed."""
     if config.token_file is not None:
-        return read_token_file(config.token_file).encode()
+        return digest(read_token_file(config.token_file).encode())
     if config.token_env:
         if TOKEN_ENV not in os.environ:
             raise TokenError(f"{TOKEN_ENV} is not set in this worker's environment")
-        return _check(os.environ[TOKEN_ENV], TOKEN_ENV).encode()
+        return digest(_check(os.environ[TOKEN_ENV], TOKEN_ENV).encode())
     return None
 
 
@@ -80,10 +93,10 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback or bool(mapped and mapped.is_loopback)
 
 
-def authorized(headers: list[tuple[bytes, bytes]], token: bytes) -> bool:
+def authorized(headers: list[tuple[bytes, bytes]], token_digest: bytes) -> bool:
     """Whether the first Authorization header is `Bearer <token>` (scheme case-insensitive)."""
     for name, value in headers:
         if name == b"authorization":
             scheme, _, credentials = value.strip().partition(b" ")
-            return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token)
+            return scheme.lower() == b"bearer" and hmac.compare_digest(digest(credentials.strip()), token_digest)
     return False

@@ -25,19 +25,22 @@ import onnxruntime as ort
 from onnx.external_data_helper import uses_external_data
 
 from serving.bundle_format import (
-    DATA_FILES,
     FORMAT_VERSION,
     INDEX_FILE,
     ITEM_IDS_FILE,
     MANIFEST_FILE,
     METRIC,
     MODEL_FILE,
+    ONNX_TABLE,
     QUERY_TRANSFORMS,
+    READABLE_FORMAT_VERSIONS,
     SEEN_FILE,
     USER_IDS_FILE,
     FormatError,
     check_csr,
     check_ids,
+    data_files,
+    decode_ids,
     ort_session,
 )
 
@@ -114,10 +117,11 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise _fail(MANIFEST_FILE, f"not parseable JSON ({_short(exc)})") from exc
     if not isinstance(manifest, dict):
         raise _fail(MANIFEST_FILE, "top level is not a JSON object")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise _fail(
             MANIFEST_FILE,
-            f"format_version {manifest.get('format_version')!r} unsupported (expected {FORMAT_VERSION})",
+            f"format_version {manifest.get('format_version')!r} unsupported (this reader reads "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; the newest is {FORMAT_VERSION})",
         )
     for key, typ in (
         ("dim", int),
@@ -148,8 +152,12 @@ def _read_manifest(root: Path) -> dict[str, Any]:
 
 def _read_hashed(root: Path, manifest: dict[str, Any], checks: list[str]) -> dict[str, bytes]:
     files = manifest["files"]
+    try:
+        names = data_files(manifest)
+    except FormatError as exc:
+        raise _fail(MANIFEST_FILE, str(exc)) from None
     blobs: dict[str, bytes] = {}
-    for name in DATA_FILES:
+    for name in names:
         entry = files.get(name)
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):
             raise _fail(MANIFEST_FILE, f"files.{name} missing sha256/bytes")
@@ -162,7 +170,7 @@ def _read_hashed(root: Path, manifest: dict[str, Any], checks: list[str]) -> dic
         if sha256_bytes(data) != entry["sha256"]:
             raise _fail(name, "sha256 does not match manifest (file modified)")
         blobs[name] = data
-    checks.append("files: size and sha256 match manifest for " + ", ".join(DATA_FILES))
+    checks.append("files: size and sha256 match manifest for " + ", ".join(names))
     return blobs
 
 
@@ -180,13 +188,14 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _all_tensors(sub)
 
 
-def _table_shape(model: onnx.ModelProto, input_name: str) -> tuple[int, ...] | None:
-    """Shape of the user-vector table if the graph is Gather(initializer, input), else None."""
+def _gathered_tables(model: onnx.ModelProto, input_name: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of the initializers the graph gathers rows of by the user index (the user table, an int8 scale)."""
     inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == input_name and node.input[0] in inits:
-            return tuple(int(d) for d in inits[node.input[0]].dims)
-    return None
+    return {
+        node.input[0]: tuple(int(d) for d in inits[node.input[0]].dims)
+        for node in model.graph.node
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == input_name and node.input[0] in inits
+    }
 
 
 def _load_model(
@@ -225,9 +234,14 @@ def _load_model(
     shape = list(out.shape)
     if len(shape) != 2 or shape[1] != dim:
         raise _fail(MODEL_FILE, f"output shape {shape} != [batch, manifest dim {dim}]")
-    table = _table_shape(model, want_in)
+    tables = _gathered_tables(model, want_in)
+    # The user table by its name, else (a graph written by another tool) the first table gathered by user index.
+    table = tables.get(ONNX_TABLE, next(iter(tables.values()), None))
     if table is not None and table != (num_users, dim):
         raise _fail(MODEL_FILE, f"user table shape {list(table)} != [num_users {num_users}, dim {dim}]")
+    for name, shape in tables.items():
+        if not shape or shape[0] != num_users:
+            raise _fail(MODEL_FILE, f"initializer {name!r} gathered by user index has shape {list(shape)}, not {num_users} rows")
     # Probe the first and last user (and, when the table is not a plain initializer,
     # that one past the last is rejected) so the row count is checked either way.
     try:
@@ -245,6 +259,40 @@ def _load_model(
             raise _fail(MODEL_FILE, f"accepts user index {num_users} = num_users (table has more rows than users)")
     checks.append(f"{MODEL_FILE}: int64[batch] -> float32[batch, {dim}], {num_users} user rows")
     return session, want_in, want_out
+
+
+def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
+    """Set the manifest's search parameters (nprobe, efSearch) on `index`; raises naming the one that fails."""
+    space = faiss.ParameterSpace()
+    for key, value in params.items():
+        try:
+            space.set_index_parameter(index, str(key), float(value))
+        except Exception as exc:
+            raise ValueError(f"cannot apply search param {key}={value} ({_short(exc)})") from exc
+
+
+def reconstruct_items(index: faiss.Index, num_items: int, dim: int) -> np.ndarray:
+    """The item vectors as the index stores them (an SQ/PQ codec's reconstruction), without ip2l2 columns."""
+    # IVF indexes need a direct map for reconstruct(); it is dropped again so that the index stays as it was
+    # (a writer serialises it afterwards, and a direct map would add 8 bytes per item to the file).
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except Exception:
+        ivf = None
+    added = ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap
+    if added:
+        ivf.make_direct_map()
+    try:
+        vectors = index.reconstruct_n(0, num_items)
+    finally:
+        if added:
+            ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+    return np.ascontiguousarray(vectors[:, :dim], dtype=np.float32)
+
+
+def is_hnsw_index(index: faiss.Index) -> bool:
+    """A bare HNSW index (its efSearch is raised per call to the over-fetch size)."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
 
 
 def _load_index(data: bytes, manifest: dict[str, Any], checks: list[str]) -> tuple[faiss.Index, np.ndarray, bool]:
@@ -278,40 +326,38 @@ def _load_index(data: bytes, manifest: dict[str, Any], checks: list[str]) -> tup
     checks.append(f"{INDEX_FILE}: d={index.d}, metric matches {spec['query_transform']!r}, ntotal={num_items}")
 
     params = spec.get("search_params", {}) or {}
-    space = faiss.ParameterSpace()
-    for key, value in params.items():
-        try:
-            space.set_index_parameter(index, str(key), float(value))
-        except Exception as exc:
-            raise _fail(INDEX_FILE, f"cannot apply search param {key}={value} ({_short(exc)})") from exc
+    try:
+        apply_search_params(index, params)
+    except Exception as exc:
+        raise _fail(INDEX_FILE, _short(exc)) from exc
     if params:
         checks.append(f"{INDEX_FILE}: applied search params {params}")
-
-    # IVF indexes need a direct map before reconstruct(); harmless for search.
     try:
-        faiss.extract_index_ivf(index).make_direct_map()
-    except Exception:
-        pass
-    try:
-        vectors = index.reconstruct_n(0, num_items)
+        vectors = reconstruct_items(index, num_items, dim)
     except Exception as exc:
         raise _fail(INDEX_FILE, f"cannot reconstruct item vectors for scoring ({_short(exc)})") from exc
-    vectors = np.ascontiguousarray(vectors[:, :dim], dtype=np.float32)
     checks.append(f"{INDEX_FILE}: item vectors reconstructed ({num_items}x{dim})")
-    is_hnsw = isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
-    return index, vectors, is_hnsw
+    return index, vectors, is_hnsw_index(index)
 
 
-def _load_ids(name: str, data: bytes, expected: int, what: str, checks: list[str]) -> np.ndarray:
+def _load_ids(manifest: dict[str, Any], role: str, blobs: dict[str, bytes], checks: list[str]) -> np.ndarray:
+    """The `role` ("user"/"item") ids as a unicode array, from version 1's or version 2's layout."""
+    if manifest["format_version"] == 1:
+        name, encoding = (USER_IDS_FILE if role == "user" else ITEM_IDS_FILE), "unicode"
+    else:
+        name, encoding = manifest["ids"][role]["file"], manifest["ids"][role]["encoding"]
+    expected, what = manifest[f"num_{role}s"], f"num_{role}s"
     try:
-        ids = np.load(io.BytesIO(data), allow_pickle=False)
+        ids = decode_ids(blobs[name], encoding)
+    except FormatError as exc:
+        raise _fail(name, str(exc)) from None
     except Exception as exc:
-        raise _fail(name, f"not a loadable .npy without pickle ({_short(exc)})") from exc
+        raise _fail(name, f"not a loadable .npy/.npz without pickle ({_short(exc)})") from exc
     try:
         check_ids(ids, expected, what)
     except FormatError as exc:
         raise _fail(name, str(exc)) from None
-    checks.append(f"{name}: {expected} unique ids")
+    checks.append(f"{name}: {expected} unique ids ({encoding})")
     return ids
 
 
@@ -339,12 +385,12 @@ def _load(path: str | Path, intra_op_num_threads: int, faiss_threads: int | None
         faiss.omp_set_num_threads(faiss_threads)
     checks: list[str] = []
     manifest = _read_manifest(root)
-    checks.append(f"{MANIFEST_FILE}: parsed, format_version {FORMAT_VERSION}")
+    checks.append(f"{MANIFEST_FILE}: parsed, format_version {manifest['format_version']}")
     blobs = _read_hashed(root, manifest, checks)
     session, input_name, output_name = _load_model(blobs[MODEL_FILE], manifest, intra_op_num_threads, checks)
     index, item_vectors, is_hnsw = _load_index(blobs[INDEX_FILE], manifest, checks)
-    user_ids = _load_ids(USER_IDS_FILE, blobs[USER_IDS_FILE], manifest["num_users"], "num_users", checks)
-    item_ids = _load_ids(ITEM_IDS_FILE, blobs[ITEM_IDS_FILE], manifest["num_items"], "num_items", checks)
+    user_ids = _load_ids(manifest, "user", blobs, checks)
+    item_ids = _load_ids(manifest, "item", blobs, checks)
     indptr, indices = _load_seen(blobs[SEEN_FILE], manifest["num_users"], manifest["num_items"], checks)
     search_params = {str(k): int(v) for k, v in (manifest["index"].get("search_params") or {}).items()}
     bundle = Bundle(

@@ -1,50 +1,65 @@
 """The serving bundle format: everything the writer (`export.bundle`) and the reader (`serving.bundle`) agree on.
 
-Bundle format (format_version 1)
-================================
-A bundle is a directory holding exactly these files:
+Bundle format (format_version 2; version 1 is still read)
+=========================================================
+A bundle is a directory holding these files:
 
 ``model.onnx`` (``MODEL_FILE``)
     The user tower: input ``user_index`` (``ONNX_INPUT``) int64 ``[batch]`` -> output ``user_vector``
     (``ONNX_OUTPUT``) float32 ``[batch, dim]``. For our two-tower models the serving-time user tower is a
-    lookup of the final user vectors (for LightGCN: already propagated), so the graph is a single
-    ``Gather(axis=0)`` over an initializer ``user_table`` (``ONNX_TABLE``) float32 ``[num_users, dim]``
-    embedded in the file (no external data), dynamic batch axis, opset ``ONNX_OPSET`` and IR version
-    ``ONNX_IR_VERSION``. It passes ``onnx.checker.check_model(full_check=True)``. ORT's Gather wraps
-    negative indices, so callers range-check indices first (serving does).
+    lookup of the final user vectors (for LightGCN: already propagated): a ``Gather(axis=0)`` of the rows of
+    an initializer ``user_table`` (``ONNX_TABLE``) ``[num_users, dim]`` embedded in the file (no external
+    data), dynamic batch axis, opset ``ONNX_OPSET`` and IR version ``ONNX_IR_VERSION``. The table is float32
+    (``quantization.user_table: "fp32"``, the graph is the Gather alone), float16 (``"fp16"``: Gather then
+    ``Cast`` to float) or int8 with a float32 per-row scale ``user_scale`` (``ONNX_SCALE``) ``[num_users, 1]``
+    (``"int8"``: Gather, Cast, times the gathered scale: row = q * scale with q = round(v / scale) in
+    [-127, 127], scale = max|v| / 127). It passes ``onnx.checker.check_model(full_check=True)``. ORT's
+    Gather wraps negative indices, so callers range-check indices first (serving does).
 ``items.faiss`` (``INDEX_FILE``)
-    ``faiss.write_index`` of the item index. Exact: ``IndexFlatIP`` over the item vectors
-    (``query_transform: "none"``). Approximate (any other factory string, e.g. ``HNSW32``, ``IVF256,Flat``,
-    ``IVF256,SQ8``, ``IVF256,PQ8``): built with metric L2 over items augmented with ``sqrt(max_norm^2 - |x|^2)``
-    as a last coordinate (``compressor.retrieval.ip2l2_items``), queried with a 0 appended
-    (``query_transform: "ip2l2"``, ``ip2l2_queries``), which turns max inner product into nearest neighbour;
-    raw-IP IVF/HNSW lose recall on trained MF vectors whose norms are skewed. When a PQ/SQ factory needs a
-    dimension divisible by its code count, zero columns are added after that coordinate (``index.index_dim``);
-    they change no distance. ``index_factory="auto"`` picks Flat up to ``export.index_build.AUTO_EXACT_MAX_ITEMS``
-    items, else ``AUTO_APPROX_FACTORY`` (falling back to Flat when it misses the recall floor). Approximate
-    indexes get the smallest nprobe/efSearch reaching ``recall_floor`` (``index.search_params``, applied by
-    the loader).
-``user_ids.npy``, ``item_ids.npy`` (``USER_IDS_FILE``, ``ITEM_IDS_FILE``)
-    External ids, 1-D numpy unicode arrays without duplicates (row i = index i), saved with
-    allow_pickle=False (``check_ids``).
+    ``faiss.write_index`` of the item index. Exact scans (``query_transform: "none"``, metric inner product):
+    ``IndexFlatIP`` (``Flat``) over the item vectors, or ``IndexScalarQuantizer`` codes (``SQfp16``, ``SQ8``:
+    per-dimension 8-bit range codes) of them; serving scores an exact scan with dense numpy over the vectors
+    reconstructed from the index, so its answers are exact for the stored vectors. Approximate (other factory
+    strings, e.g. ``HNSW32``, ``IVF256,Flat``, ``IVF256,SQ8``, ``IVF256,PQ8``): built with metric L2 over items
+    augmented with ``sqrt(max_norm^2 - |x|^2)`` as a last coordinate (``compressor.retrieval.ip2l2_items``),
+    queried with a 0 appended (``query_transform: "ip2l2"``, ``ip2l2_queries``), which turns max inner product
+    into nearest neighbour; raw-IP IVF/HNSW lose recall on trained MF vectors whose norms are skewed. When a
+    PQ/SQ factory needs a dimension divisible by its code count, zero columns are added after that coordinate
+    (``index.index_dim``); they change no distance. Approximate indexes get the smallest nprobe/efSearch
+    reaching ``recall_floor`` (``index.search_params``, applied by the loader). ``index_factory="auto"``
+    measures candidates and keeps the smallest that serves as well as the exact scan (``export.index_auto``).
+User ids, item ids (``ids_file``: ``user_ids.npy`` or ``user_ids.npz``, ``item_ids.*`` alike)
+    Row i = index i, no duplicates, loaded without pickle (``decode_ids``). When every id is a canonical
+    decimal integer (``0``, ``-12``, ``314``; not ``007``, ``+1``, ``-0``) that fits int64: ``<role>_ids.npy``,
+    a 1-D int32 array (int64 when a value needs it); else ``<role>_ids.npz`` (``np.savez_compressed``) with
+    ``blob`` uint8 (the UTF-8 bytes of every id, concatenated) and ``offsets`` int64 ``[n + 1]`` (id i is
+    ``blob[offsets[i]:offsets[i + 1]]``). Either way the ids round-trip to the exact strings the export got.
+    (Version 1: ``user_ids.npy`` / ``item_ids.npy`` as fixed-width numpy unicode arrays.)
 ``seen.npz`` (``SEEN_FILE``)
-    CSR of each user's training items: ``indptr`` int64 ``[num_users+1]``, ``indices`` int64 (``check_csr``);
-    used to exclude seen items and for the popularity fallback.
+    CSR of each user's training items, ``np.savez_compressed``: ``indptr`` ``[num_users+1]`` and ``indices``,
+    each int32 when its values fit, else int64 (``check_csr``); used to exclude seen items and for the
+    popularity fallback. (Version 1: both int64, not compressed; the loader reads either.)
 ``manifest.json`` (``MANIFEST_FILE``)
     ``format_version``, ``dim``, ``metric: "inner_product"``, ``num_users``, ``num_items``,
-    ``index {factory, requested, auto_note, exact, query_transform, metric_faiss, search_params, recall_at_k,
-    k, recall_sample_users, max_norm, index_dim}`` (``auto_note`` says why ``auto`` fell back to Flat, else
-    null; ``index_dim`` is ``dim`` for "none" and ``dim + 1 + padding`` for "ip2l2": queries get zeros
-    appended up to it), ``onnx {opset, ir_version, input, output}``, ``files {name: {sha256, bytes}}`` for the
-    five files above (``DATA_FILES``), ``lineage`` (caller's dict: checkpoint fingerprint, mlflow run id /
-    model version when known), ``metrics`` (the student's test metrics), ``versions`` (package, python,
-    numpy, onnx, onnxruntime, faiss), ``created_at`` (UTC ISO 8601), ``parity_max_abs_diff`` (ORT vs input
-    user vectors over every user), ``reference_topk_users`` (users whose served top-k was checked against
-    the caller's reference; 0 when none).
+    ``ids {user, item: {file, encoding}}`` (encoding ``int32``, ``int64`` or ``utf8``; version 2 only),
+    ``seen {indptr, indices, compressed}`` (their dtypes), ``index {factory, requested, auto_note, exact, codec,
+    query_transform, metric_faiss, search_params, recall_at_k, k, recall_sample_users, max_norm, index_dim,
+    auto}`` (``exact``: an exact scan of the stored vectors; ``codec``: how the index stores item vectors,
+    ``fp32``/``fp16``/``int8``, or ``factory`` when an explicit factory string decides; ``auto``: what
+    ``index_factory="auto"`` measured and why it chose, else null; ``auto_note``: that reason in one line;
+    ``index_dim`` is ``dim`` for "none" and ``dim + 1 + padding`` for "ip2l2": queries get zeros appended up
+    to it), ``quantization {user_table, item_codes, user_max_abs_error, passed, forced, check}`` (``check``: the
+    export's measured top-k agreement with the fp32 answers and, with test data, NDCG, null for fp32; ``forced``:
+    kept although it failed), ``onnx {opset, ir_version, input, output}``, ``files {name: {sha256, bytes}}`` for the five data files
+    (``data_files``), ``lineage`` (caller's dict: checkpoint fingerprint, mlflow run id / model version when
+    known), ``metrics`` (the student's test metrics), ``versions`` (package, python, numpy, onnx, onnxruntime,
+    faiss), ``created_at`` (UTC ISO 8601), ``parity_max_abs_diff`` (ORT vs the vectors the graph stores, over
+    every user), ``reference_topk_users`` (users whose served top-k was checked against a reference; 0 when
+    none).
 
 Writing is atomic: everything goes to a temp dir beside the bundle's directory, is verified (ONNX parity for
-every user, recall of approximate indexes, then the serving loader's own checks and, for exact indexes, the
-served top-k against a reference), and only then renamed into place.
+every user, recall of approximate indexes, the quantization check, then the serving loader's own checks and,
+for exact scans, the served top-k against a reference), and only then renamed into place.
 
 The checks here raise `FormatError` with a message naming the rule that failed; the writer and the reader
 put their own context (argument or file name) in front. This module imports only numpy and onnxruntime.
@@ -52,25 +67,39 @@ put their own context (argument or file name) in front. This module imports only
 
 from __future__ import annotations
 
+import io
+import re
+from typing import Any
+
 import numpy as np
 import onnxruntime as ort
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 INDEX_FILE = "items.faiss"
+SEEN_FILE = "seen.npz"
+ID_ROLES = ("user", "item")
+# Version 1's id files (numpy unicode arrays); version 2 names them by encoding (`ids_file`).
 USER_IDS_FILE = "user_ids.npy"
 ITEM_IDS_FILE = "item_ids.npy"
-SEEN_FILE = "seen.npz"
-DATA_FILES: tuple[str, ...] = (MODEL_FILE, INDEX_FILE, USER_IDS_FILE, ITEM_IDS_FILE, SEEN_FILE)
+V1_DATA_FILES: tuple[str, ...] = (MODEL_FILE, INDEX_FILE, USER_IDS_FILE, ITEM_IDS_FILE, SEEN_FILE)
+ID_ENCODINGS = ("int32", "int64", "utf8")
 QUERY_TRANSFORMS = ("none", "ip2l2")
 METRIC = "inner_product"
+QUANTIZATIONS = ("fp32", "fp16", "int8")
 
 ONNX_INPUT = "user_index"
 ONNX_OUTPUT = "user_vector"
 ONNX_TABLE = "user_table"
-ONNX_OPSET = 17  # Gather is unchanged since opset 13; 17 loads in every ORT >= 1.12.
+ONNX_SCALE = "user_scale"
+ONNX_OPSET = 17  # Gather/Cast/Mul are unchanged since opset 13; 17 loads in every ORT >= 1.12.
 ONNX_IR_VERSION = 8  # the IR version that goes with opset 17
+
+# A canonical decimal integer: what str(int) writes. "007", "+1", "-0", " 1" and non-ASCII digits are not.
+_CANONICAL_INT = re.compile(r"(0|-?[1-9][0-9]*)\Z")
+_I32, _I64 = np.iinfo(np.int32), np.iinfo(np.int64)
 
 
 class FormatError(ValueError):
@@ -86,6 +115,86 @@ def check_ids(ids: np.ndarray, expected: int, count_name: str) -> np.ndarray:
     if np.unique(ids).shape[0] != ids.shape[0]:
         raise FormatError("external ids are not unique")
     return ids
+
+
+def ids_file(role: str, encoding: str) -> str:
+    """The version-2 file of the `role` ("user"/"item") ids stored as `encoding`."""
+    return f"{role}_ids.npy" if encoding in ("int32", "int64") else f"{role}_ids.npz"
+
+
+def encode_ids(ids: np.ndarray) -> tuple[str, bytes]:
+    """A unicode id array -> (encoding, the file's bytes): integers when every id is canonical, else UTF-8 + offsets."""
+    values = ids.tolist()
+    if values and all(len(v) <= 20 and _CANONICAL_INT.match(v) for v in values):  # int64 has <= 20 chars
+        ints = [int(v) for v in values]
+        lo, hi = min(ints), max(ints)
+        if _I64.min <= lo and hi <= _I64.max:
+            encoding = "int32" if _I32.min <= lo and hi <= _I32.max else "int64"
+            buf = io.BytesIO()
+            np.save(buf, np.array(ints, dtype=encoding), allow_pickle=False)
+            return encoding, buf.getvalue()
+    try:
+        encoded = [v.encode("utf-8") for v in values]
+    except UnicodeEncodeError as exc:
+        raise FormatError(f"id {exc.object!r} is not encodable as UTF-8") from None
+    lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, blob=np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets=offsets)
+    return "utf8", buf.getvalue()
+
+
+def decode_ids(data: bytes, encoding: str) -> np.ndarray:
+    """A stored id file -> the ids as a 1-D numpy unicode array; `encoding` "unicode" is version 1's .npy."""
+    if encoding == "utf8":
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            if sorted(npz.files) != ["blob", "offsets"]:
+                raise FormatError(f"expected arrays blob and offsets, found {sorted(npz.files)}")
+            blob, offsets = npz["blob"], npz["offsets"]
+        if blob.ndim != 1 or blob.dtype != np.uint8 or offsets.ndim != 1 or offsets.dtype != np.int64:
+            raise FormatError(f"blob must be 1-D uint8 and offsets 1-D int64, got {blob.dtype} and {offsets.dtype}")
+        if offsets.size == 0 or offsets[0] != 0 or offsets[-1] != blob.size or np.any(np.diff(offsets) < 0):
+            raise FormatError("offsets are not a monotone 0..len(blob) pointer")
+        raw = blob.tobytes()
+        bounds = offsets.tolist()
+        try:
+            values = [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1], bounds[1:])]
+        except UnicodeDecodeError as exc:
+            raise FormatError(f"an id is not valid UTF-8 ({exc.reason})") from None
+        return np.array(values, dtype=np.str_) if values else np.empty(0, dtype="<U1")
+    ids = np.load(io.BytesIO(data), allow_pickle=False)
+    if encoding == "unicode":
+        return ids
+    if encoding not in ("int32", "int64"):
+        raise FormatError(f"id encoding {encoding!r} not in {ID_ENCODINGS}")
+    if ids.ndim != 1 or ids.dtype != np.dtype(encoding):
+        raise FormatError(f"expected a 1-D {encoding} array, got {ids.dtype}{list(ids.shape)}")
+    return ids.astype(np.str_)
+
+
+def data_files(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The files a manifest's `files` must cover: fixed in version 1, the id files by encoding in version 2."""
+    if manifest.get("format_version") == 1:
+        return V1_DATA_FILES
+    ids = manifest.get("ids")
+    if not isinstance(ids, dict):
+        raise FormatError("ids missing or not an object")
+    names = []
+    for role in ID_ROLES:
+        entry = ids.get(role)
+        if not isinstance(entry, dict) or entry.get("encoding") not in ID_ENCODINGS:
+            raise FormatError(f"ids.{role}.encoding missing or not in {ID_ENCODINGS}")
+        if entry.get("file") != ids_file(role, entry["encoding"]):
+            raise FormatError(f"ids.{role}.file {entry.get('file')!r} != {ids_file(role, entry['encoding'])!r}")
+        names.append(entry["file"])
+    return (MODEL_FILE, INDEX_FILE, *names, SEEN_FILE)
+
+
+def smallest_int(values: np.ndarray) -> np.ndarray:
+    """int32 when every value fits, else int64 (for the seen CSR)."""
+    if values.size == 0 or (_I32.min <= values.min() and values.max() <= _I32.max):
+        return values.astype(np.int32)
+    return values.astype(np.int64)
 
 
 def check_csr(indptr: np.ndarray, indices: np.ndarray, num_users: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:

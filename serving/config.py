@@ -40,6 +40,8 @@ class ServeConfig:
     control_file: str | None = None  # JSON file naming the bundle to serve (serving.swap); None: no watching
     swap_poll_s: float = 1.0
     model_version: str | None = None  # label of bundle_path's version; None: derived from its manifest
+    # Who alone chooses the served bundle (e.g. a registry alias being followed); POST /admin/swap answers 409.
+    admin_swap_owner: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_k", "max_batch", "max_body_bytes"):

@@ -90,6 +90,7 @@ class LoadedBundle:
         self.item_ids = bundle.item_ids
         self.seen_len = np.diff(bundle.seen_indptr)
         digest = hashlib.sha256((bundle.path / MANIFEST_FILE).read_bytes()).hexdigest()
+        self.manifest_sha256 = digest
         self.requested_version = version
         self.version = version or default_version(bundle.manifest, digest)
         self.version_header = self.version.encode("ascii")

@@ -2,7 +2,8 @@
 
 Two paths, chosen once per bundle:
 
-- exact (Flat) indexes -> dense numpy scoring, no FAISS call: range-check user indices ->
+- exact scans (Flat, or SQfp16/SQ8 codes scanned by inner product: `query_transform` "none") -> dense numpy
+  scoring over the vectors the index stores (reconstructed at load), no FAISS call: range-check user indices ->
   user vectors (ONNX user tower) -> `serving.dense_topk.DenseTopK`: a [users, dim] x [dim, width]
   float32 product (a matrix-vector product for one user) against the item vectors in descending-norm
   order, seen items set to -inf, top-k by a threshold, candidates re-scored in float64, best first.
@@ -70,9 +71,15 @@ def _rank(items: np.ndarray, scores: np.ndarray, k: int) -> Result:
     return items[order].astype(np.int64, copy=False), scores[order].astype(np.float32, copy=False)
 
 
-def _is_exact_flat(index: faiss.Index) -> bool:
-    """A flat index stores the raw float vectors: dense scoring over them is exact search."""
-    return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+def is_exact_scan(index: faiss.Index, query_transform: str) -> bool:
+    """An index whose search is a full inner-product scan of its stored vectors (Flat, or scalar-quantizer codes).
+
+    Dense scoring over `Bundle.item_vectors` (those stored vectors, reconstructed) is then exact search, and for
+    SQ codes it is exact with respect to what the bundle stores, not FAISS's float rounding of the codes.
+    """
+    return query_transform == "none" and isinstance(
+        faiss.downcast_index(index), (faiss.IndexFlat, faiss.IndexScalarQuantizer)
+    )
 
 
 def _limit_blas_threads(threads: int) -> None:
@@ -108,7 +115,7 @@ class Recommender:
         # Popularity = how many users had the item in training; computed once.
         self._counts = np.bincount(self._indices, minlength=self._num_items).astype(np.int64)
         self._popular_order = np.lexsort((np.arange(self._num_items), -self._counts))
-        self.dense = _is_exact_flat(bundle.index)
+        self.dense = is_exact_scan(bundle.index, bundle.query_transform)
         self._exact = DenseTopK(self._items, self._indptr, self._indices)
         if blas_threads is not None:
             _limit_blas_threads(blas_threads)

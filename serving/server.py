@@ -45,6 +45,20 @@ def _log_config(level: str, base: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _check_control_dir(directory: str) -> None:
+    """Whoever can write the control file's directory can swap the served model, token or not: it must be this
+    user's own, and writable by nobody else."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        raise ValueError(f"control file directory {directory} does not exist") from None
+    if not os.path.isdir(directory):
+        raise ValueError(f"control file directory {directory} is not a directory")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ValueError(f"control file directory {directory} must belong to this user and be writable by no one "
+                         "else (whoever can write there can swap the served model)")
+
+
 def serve(
     bundle_path: str | os.PathLike,
     host: str = "127.0.0.1",
@@ -63,6 +77,7 @@ def serve(
     control_file: str | os.PathLike | None = None,
     swap_poll_s: float = 1.0,
     model_version: str | None = None,
+    admin_swap_owner: str | None = None,
 ) -> None:
     """Verify the bundle, then run uvicorn with `workers` processes (default: one per core).
 
@@ -86,9 +101,10 @@ def serve(
         bundle_path=os.path.abspath(bundle_path), max_k=max_k, max_batch=max_batch, fallback=fallback,
         max_body_bytes=max_body_bytes, load_delay_s=load_delay_s, token_file=token_file,
         token_env=source == "env", swap_poll_s=swap_poll_s, model_version=model_version,
+        admin_swap_owner=admin_swap_owner,
     )
-    if control_file is not None and not os.path.isdir(os.path.dirname(os.path.abspath(control_file))):
-        raise ValueError(f"control file {control_file}: its directory does not exist")
+    if control_file is not None:
+        _check_control_dir(os.path.dirname(os.path.abspath(control_file)))
     started = time.perf_counter()
     verify_bundle(config.bundle_path)  # refuse a corrupt bundle before binding
     logger.info("bundle %s verified in %.2f s", config.bundle_path, time.perf_counter() - started)
@@ -152,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-version", default=None,
                         help="version label of BUNDLE (default: the manifest's MLflow model version, else "
                              "sha256:<first 12 hex of the manifest's sha256>)")
+    parser.add_argument("--admin-swap-owner", default=None, metavar="WHO",
+                        help="WHO alone chooses the served bundle (it writes the control file): POST /admin/swap "
+                             "answers 409 naming it")
     parser.add_argument("--load-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)  # tests observe readiness
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
@@ -161,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             fallback=None if args.fallback == "none" else args.fallback, max_body_bytes=args.max_body_bytes,
             log_level=args.log_level, access_log=args.access_log, load_delay_s=args.load_delay_s,
             token_file=args.token_file, insecure_no_token=args.insecure_no_token, control_file=args.control_file,
-            swap_poll_s=args.swap_poll_s, model_version=args.model_version,
+            swap_poll_s=args.swap_poll_s, model_version=args.model_version, admin_swap_owner=args.admin_swap_owner,
         )
     except BundleError as exc:
         msg = str(exc)

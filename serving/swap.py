@@ -3,12 +3,16 @@
 The control file (`--control-file`, default `control.json` in the server's state directory) says what every
 worker should serve:
 
-    {"bundle": "/absolute/bundle/dir", "version": "label"}     ("version" optional or null: the default label)
+    {"bundle": "/absolute/bundle/dir", "version": "label", "manifest_sha256": "hex"}
+
+("version" optional or null: the default label; "manifest_sha256" optional: when given, a bundle whose
+manifest.json hashes differently is refused, so a directory rewritten after the writer verified it is not served
+under the old label.)
 
 Whoever wants a swap writes it atomically (`write_control`: temp file in the same directory + rename);
 `serve()` writes the initial bundle there before the workers start, so a worker that uvicorn restarts
-serves what the others serve. Each worker's `BundleSlot` polls the file's identity (inode, mtime, size)
-every `swap_poll_s` seconds on a background thread; on a change it opens and verifies the named bundle on
+serves what the others serve. Each worker's `BundleSlot` polls the file's content (it is tiny: comparing
+bytes cannot miss a rewrite that kept inode, size and timestamp) every `swap_poll_s` seconds on a background thread; on a change it opens and verifies the named bundle on
 that thread, builds its recommender and replaces its reference in one assignment. Requests hold the
 `LoadedBundle` they started with until they finish, so each answer comes from exactly one version.
 A bundle that fails is not swapped in: the old one keeps serving, and the failure is logged and counted
@@ -34,7 +38,8 @@ from serving.schema import BUNDLE_PATH_PATTERN, SWAP_FIELDS, version_problem
 
 logger = logging.getLogger(__name__)
 
-Stamp = tuple[int, int, int, int]
+Stamp = bytes
+CONTROL_FIELDS = (*SWAP_FIELDS, "manifest_sha256")
 
 
 class ControlError(ValueError):
@@ -45,6 +50,7 @@ class ControlError(ValueError):
 class Target:
     bundle: str
     version: str | None = None
+    manifest_sha256: str | None = None  # the manifest the writer verified; None: whatever the directory holds
 
 
 def write_control(path: str, target: Target) -> None:
@@ -53,7 +59,8 @@ def write_control(path: str, target: Target) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".control-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"bundle": target.bundle, "version": target.version}, fh)
+            json.dump({"bundle": target.bundle, "version": target.version,
+                       "manifest_sha256": target.manifest_sha256}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -66,12 +73,12 @@ def write_control(path: str, target: Target) -> None:
 
 
 def stamp(path: str) -> Stamp | None:
-    """The file's identity: a rename gives a new inode, an in-place write a new mtime/size; None if missing."""
+    """The control file's content (at most 64 KiB), or None when it is missing or unreadable."""
     try:
-        st = os.stat(path)
+        with open(path, "rb") as fh:
+            return fh.read(1 << 16)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def read_control(path: str) -> Target:
@@ -83,14 +90,18 @@ def read_control(path: str) -> Target:
         raise ControlError(f"control file {path}: cannot read it ({exc.strerror or exc})") from None
     except ValueError as exc:
         raise ControlError(f"control file {path}: not JSON ({' '.join(str(exc).split())[:120]})") from None
-    if not isinstance(doc, dict) or set(doc) - set(SWAP_FIELDS) or not isinstance(doc.get("bundle"), str):
-        raise ControlError(f'control file {path}: expected {{"bundle": "/absolute/dir", "version": "label"}}')
-    bundle, version = doc["bundle"], doc.get("version")
+    if not isinstance(doc, dict) or set(doc) - set(CONTROL_FIELDS) or not isinstance(doc.get("bundle"), str):
+        raise ControlError(f'control file {path}: expected {{"bundle": "/absolute/dir", "version": "label", '
+                           f'"manifest_sha256": "hex"}}')
+    bundle, version, digest = doc["bundle"], doc.get("version"), doc.get("manifest_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
+        raise ControlError(f"control file {path}: manifest_sha256 must be 64 lowercase hex digits")
     if not os.path.isabs(bundle) or "\x00" in bundle:
         raise ControlError(f"control file {path}: bundle must be an absolute path (pattern {BUNDLE_PATH_PATTERN})")
     if version is not None and (problem := version_problem(version)):
         raise ControlError(f"control file {path}: version {problem}")
-    return Target(os.path.normpath(bundle), version)
+    return Target(os.path.normpath(bundle), version, digest)
 
 
 class BundleSlot:
@@ -124,7 +135,12 @@ class BundleSlot:
 
     def open(self, target: Target) -> LoadedBundle:
         """Open, verify and prepare a bundle (blocking); raises BundleError or OSError."""
-        return load(target.bundle, target.version, self.config)
+        loaded = load(target.bundle, target.version, self.config)
+        if target.manifest_sha256 and loaded.manifest_sha256 != target.manifest_sha256:
+            raise BundleError(f"{target.bundle}: manifest.json sha256 {loaded.manifest_sha256[:12]}... is not the "
+                              f"{target.manifest_sha256[:12]}... the swap named (the directory changed after it "
+                              "was verified)")
+        return loaded
 
     def install(self, loaded: LoadedBundle, *, swap: bool, unless: Target | None = None) -> bool:
         """Serve `loaded` from now on; with `unless`, only if this worker does not serve that target already

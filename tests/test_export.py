@@ -15,23 +15,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.bundle import (
-    AUTO_APPROX_FACTORY,
-    AUTO_EXACT_MAX_ITEMS,
-    ExportError,
-    topk_mismatch,
-    write_bundle,
-)
-from export import index_build
-from export.index_build import resolve_factory
+from export.bundle import ExportError, topk_mismatch, write_bundle
+from export import index_auto
 from serving.bundle import open_bundle
+from serving.bundle_format import decode_ids
 from serving.recommender import Recommender
 
 faiss.omp_set_num_threads(1)  # 2 shared cores: keep tests single-threaded
 
 ROOT = Path(__file__).resolve().parents[1]
 U, I, D = 250, 1500, 12
-FILES = ["item_ids.npy", "items.faiss", "manifest.json", "model.onnx", "seen.npz", "user_ids.npy"]
+FILES = ["item_ids.npz", "items.faiss", "manifest.json", "model.onnx", "seen.npz", "user_ids.npz"]
 
 
 def make_data(seed: int = 0, users: int = U, items: int = I, dim: int = D) -> dict:
@@ -81,11 +75,15 @@ def test_round_trip_flat(tmp_path, data):
     out = tmp_path / "b"
     assert sorted(p.name for p in out.iterdir()) == FILES
     assert leftovers(tmp_path) == []
-    assert manifest["format_version"] == 1 and manifest["metric"] == "inner_product"
+    assert manifest["format_version"] == 2 and manifest["metric"] == "inner_product"
+    assert manifest["ids"] == {"user": {"file": "user_ids.npz", "encoding": "utf8"},
+                               "item": {"file": "item_ids.npz", "encoding": "utf8"}}
+    assert manifest["quantization"]["user_table"] == "fp32" and manifest["quantization"]["check"] is None
     assert (manifest["dim"], manifest["num_users"], manifest["num_items"]) == (D, U, I)
     idx = manifest["index"]
-    assert idx["factory"] == "Flat" and idx["exact"] and idx["query_transform"] == "none"
+    assert idx["factory"] == "Flat" and idx["exact"] and idx["query_transform"] == "none" and idx["codec"] == "fp32"
     assert idx["recall_at_k"] == 1.0 and idx["k"] == 100
+    assert idx["auto"]["chosen"] == "Flat" and idx["auto"]["candidates"][0]["note"] == "chosen"
     assert manifest["onnx"] == {"opset": 17, "ir_version": 8, "input": "user_index", "output": "user_vector"}
     assert manifest["parity_max_abs_diff"] <= 1e-5
     assert manifest["reference_topk_users"] == users.size
@@ -110,9 +108,10 @@ def test_round_trip_flat(tmp_path, data):
     np.testing.assert_array_equal(got, data["user_vectors"])
 
     # Ids and seen CSR load without pickle.
-    np.testing.assert_array_equal(np.load(out / "user_ids.npy", allow_pickle=False), data["user_ids"])
+    np.testing.assert_array_equal(decode_ids((out / "user_ids.npz").read_bytes(), "utf8"), data["user_ids"])
     with np.load(out / "seen.npz", allow_pickle=False) as npz:
         np.testing.assert_array_equal(npz["indptr"], data["seen_indptr"])
+        assert npz["indices"].dtype == np.int32
 
 
 def test_served_topk_equals_numpy(tmp_path, data):
@@ -146,10 +145,10 @@ def test_topk_mismatch_tolerates_ties():
     assert "items" in topk_mismatch(q, items, np.array([0]), np.array([0, 1]))
 
 
-def test_auto_threshold():
-    assert resolve_factory("auto", AUTO_EXACT_MAX_ITEMS) == "Flat"
-    assert resolve_factory("auto", AUTO_EXACT_MAX_ITEMS + 1) == AUTO_APPROX_FACTORY
-    assert resolve_factory("IVF256,SQ8", 10) == "IVF256,SQ8"
+def test_auto_candidates():
+    assert index_auto.candidate_factories(57_000, "fp32") == ["Flat", "IVF1024,Flat", "HNSW32"]
+    assert index_auto.candidate_factories(1_500, "int8") == ["SQ8", "IVF32,SQ8", "HNSW32_SQ8"]
+    assert index_auto.candidate_factories(50, "fp16") == ["SQfp16", "HNSW32_SQfp16"]  # too few items for IVF
 
 
 def test_approximate_index_records_recall(tmp_path, data):
@@ -264,14 +263,48 @@ def test_export_checkpoint(tmp_path, kind):
         assert topk_mismatch(u[user].numpy(), i.numpy(), items, want[user][: items.size]) is None
 
 
-def test_auto_picks_approximate_above_threshold_and_falls_back(tmp_path, data, monkeypatch):
-    monkeypatch.setattr(index_build, "AUTO_EXACT_MAX_ITEMS", 1000)
-    manifest = write(tmp_path / "a", data, index_factory="auto")
-    assert manifest["index"]["requested"] == "auto"
-    assert manifest["index"]["factory"] == AUTO_APPROX_FACTORY and manifest["index"]["auto_note"] is None
-    # An approximate pick that misses the floor: auto falls back to exact instead of refusing.
-    monkeypatch.setattr(index_build, "AUTO_APPROX_FACTORY", "IVF16,PQ2x4")
-    manifest = write(tmp_path / "b", data, index_factory="auto")
-    assert manifest["index"]["factory"] == "Flat" and manifest["index"]["exact"]
-    assert "fell back to Flat" in manifest["index"]["auto_note"]
-    assert manifest["index"]["recall_at_k"] == 1.0
+def test_auto_keeps_the_smallest_that_serves_as_well(tmp_path, data, monkeypatch):
+    # A candidate smaller than the exact scan (2 x 4-bit PQ codes): chosen only when its recall reaches the floor
+    # and it is no slower than the exact scan. Latencies are fixed here so the rule, not the machine, decides.
+    monkeypatch.setattr(index_auto, "candidate_factories", lambda n, q: ["Flat", "IVF16,PQ2x4", "HNSW32"])
+    fixed = {"fast": [50.0, 40.0, 30.0], "slow": [50.0, 60.0, 30.0]}
+
+    def run(name, speed, floor):
+        monkeypatch.setattr(index_auto, "single_user_p50_us", lambda recs, users: fixed[speed])
+        return write(tmp_path / name, data, index_factory="auto", recall_floor=floor)["index"]
+
+    idx = run("a", "fast", 0.0)
+    assert idx["factory"] == "IVF16,PQ2x4" and not idx["exact"] and idx["auto"]["chosen"] == "IVF16,PQ2x4"
+    rows = {row["factory"]: row for row in idx["auto"]["candidates"]}
+    assert rows["IVF16,PQ2x4"]["bytes"] < rows["Flat"]["bytes"] < rows["HNSW32"]["bytes"]
+    assert rows["HNSW32"]["eligible"] and "bytes >" in rows["HNSW32"]["note"]
+    assert (tmp_path / "a" / "items.faiss").stat().st_size == rows["IVF16,PQ2x4"]["bytes"]
+    idx = run("b", "slow", 0.0)
+    assert idx["factory"] == "Flat" and idx["exact"]
+    assert "p50 60.0 us > the exact scan's 50.0 us" in rows_of(idx)["IVF16,PQ2x4"]["note"]
+    idx = run("c", "fast", 0.95)
+    assert idx["factory"] == "Flat" and "< recall_floor 0.95" in rows_of(idx)["IVF16,PQ2x4"]["note"]
+    assert idx["auto_note"].startswith("Flat: ")
+
+
+def rows_of(idx: dict) -> dict:
+    return {row["factory"]: row for row in idx["auto"]["candidates"]}
+
+
+def test_export_checkpoint_quantized(tmp_path):
+    torch = pytest.importorskip("torch")
+    checkpoint = pytest.importorskip("compressor.checkpoint")
+    models = pytest.importorskip("compressor.models")
+    from export.from_checkpoint import export_checkpoint
+
+    torch.manual_seed(0)
+    d = make_data(seed=2, users=120, items=400, dim=8)
+    model = models.build_model("mf", num_users=120, num_items=400, dim=8, init_std=0.5)
+    path = tmp_path / "model.safetensors"
+    checkpoint.save_checkpoint(path, model=model, meta={"metrics": {}, "config": {}}, user_ids=d["user_ids"],
+                               item_ids=d["item_ids"], train_indptr=d["seen_indptr"], train_indices=d["seen_indices"])
+    manifest = export_checkpoint(path, tmp_path / "bundle", k_max=20, quantize="fp16")
+    q = manifest["quantization"]
+    assert q["user_table"] == "fp16" and q["passed"] and q["check"]["reference"] == "caller's reference top-k"
+    assert q["check"]["users"] == manifest["reference_topk_users"] == 119  # user 0 has < 20 unseen items
+    assert manifest["index"]["factory"] == "SQfp16"

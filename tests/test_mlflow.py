@@ -204,7 +204,8 @@ def test_only_safe_files_in_the_registered_model(runs, client):
     for name in ("rec-teacher", "rec-student"):
         files = sorted(walk(f"models:/{name}/1"))
         assert "bundle_pyfunc.py" in files, files
-        for f in ("manifest.json", "model.onnx", "items.faiss", "user_ids.npy", "item_ids.npy", "seen.npz"):
+        manifest = json.loads(mlflow.artifacts.load_text(f"models:/{name}/1/artifacts/bundle/manifest.json"))
+        for f in ("manifest.json", *manifest["files"]):  # every file the manifest hashes, ids and seen items too
             assert f"artifacts/bundle/{f}" in files, (f, files)
         assert "code/serving/recommender.py" in files  # the model carries its serving code
         assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle", ".joblib", ".pt", ".pth",
@@ -420,7 +421,8 @@ def test_registry_option_mistakes_are_one_line_errors(tmp_path, slice_data, env)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "--alias needs --register" in p.stderr
 
 
-def test_serve_follows_the_alias_and_refuses_a_tampered_version(runs, client, env, tmp_path, slice_data, monkeypatch):
+def test_serve_follows_the_alias_and_refuses_a_tampered_version(runs, client, server, env, tmp_path, slice_data,
+                                                                 monkeypatch):
     """`compress serve models:/NAME@ALIAS --follow-alias`: moving the alias swaps the answering version in both
     workers without a restart; a version whose bundle fails verification is not swapped in."""
     from compress_app.tracking import download_registered_bundle
@@ -432,24 +434,26 @@ def test_serve_follows_the_alias_and_refuses_a_tampered_version(runs, client, en
                 "--register", "rec-follow", env=env)
     client.set_registered_model_alias("rec-follow", "live", "1")
     monkeypatch.setenv("COMPRESS_CACHE_DIR", env["COMPRESS_CACHE_DIR"])  # the cache the server's follower reads
-    # Version 3's bundle, as this host's cache holds it, is tampered with: it must never be served.
-    tampered = download_registered_bundle("models:/rec-follow/3")
-    blob = bytearray((tampered / "items.faiss").read_bytes())
+    # Version 3's bundle is tampered with in the registry's own artifact store: it must never be served (a damaged
+    # local copy alone would be downloaded again).
+    model_id = client.get_model_version("rec-follow", "3").source.rsplit("/", 1)[-1]
+    (stored,) = [p for p in server.root.rglob("items.faiss") if model_id in str(p)]
+    blob = bytearray(stored.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
-    (tampered / "items.faiss").write_bytes(bytes(blob))
+    stored.write_bytes(bytes(blob))
 
     def expected(version, user):
         rec = Recommender(open_bundle(download_registered_bundle(f"models:/rec-follow/{version}"), faiss_threads=None))
         return rec.item_external_ids(rec.recommend(rec.user_indices([user]), 5)[0][0]).tolist()
 
     user = load_checkpoint(tmp_path / "v1").user_ids[3]
-    server = ServingProcess(cli_command("serve", "models:/rec-follow@live", "--follow-alias", "--poll-s", 0.5,
+    srv = ServingProcess(cli_command("serve", "models:/rec-follow@live", "--follow-alias", "--poll-s", 0.5,
                                         "--workers", 2)[1:], tmp_path / "follow.log", env=env)
 
     def answers(n=12):
         out = []
         for _ in range(n):
-            r = server.http.post("/recommend", json={"user_id": user, "k": 5})
+            r = srv.http.post("/recommend", json={"user_id": user, "k": 5})
             assert r.status_code == 200, r.text
             out.append((r.headers["x-model-version"], r.json()["items"]))
         return out
@@ -464,15 +468,17 @@ def test_serve_follows_the_alias_and_refuses_a_tampered_version(runs, client, en
         raise AssertionError(f"still answering {sorted({v for v, _ in got})}, not version {version}")
 
     try:
-        server.wait("/readyz")
+        srv.wait("/readyz")
         assert all(items == expected(1, user) for _, items in wait_for(1))
         client.set_registered_model_alias("rec-follow", "live", "2")
         assert all(items == expected(2, user) for _, items in wait_for(2))
-        assert server.http.get("/metadata").json()["model_version"] == "models:/rec-follow/2"
+        assert srv.http.get("/metadata").json()["model_version"] == "models:/rec-follow/2"
         client.set_registered_model_alias("rec-follow", "live", "3")
         time.sleep(3)  # several polls: version 3 is downloaded from the cache, fails verification, is refused
         assert all(v == "models:/rec-follow/2" for v, _ in answers())
         client.set_registered_model_alias("rec-follow", "live", "1")
         wait_for(1)
+        r = srv.http.post("/admin/swap", json={"bundle": str(tmp_path / "v2" / "bundle")})
+        assert r.status_code in (403, 409)  # the alias alone chooses what a following server serves
     finally:
-        server.stop()
+        srv.stop()

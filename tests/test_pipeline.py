@@ -42,6 +42,8 @@ def test_pipeline_runs_reuses_and_reports(recipes, tmp_path):
         assert "epoch 1 " in (out / stage / "train.log").read_text()
     assert (out / "bundles" / "rcekd" / "manifest.json").exists()
     assert summary["registered"]["alias"] == "champion"
+    assert summary["parameter_ratio"] == pytest.approx(4.0)  # dim 32 teacher, dim 8 students, same users x items
+    assert 1 < summary["bundle_ratio"] <= summary["parameter_ratio"]
     assert "compress serve" in p.stdout
     run_cli("export", "--verify", out / "bundles" / "rcekd")
     # second run: every stage reused, and summary.json says so

@@ -9,6 +9,7 @@ one byte of items.faiss flipped.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -387,7 +388,9 @@ def test_admin_swap_reaches_both_workers(secured, bundles, data_a, data_b):
     after = wait_all_workers(secured, "v-b")
     assert metric(after, "compress_swaps_total") == metric(before, "compress_swaps_total") + 2  # one per worker
     check_answers(secured, data_b, "v-b")
-    assert json.loads(secured.control.read_text()) == {"bundle": str(bundles["b"]), "version": "v-b"}
+    control = json.loads(secured.control.read_text())
+    digest = hashlib.sha256((bundles["b"] / "manifest.json").read_bytes()).hexdigest()
+    assert control == {"bundle": str(bundles["b"]), "version": "v-b", "manifest_sha256": digest}  # pinned
     with fresh(secured, AUTH) as client:
         for _ in range(4):
             meta = client.get("/metadata").json()
@@ -434,7 +437,15 @@ def test_swap_through_the_control_file_alone(secured, bundles, data_a, data_b):
     assert metric(text, "compress_swap_failures_total") == failures + 2 and versions_served(text) == {"ctl-b"}
     check_answers(secured, data_b, "ctl-b")
 
-    write_control_file(secured.control, {"bundle": str(bundles["a"]), "version": "ctl-a"})
+    # Pinned to a manifest the directory no longer holds (rewritten after it was verified): refused as well.
+    failures = metric(text, "compress_swap_failures_total")
+    write_control_file(secured.control, {"bundle": str(bundles["a"]), "version": "ctl-pinned",
+                                         "manifest_sha256": "0" * 64})
+    poll(lambda: metric(secured.http.get("/metrics", headers=AUTH).text, "compress_swap_failures_total") == failures + 2)
+    assert versions_served(secured.http.get("/metrics", headers=AUTH).text) == {"ctl-b"}
+
+    digest = hashlib.sha256((bundles["a"] / "manifest.json").read_bytes()).hexdigest()
+    write_control_file(secured.control, {"bundle": str(bundles["a"]), "version": "ctl-a", "manifest_sha256": digest})
     wait_all_workers(secured, "ctl-a")
     check_answers(secured, data_a, "ctl-a")
 

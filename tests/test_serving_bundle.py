@@ -16,6 +16,7 @@ import pytest
 
 from export.bundle import build_user_tower, write_bundle
 from serving.bundle import BundleError, open_bundle, sha256_bytes, verify_bundle
+from serving.bundle_format import decode_ids, encode_ids
 from serving import dense_topk
 from serving import recommender as recommender_module
 from serving.recommender import Recommender
@@ -116,7 +117,7 @@ def test_open_and_verify(flat_dir, data):
     checks = verify_bundle(flat_dir)
     assert any("sha256" in c for c in checks) and any("no external data" in c for c in checks)
     assert sorted(p.name for p in flat_dir.iterdir()) == sorted(
-        ["manifest.json", "model.onnx", "items.faiss", "user_ids.npy", "item_ids.npy", "seen.npz"]
+        ["manifest.json", "model.onnx", "items.faiss", "user_ids.npz", "item_ids.npz", "seen.npz"]
     )
 
 
@@ -137,16 +138,16 @@ def test_serving_imports_neither_torch_nor_compressor():
         ("model.onnx", lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "size"),
         ("items.faiss", lambda p: p.write_bytes(p.read_bytes()[:100]), "size"),
         ("items.faiss", lambda p: p.write_bytes(os.urandom(len(p.read_bytes()))), "sha256"),
-        ("user_ids.npy", None, "sha256"),  # same size, two ids swapped
+        ("user_ids.npz", None, "sha256"),  # same size, one byte changed
         ("seen.npz", lambda p: p.unlink(), "missing"),
     ],
 )
 def test_tampered_file_fails_hash(copy, name, tamper, message):
     path = copy / name
     if tamper is None:
-        ids = np.load(path)
-        ids[[0, 1]] = ids[[1, 0]]
-        np.save(path, ids, allow_pickle=False)
+        blob = bytearray(path.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        path.write_bytes(bytes(blob))
     else:
         tamper(path)
     with pytest.raises(BundleError, match=rf"^{name}: .*{message}"):
@@ -177,27 +178,53 @@ def test_garbage_index_rehashed(copy):
         open_bundle(copy)
 
 
+def _rewrite_ids(path: Path, ids: np.ndarray) -> None:
+    encoding, data = encode_ids(ids)
+    assert encoding == "utf8"
+    path.write_bytes(data)
+
+
 def test_id_map_length_rehashed(copy):
-    ids = np.load(copy / "user_ids.npy")
-    np.save(copy / "user_ids.npy", ids[:-1], allow_pickle=False)
+    ids = decode_ids((copy / "user_ids.npz").read_bytes(), "utf8")
+    _rewrite_ids(copy / "user_ids.npz", ids[:-1])
     rehash(copy)
-    with pytest.raises(BundleError, match=r"^user_ids.npy: length 299 != num_users 300"):
+    with pytest.raises(BundleError, match=r"^user_ids.npz: length 299 != num_users 300"):
         open_bundle(copy)
 
 
 def test_duplicate_item_ids_rehashed(copy):
-    ids = np.load(copy / "item_ids.npy")
+    ids = decode_ids((copy / "item_ids.npz").read_bytes(), "utf8")
     ids[1] = ids[0]
-    np.save(copy / "item_ids.npy", ids, allow_pickle=False)
+    _rewrite_ids(copy / "item_ids.npz", ids)
     rehash(copy)
-    with pytest.raises(BundleError, match=r"^item_ids.npy: external ids are not unique"):
+    with pytest.raises(BundleError, match=r"^item_ids.npz: external ids are not unique"):
         open_bundle(copy)
 
 
 def test_pickled_ids_refused(copy):
-    np.save(copy / "item_ids.npy", np.array([f"i{i}" for i in range(I)], dtype=object), allow_pickle=True)
+    np.savez(copy / "item_ids.npz", blob=np.array([f"i{i}" for i in range(I)], dtype=object), offsets=np.arange(3))
     rehash(copy)
-    with pytest.raises(BundleError, match=r"^item_ids.npy: not a loadable .npy without pickle"):
+    with pytest.raises(BundleError, match=r"^item_ids.npz: not a loadable .npy/.npz without pickle"):
+        open_bundle(copy)
+
+
+def test_id_blob_inconsistent_rehashed(copy):
+    with np.load(copy / "item_ids.npz") as npz:
+        blob, offsets = npz["blob"], npz["offsets"]
+    np.savez(copy / "item_ids.npz", blob=blob[:-1], offsets=offsets)
+    rehash(copy)
+    with pytest.raises(BundleError, match=r"^item_ids.npz: offsets are not a monotone 0..len\(blob\) pointer"):
+        open_bundle(copy)
+    np.savez(copy / "item_ids.npz", blob=blob, offsets=offsets.astype(np.int32))
+    rehash(copy)
+    with pytest.raises(BundleError, match=r"^item_ids.npz: blob must be 1-D uint8 and offsets 1-D int64"):
+        open_bundle(copy)
+
+
+def test_manifest_ids_entry_checked(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    rehash(copy, ids={**manifest["ids"], "item": {"file": "../elsewhere.npz", "encoding": "utf8"}})
+    with pytest.raises(BundleError, match=r"^manifest.json: ids.item.file '../elsewhere.npz' != 'item_ids.npz'"):
         open_bundle(copy)
 
 

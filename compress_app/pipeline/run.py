@@ -137,6 +137,8 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
     summary = {"out": str(out), "teacher": str(teacher_dir), "scratch": str(out / "scratch"),
                "rcekd": str(out / "rcekd"), "bundle": str(bundle), "report": str(report),
                f"test_{GATE_METRIC}": {e.label: e.test[GATE_METRIC] for e in entries}, "registered": registered,
+               "parameter_ratio": entries[0].params / max(entries[2].params, 1),
+               "bundle_ratio": entries[0].bundle_bytes / max(entries[2].bundle_bytes, 1),
                "stages": stages, "serve": f"compress serve {bundle}"}
     atomic_write_text(out / "report" / SUMMARY_FILE, json.dumps(summary, indent=1))
     return summary

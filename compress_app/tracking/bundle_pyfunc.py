@@ -8,7 +8,8 @@ answers with ``serving.recommender.Recommender``: exactly what `compress serve` 
 Nothing here needs torch or the training code; nothing is pickled.
 
 Input: a DataFrame with a ``user_id`` column, or a list / 1-D array of user ids (ids are compared as strings).
-Params: ``k`` (default 10), ``exclude_seen`` (default true). Output: a DataFrame, one row per input user, with
+Params: ``k`` (default 10), ``exclude_seen`` (default true). Each user gets what `POST /recommend` answers; as
+MLflow models do, a request naming an unknown user fails as a whole (400), where the server answers per user. Output: a DataFrame, one row per input user, with
 ``user_id``, ``items`` (the top-k external item ids, best first) and ``scores`` (their inner products).
 This file imports only mlflow, numpy, pandas and serving.
 """
@@ -66,7 +67,7 @@ def _user_ids(model_input) -> list[str]:
 def _params(params: dict | None) -> tuple[int, bool]:
     params = params or {}
     k = params.get("k", DEFAULT_K)
-    if isinstance(k, bool):
+    if isinstance(k, bool) or (isinstance(k, float) and not k.is_integer()):
         raise _bad_input(f"param k must be an integer, got {k!r}")
     try:
         k = int(k)
@@ -102,7 +103,11 @@ class BundleRecommender(PythonModel):
                              f"{rec.bundle.num_users:,} users)")
         if not ids:
             return pd.DataFrame({USER_COLUMN: [], "items": [], "scores": []})
-        answers = rec.recommend(rec.user_indices(ids), k, exclude_seen=exclude_seen)
+        users = rec.user_indices(ids)
+        if rec.dense:
+            answers = rec.recommend(users, k, exclude_seen=exclude_seen)
+        else:  # an approximate index searches deeper for a batch than for one user: answer as /recommend does
+            answers = [rec.recommend(users[i:i + 1], k, exclude_seen=exclude_seen)[0] for i in range(len(users))]
         return pd.DataFrame({USER_COLUMN: ids,
                              "items": [rec.item_external_ids(items).tolist() for items, _ in answers],
                              "scores": [scores.astype(float).tolist() for _, scores in answers]})

@@ -15,6 +15,7 @@ BUNDLE_ARTIFACT_TAG = "compress.bundle.artifact_uri"
 BUNDLE_RECALL_TAG = "compress.bundle.index_recall"
 BUNDLE_RECALL_FLOOR_TAG = "compress.bundle.recall_floor"
 BUNDLE_FACTORY_TAG = "compress.bundle.index_factory"
+BUNDLE_MANIFEST_TAG = "compress.bundle.manifest_sha256"
 CHECKPOINT_FINGERPRINT_TAG = "compress.checkpoint_fingerprint"
 CHECKPOINT_ARTIFACT_TAG = "compress.checkpoint.artifact_uri"  # the run artifact a version was exported from
 

@@ -8,10 +8,12 @@ each downloaded once into the cache (``environment.cache_root``) and checked aga
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,21 +26,22 @@ import serving
 from compressor.checkpoint import read_meta
 from compressor.run_dir import MODEL_FILE, RUN_BUNDLE_DIR
 from export.from_checkpoint import export_checkpoint
-from serving.bundle import MANIFEST_FILE
+from serving.bundle import MANIFEST_FILE, BundleError, verify_bundle
 
 from .environment import TrackingError, cache_root, import_mlflow, is_number, probe, redact, resolve_tracking_uri
-from .gate import (BUNDLE_ARTIFACT_TAG, BUNDLE_FACTORY_TAG, BUNDLE_RECALL_FLOOR_TAG, BUNDLE_RECALL_TAG,
-                   CHECKPOINT_ARTIFACT_TAG, CHECKPOINT_FINGERPRINT_TAG, DEFAULT_GATE_SHARE, promotion_gate,
-                   version_tags)
 from .bundle_pyfunc import BUNDLE_ARTIFACT, DEFAULT_K
+from .gate import (BUNDLE_ARTIFACT_TAG, BUNDLE_FACTORY_TAG, BUNDLE_MANIFEST_TAG, BUNDLE_RECALL_FLOOR_TAG,
+                   BUNDLE_RECALL_TAG, CHECKPOINT_ARTIFACT_TAG, CHECKPOINT_FINGERPRINT_TAG, DEFAULT_GATE_SHARE,
+                   promotion_gate, version_tags)
 
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT_PATH = "model"  # name of the logged pyfunc model
 BUNDLE_PYFUNC_CODE = Path(__file__).with_name("bundle_pyfunc.py")
 SERVING_CODE = Path(serving.__file__).resolve().parent  # shipped with the model: it loads without this package
-# What the registered model needs at load time: the serving stack, not torch or the training code.
-SERVING_REQUIREMENTS = ("numpy", "pandas", "faiss-cpu", "onnx", "onnxruntime")
+# What the registered model needs at load time: the serving stack, not torch or the training code, pinned to the
+# versions it was exported and verified with.
+SERVING_PACKAGES = ("numpy", "pandas", "faiss-cpu", "onnx", "onnxruntime")
 CHECKPOINT_ARTIFACT = "checkpoint"  # versions registered before the bundle was the model carried the checkpoint
 CHECKPOINT_RUN_ARTIFACT = f"checkpoint/{MODEL_FILE}"  # where the tracker logs a run's checkpoint
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
@@ -47,10 +50,26 @@ REREGISTER_HINT = ("re-register it: `compress export <run dir> --out BUNDLE` is 
                    "distill --register NAME` and `compress pipeline --register NAME`")
 
 
+class NoBundleError(TrackingError):
+    """The version holds no serving bundle (registered before the bundle was the model)."""
+
+
+def _pinned(packages) -> list[str]:
+    out = []
+    for name in packages:
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:  # e.g. a faiss build installed under another name
+            out.append(name)
+    return out
+
+
 def bundle_tags(bundle_dir: Path, recall_floor: float | None) -> dict:
-    """Version tags from a bundle's manifest: its index, the index recall and the floor the gate enforces."""
-    index = json.loads((Path(bundle_dir) / MANIFEST_FILE).read_text()).get("index") or {}
-    tags = {}
+    """Version tags from a bundle's manifest: its sha256 (which pins every file, by their hashes in it), its index,
+    the index recall and the floor the gate enforces."""
+    raw = (Path(bundle_dir) / MANIFEST_FILE).read_bytes()
+    index = json.loads(raw).get("index") or {}
+    tags = {BUNDLE_MANIFEST_TAG: hashlib.sha256(raw).hexdigest()}
     if is_number(index.get("recall_at_k")):
         tags[BUNDLE_RECALL_TAG] = index["recall_at_k"]
     if index.get("factory"):
@@ -79,7 +98,7 @@ def register_version(client, run_id: str, bundle_dir: Path, meta: dict, name: st
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT_PATH, python_model=str(BUNDLE_PYFUNC_CODE),
                 artifacts={BUNDLE_ARTIFACT: str(bundle_dir)}, code_paths=[str(SERVING_CODE)], signature=sig,
-                pip_requirements=[f"mlflow=={mlflow.__version__}", *SERVING_REQUIREMENTS])
+                pip_requirements=[f"mlflow=={mlflow.__version__}", *_pinned(SERVING_PACKAGES)])
     flavor = info.flavors.get("python_function", {})
     if "model_code_path" not in flavor or "python_model" in flavor:
         raise TrackingError("refusing to register: the logged model is not a models-from-code model "
@@ -210,11 +229,34 @@ def download_registered_bundle(uri: str) -> Path:
             return mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{rel}", dst_path=tmp)
         if legacy:
             return mlflow.artifacts.download_artifacts(artifact_uri=legacy, dst_path=tmp)
-        raise TrackingError(f"{uri} (version {mv.version}) holds no serving bundle (registered before the bundle was "
+        raise NoBundleError(f"{uri} (version {mv.version}) holds no serving bundle (registered before the bundle was "
                             f"the model, without one logged beside it); {REREGISTER_HINT}")
 
     key = hashlib.sha256(f"{tracking_uri}\n{mv.name}\n{mv.version}\n{mv.source}\n{legacy}".encode()).hexdigest()[:16]
     return _download_once(uri, mv, tracking_uri, "bundle", cache_root() / "bundles" / key / "bundle", source)
+
+
+def fetch_verified_bundle(uri: str) -> tuple[Path, str]:
+    """(bundle, manifest sha256) of a model version, verified file by file against its manifest and the manifest
+    against the version's ``compress.bundle.manifest_sha256`` tag. A cached copy that fails is downloaded once
+    more (a damaged cache heals itself); a copy that fails again is refused (BundleError): the registry's own
+    artifact is not what was registered."""
+    mv = resolve_model_version(uri)
+    want = (mv.tags or {}).get(BUNDLE_MANIFEST_TAG)
+    for attempt in (1, 2):
+        bundle = download_registered_bundle(f"models:/{mv.name}/{mv.version}")
+        try:
+            verify_bundle(bundle)
+            have = hashlib.sha256((bundle / MANIFEST_FILE).read_bytes()).hexdigest()
+            if want and have != want:
+                raise BundleError(f"{MANIFEST_FILE}: sha256 {have[:12]}... is not the {want[:12]}... registered for "
+                                  f"models:/{mv.name}/{mv.version}")
+            return bundle, have
+        except BundleError:
+            shutil.rmtree(bundle, ignore_errors=True)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def log_bundle_to_model_version(uri: str, bundle_dir: str | Path, recall_floor: float | None = None,
