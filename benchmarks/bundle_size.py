@@ -32,16 +32,14 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from export.bundle import write_bundle  # noqa: E402
-from serving.bundle import open_bundle, sha256_bytes  # noqa: E402
-from serving.bundle_format import V1_DATA_FILES  # noqa: E402
+from serving.bundle import open_bundle  # noqa: E402
 from serving.recommender import Recommender  # noqa: E402
+from tests.test_bundle_compact import to_v1_layout  # noqa: E402  (the one rewrite into the version-1 layout)
 
 USERS, ITEMS, DIM, RANK = 52_000, 57_000, 16, 6
 MEAN_SEEN = 6.3  # draws per user; ~300k distinct (user, item) pairs, as the issue's seen.npz held
 LATENCY_USERS, K, SEED = 2_000, 10, 0
 ALPHABET = np.array(list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
-V1_INDEX_KEYS = ("factory", "requested", "auto_note", "exact", "query_transform", "metric_faiss", "search_params",
-                 "recall_at_k", "k", "recall_sample_users", "max_norm", "index_dim")
 
 
 def random_ids(rng: np.random.Generator, n: int, prefix: str, length: int, lower: bool) -> np.ndarray:
@@ -94,25 +92,6 @@ def catalogue(seed: int = SEED) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
         "seen_indices": indices,
     }
     return data, (np.concatenate([[0], np.cumsum(test_lens)]).astype(np.int64), test_items)
-
-
-def to_v1_layout(bundle: Path) -> None:
-    """Rewrite an fp32 bundle in format version 1's layout, as the version-1 writer left it (the same rewrite as
-    tests/test_bundle_compact.py's)."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    loaded = open_bundle(bundle, faiss_threads=None)
-    for role, ids in (("user", loaded.user_ids), ("item", loaded.item_ids)):
-        (bundle / manifest["ids"][role]["file"]).unlink()
-        np.save(bundle / f"{role}_ids.npy", ids, allow_pickle=False)
-    np.savez(bundle / "seen.npz", indptr=loaded.seen_indptr.astype(np.int64), indices=loaded.seen_indices.astype(np.int64))
-    v1 = {key: value for key, value in manifest.items() if key not in ("ids", "seen", "quantization")}
-    v1["format_version"] = 1
-    v1["index"] = {key: manifest["index"][key] for key in V1_INDEX_KEYS}
-    v1["files"] = {}
-    for name in V1_DATA_FILES:
-        blob = (bundle / name).read_bytes()
-        v1["files"][name] = {"sha256": sha256_bytes(blob), "bytes": len(blob)}
-    (bundle / "manifest.json").write_text(json.dumps(v1, indent=2))
 
 
 def latencies(bundles: dict[str, Path]) -> dict[str, dict[str, float]]:

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 IVF_MIN_ITEMS_PER_LIST = 39  # fewer training points per centroid than this and k-means is unreliable
 IVF_LISTS_PER_SQRT = 4
 HNSW_FACTORY = "HNSW32"
+# Bytes per item an approximate index stores beyond the codes: IVF an int64 id; HNSW32 at least its 32 level-0
+# links of 4 bytes (it keeps 2 x 32).
+MIN_EXTRA_BYTES_PER_ITEM = {"IVF": 8, "HNSW": 4 * 32}
 RULE = ("smallest candidate whose recall@k reaches recall_floor and whose single-user p50 is no higher than the "
         "exact scan's (the exact scan is always eligible)")
 
@@ -49,16 +52,35 @@ def candidate_factories(num_items: int, quantize: str) -> list[str]:
     return out
 
 
+def _stores_exact_codes(factory: str, codec: str) -> bool:
+    """Whether an approximate factory stores every item in the exact scan's own codes (IVF...,<codec> or HNSW32 of
+    that codec), so that it cannot be smaller than the exact scan."""
+    if factory.startswith("IVF"):
+        return factory.split(",")[-1] == codec
+    return factory in (HNSW_FACTORY if codec == "Flat" else "", f"{HNSW_FACTORY}_{codec}")
+
+
 def choose_index(items: np.ndarray, sample: RecallSample, recall_floor: float, quantize: str,
                  probe: ServedProbe) -> ItemIndex:
     """Build and measure every candidate; return the chosen one with `auto` and `auto_note` filled in."""
     built: list[ItemIndex] = []
     rows: list[dict[str, Any]] = []
+    exact_bytes = None
     for factory in candidate_factories(items.shape[0], quantize):
         exact = factory == EXACT_SCAN[quantize]
+        if exact_bytes is not None and _stores_exact_codes(factory, EXACT_SCAN[quantize]):
+            # Its codes alone are the exact scan's; ids or graph links come on top, so it cannot be the smallest:
+            # skip it rather than build (an HNSW graph over a large catalogue takes minutes) and throw it away.
+            extra = MIN_EXTRA_BYTES_PER_ITEM["HNSW" if factory.startswith("HNSW") else "IVF"] * items.shape[0]
+            rows.append({"factory": factory, "exact": False, "eligible": False,
+                         "note": f"not built: at least {exact_bytes + extra} bytes (the exact scan's codes plus "
+                                 f"{extra} of ids or links) > the exact scan's {exact_bytes}"})
+            continue
         try:
             index, exact, max_norm = build_index(factory, items, exact_scan=exact)
         except ExportError as exc:
+            if exact:
+                raise
             rows.append({"factory": factory, "exact": exact, "note": f"not built: {exc}"})
             continue
         item_index = ItemIndex(index, factory, "auto", exact, max_norm, sample.k, codec=quantize)
@@ -69,7 +91,11 @@ def choose_index(items: np.ndarray, sample: RecallSample, recall_floor: float, q
         built.append(item_index)
         rows.append({"factory": factory, "exact": exact, "bytes": nbytes, "recall_at_k": float(item_index.recall),
                      "search_params": dict(item_index.search_params)})
+        if exact:
+            exact_bytes = nbytes
     measured = [row for row in rows if "bytes" in row]
+    if not measured or not measured[0]["exact"]:
+        raise ExportError(f"auto index: the exact scan {EXACT_SCAN[quantize]} could not be built")
     users = latency_users(probe.num_users)
     recs = [probe.recommender(b.index, b.query_transform, b.search_params) for b in built]
     for row, p50 in zip(measured, single_user_p50_us(recs, users)):

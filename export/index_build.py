@@ -85,10 +85,13 @@ def build_index(factory: str, items: np.ndarray, exact_scan: bool = False) -> tu
     if factory == "Flat" or exact_scan:
         if factory not in EXACT_SCANS:
             raise ExportError(f"exact scan {factory!r} not in {sorted(EXACT_SCANS)}")
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
-            index.train(items)
-        index.add(items)
+        try:
+            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            if not index.is_trained:
+                index.train(items)
+            index.add(items)
+        except RuntimeError as exc:  # faiss's own errors (e.g. memory), as a one-line refusal
+            raise ExportError(f"building exact scan {factory!r} failed ({_one_line(exc)})") from exc
         return index, True, None
     augmented, max_norm = ip2l2_items(items)
     # PQ/SQ codecs need the dimension to be a multiple of their sub-quantizer count, and

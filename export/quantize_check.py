@@ -140,7 +140,10 @@ def check_quantized(
     got = served_topk(served, users, kk)
     agreement = float(recall_at_k(got, truth))
     check = QuantCheck(round(agreement, 6), int(kk), int(users.size), source)
-    if agreement < AGREEMENT_FLOOR:
+    if users.size == 0:
+        # No user has k unseen items to compare: an empty comparison would pass anything.
+        check.failures.append(f"top-k agreement not measurable: no user has {kk} unseen items")
+    elif agreement < AGREEMENT_FLOOR:
         check.failures.append(f"top-k agreement {agreement:.4f} < {AGREEMENT_FLOOR} (k={kk}, {users.size} users)")
     if test is not None:
         test_indptr, test_indices = test

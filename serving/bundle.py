@@ -39,6 +39,7 @@ from serving.bundle_format import (
     FormatError,
     check_csr,
     check_ids,
+    check_inflated,
     data_files,
     decode_ids,
     ort_session,
@@ -348,7 +349,7 @@ def _load_ids(manifest: dict[str, Any], role: str, blobs: dict[str, bytes], chec
         name, encoding = manifest["ids"][role]["file"], manifest["ids"][role]["encoding"]
     expected, what = manifest[f"num_{role}s"], f"num_{role}s"
     try:
-        ids = decode_ids(blobs[name], encoding)
+        ids = decode_ids(blobs[name], encoding, expected)
     except FormatError as exc:
         raise _fail(name, str(exc)) from None
     except Exception as exc:
@@ -364,7 +365,11 @@ def _load_ids(manifest: dict[str, Any], role: str, blobs: dict[str, bytes], chec
 def _load_seen(data: bytes, num_users: int, num_items: int, checks: list[str]) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            # indptr: one int64 per user + 1; indices: at most every (user, item) pair
+            check_inflated(npz, {"indptr": 8 * (num_users + 1), "indices": 8 * num_users * num_items})
             indptr, indices = npz["indptr"], npz["indices"]
+    except FormatError as exc:
+        raise _fail(SEEN_FILE, str(exc)) from None
     except Exception as exc:
         raise _fail(SEEN_FILE, f"not a loadable .npz with indptr and indices ({_short(exc)})") from exc
     try:

@@ -122,6 +122,11 @@ def ids_file(role: str, encoding: str) -> str:
     return f"{role}_ids.npy" if encoding in ("int32", "int64") else f"{role}_ids.npz"
 
 
+# Bounds on what a compressed array may inflate to before it is read (a small file can inflate a thousandfold).
+MAX_ID_BYTES = 8192  # UTF-8 bytes of one external id (a long URL fits)
+NPY_HEADER_BYTES = 4096
+
+
 def encode_ids(ids: np.ndarray) -> tuple[str, bytes]:
     """A unicode id array -> (encoding, the file's bytes): integers when every id is canonical, else UTF-8 + offsets."""
     values = ids.tolist()
@@ -138,23 +143,42 @@ def encode_ids(ids: np.ndarray) -> tuple[str, bytes]:
     except UnicodeEncodeError as exc:
         raise FormatError(f"id {exc.object!r} is not encodable as UTF-8") from None
     lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+    if lengths.size and int(lengths.max()) > MAX_ID_BYTES:
+        raise FormatError(f"an id is longer than {MAX_ID_BYTES} UTF-8 bytes ({int(lengths.max())})")
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     buf = io.BytesIO()
     np.savez_compressed(buf, blob=np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets=offsets)
     return "utf8", buf.getvalue()
 
 
-def decode_ids(data: bytes, encoding: str) -> np.ndarray:
-    """A stored id file -> the ids as a 1-D numpy unicode array; `encoding` "unicode" is version 1's .npy."""
+def check_inflated(npz, limits: dict[str, int]) -> None:
+    """Refuse an .npz whose arrays would inflate past ``limits`` ({array name: most bytes of its data})."""
+    for name, limit in limits.items():
+        try:
+            size = npz.zip.getinfo(f"{name}.npy").file_size
+        except KeyError:
+            continue  # a missing array is reported by the caller, by name
+        if size > limit + NPY_HEADER_BYTES:
+            raise FormatError(f"array {name} would inflate to {size:,} bytes, more than {limit:,} for this bundle")
+
+
+def decode_ids(data: bytes, encoding: str, expected: int | None = None) -> np.ndarray:
+    """A stored id file -> the ids as a 1-D numpy unicode array; `encoding` "unicode" is version 1's .npy.
+    With ``expected`` (the manifest's count) a compressed file is refused before it inflates past what that many
+    ids of at most MAX_ID_BYTES can take."""
     if encoding == "utf8":
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             if sorted(npz.files) != ["blob", "offsets"]:
                 raise FormatError(f"expected arrays blob and offsets, found {sorted(npz.files)}")
+            if expected is not None:
+                check_inflated(npz, {"blob": MAX_ID_BYTES * expected, "offsets": 8 * (expected + 1)})
             blob, offsets = npz["blob"], npz["offsets"]
         if blob.ndim != 1 or blob.dtype != np.uint8 or offsets.ndim != 1 or offsets.dtype != np.int64:
             raise FormatError(f"blob must be 1-D uint8 and offsets 1-D int64, got {blob.dtype} and {offsets.dtype}")
         if offsets.size == 0 or offsets[0] != 0 or offsets[-1] != blob.size or np.any(np.diff(offsets) < 0):
             raise FormatError("offsets are not a monotone 0..len(blob) pointer")
+        if offsets.size > 1 and int(np.diff(offsets).max()) > MAX_ID_BYTES:
+            raise FormatError(f"an id is longer than {MAX_ID_BYTES} UTF-8 bytes")
         raw = blob.tobytes()
         bounds = offsets.tolist()
         try:

@@ -3,6 +3,7 @@ and version-1 bundles still served."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 from export import quantize_check
 from export.bundle import ExportError, write_bundle
 from serving.bundle import open_bundle, sha256_bytes, verify_bundle
-from serving.bundle_format import V1_DATA_FILES, FormatError, decode_ids, encode_ids
+from serving.bundle_format import (MAX_ID_BYTES, NPY_HEADER_BYTES, V1_DATA_FILES, FormatError, decode_ids,
+                                   encode_ids)
 from serving.recommender import Recommender
 
 faiss.omp_set_num_threads(1)  # 2 shared cores: keep tests single-threaded
@@ -244,11 +246,11 @@ def test_auto_picks_exact_scan_where_smaller_and_not_slower(tmp_path):
     assert idx["factory"] == "Flat" and idx["exact"] and idx["auto"]["chosen"] == "Flat"
     rows = {row["factory"]: row for row in idx["auto"]["candidates"]}
     assert set(rows) == {"Flat", "IVF512,Flat", "HNSW32"}
-    for name, row in rows.items():
-        assert row["bytes"] > 0 and 0 <= row["recall_at_k"] <= 1 and row["p50_us"] > 0, name
-        if name != "Flat":
-            assert row["bytes"] > rows["Flat"]["bytes"] and row["note"] != "chosen"
-    assert rows["Flat"]["bytes"] == manifest["files"]["items.faiss"]["bytes"]
+    flat = rows["Flat"]
+    assert flat["bytes"] > 0 and flat["recall_at_k"] == 1 and flat["p50_us"] > 0 and flat["note"] == "chosen"
+    for name in ("IVF512,Flat", "HNSW32"):  # the exact scan's codes plus ids or links: not even built
+        assert not rows[name]["eligible"] and rows[name]["note"].startswith("not built: at least"), rows[name]
+    assert flat["bytes"] == manifest["files"]["items.faiss"]["bytes"]
     assert idx["auto"]["latency"]["k"] == 10 and idx["auto"]["recall"]["k"] == 10
 
 
@@ -260,3 +262,21 @@ def test_quantized_user_table_with_an_explicit_approximate_index(tmp_path):
     assert q["user_table"] == "int8" and q["item_codes"] == "factory" and q["passed"]
     assert q["check"]["reference"] == "the same index's served answers to the fp32 user vectors"
     assert manifest["reference_topk_users"] == 0
+
+
+def test_compressed_ids_that_would_inflate_past_their_bound_are_refused():
+    """A tiny compressed file must not inflate into gigabytes: the loader checks the inflated size first; ids
+    longer than the format allows are refused when written and when read."""
+    blob = b"x" * (MAX_ID_BYTES * 2 + NPY_HEADER_BYTES + 1000)  # far more than two ids may take
+    buf = io.BytesIO()
+    np.savez_compressed(buf, blob=np.frombuffer(blob, dtype=np.uint8), offsets=np.array([0, 1, len(blob)]))
+    with pytest.raises(FormatError, match="inflate"):
+        decode_ids(buf.getvalue(), "utf8", expected=2)
+    long_id = "y" * (MAX_ID_BYTES + 1)
+    with pytest.raises(FormatError, match="longer than"):
+        encode_ids(np.array(["a", long_id]))
+    raw = ("a" + long_id).encode()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, blob=np.frombuffer(raw, dtype=np.uint8), offsets=np.array([0, 1, len(raw)]))
+    with pytest.raises(FormatError, match="longer than"):
+        decode_ids(buf.getvalue(), "utf8", expected=2)

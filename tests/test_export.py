@@ -276,8 +276,9 @@ def test_auto_keeps_the_smallest_that_serves_as_well(tmp_path, data, monkeypatch
     idx = run("a", "fast", 0.0)
     assert idx["factory"] == "IVF16,PQ2x4" and not idx["exact"] and idx["auto"]["chosen"] == "IVF16,PQ2x4"
     rows = {row["factory"]: row for row in idx["auto"]["candidates"]}
-    assert rows["IVF16,PQ2x4"]["bytes"] < rows["Flat"]["bytes"] < rows["HNSW32"]["bytes"]
-    assert rows["HNSW32"]["eligible"] and "bytes >" in rows["HNSW32"]["note"]
+    assert rows["IVF16,PQ2x4"]["bytes"] < rows["Flat"]["bytes"]
+    # HNSW32 over the exact scan's own float codes cannot be smaller: measured out without being built
+    assert not rows["HNSW32"]["eligible"] and rows["HNSW32"]["note"].startswith("not built: at least")
     assert (tmp_path / "a" / "items.faiss").stat().st_size == rows["IVF16,PQ2x4"]["bytes"]
     idx = run("b", "slow", 0.0)
     assert idx["factory"] == "Flat" and idx["exact"]

@@ -277,14 +277,9 @@ def log_bundle_to_model_version(uri: str, bundle_dir: str | Path, recall_floor: 
         client.log_artifacts(mv.run_id, str(bundle_dir), artifact_path)
         art = f"runs:/{mv.run_id}/{artifact_path}"
         tags = {BUNDLE_ARTIFACT_TAG: art}
-        manifest = bundle_dir / MANIFEST_FILE
-        if manifest.exists():
-            index = json.loads(manifest.read_text()).get("index") or {}
-            if is_number(index.get("recall_at_k")):
-                tags[BUNDLE_RECALL_TAG] = index["recall_at_k"]
-            if index.get("factory"):
-                tags[BUNDLE_FACTORY_TAG] = index["factory"]
-        if recall_floor is not None:
+        if (bundle_dir / MANIFEST_FILE).exists():
+            tags.update(bundle_tags(bundle_dir, recall_floor))
+        elif recall_floor is not None:
             tags[BUNDLE_RECALL_FLOOR_TAG] = recall_floor
         for k, v in tags.items():
             client.set_model_version_tag(mv.name, mv.version, k, str(v))
