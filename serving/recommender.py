@@ -206,10 +206,14 @@ class Recommender:
         results: list[Result | None] = [None] * users.size
 
         approx_rows = np.flatnonzero(~use_exact)
-        if approx_rows.size:
-            fetch = int(need[approx_rows].max())
-            scores_idx = self._search(vecs[approx_rows], fetch)
-            for row, cand in zip(approx_rows.tolist(), scores_idx):
+        # HNSW searches as deep as it fetches (efSearch >= fetch), so a row's answer would depend on the other
+        # rows of its call: rows are searched in groups of equal depth, and each user gets the answer it gets alone.
+        groups = ([approx_rows[need[approx_rows] == d] for d in np.unique(need[approx_rows])] if self.bundle.is_hnsw
+                  else [approx_rows])
+        for rows in (g for g in groups if g.size):
+            fetch = int(need[rows].max())
+            scores_idx = self._search(vecs[rows], fetch)
+            for row, cand in zip(rows.tolist(), scores_idx):
                 results[row] = self._finish(vecs[row], cand, users[row], k, exclude_seen)
 
         exact_rows = np.array([row for row in range(users.size) if results[row] is None], dtype=np.int64)

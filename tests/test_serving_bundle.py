@@ -461,3 +461,16 @@ def test_dense_ties_ordered_by_item_index(big_flat):
 
 def test_dense_path_only_for_flat(flat, hnsw):
     assert flat.dense and not hnsw.dense
+
+
+def test_hnsw_answer_of_a_user_does_not_depend_on_its_batch(hnsw):
+    """HNSW searches as deep as it fetches: a user answered in a batch beside users with long histories gets the
+    same items as alone (the batch endpoint, the pyfunc and /recommend agree)."""
+    seen = np.diff(hnsw.bundle.seen_indptr)
+    users = np.argsort(seen)[:: max(1, len(seen) // 40)].astype(np.int64)  # short to long histories
+    assert np.unique(seen[users]).size > 3
+    together = hnsw.recommend(users, 10, exclude_seen=True)
+    for user, (items, scores) in zip(users.tolist(), together):
+        alone, alone_scores = hnsw.recommend(np.array([user]), 10, exclude_seen=True)[0]
+        np.testing.assert_array_equal(items, alone)
+        np.testing.assert_array_equal(scores, alone_scores)

@@ -103,11 +103,7 @@ class BundleRecommender(PythonModel):
                              f"{rec.bundle.num_users:,} users)")
         if not ids:
             return pd.DataFrame({USER_COLUMN: [], "items": [], "scores": []})
-        users = rec.user_indices(ids)
-        if rec.dense:
-            answers = rec.recommend(users, k, exclude_seen=exclude_seen)
-        else:  # an approximate index searches deeper for a batch than for one user: answer as /recommend does
-            answers = [rec.recommend(users[i:i + 1], k, exclude_seen=exclude_seen)[0] for i in range(len(users))]
+        answers = rec.recommend(rec.user_indices(ids), k, exclude_seen=exclude_seen)
         return pd.DataFrame({USER_COLUMN: ids,
                              "items": [rec.item_external_ids(items).tolist() for items, _ in answers],
                              "scores": [scores.astype(float).tolist() for _, scores in answers]})
