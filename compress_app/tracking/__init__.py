@@ -11,10 +11,10 @@ configure_environment()
 
 from .environment import TrackingError, probe, resolve_tracking_uri  # noqa: E402
 from .gate import DEFAULT_GATE_SHARE, GATE_METRIC, promotion_gate  # noqa: E402
-from .registry import (download_registered_bundle, download_registered_checkpoint,  # noqa: E402
-                       log_bundle_to_model_version, promote, register_checkpoint)
+from .registry import (download_registered_bundle, download_registered_checkpoint, promote,  # noqa: E402
+                       register_checkpoint)
 from .tracker import MlflowTracker  # noqa: E402
 
 __all__ = ["DEFAULT_GATE_SHARE", "GATE_METRIC", "MlflowTracker", "TrackingError", "download_registered_bundle",
-           "download_registered_checkpoint", "log_bundle_to_model_version", "probe", "promote", "promotion_gate",
+           "download_registered_checkpoint", "probe", "promote", "promotion_gate",
            "register_checkpoint", "resolve_tracking_uri"]

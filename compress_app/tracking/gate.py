@@ -10,7 +10,8 @@ from .environment import TrackingError, is_number, metric_key
 
 GATE_METRIC = "ndcg@20"  # the promotion gate compares the student's and its teacher's test NDCG@20
 DEFAULT_GATE_SHARE = 0.9
-# Model-version tags of a logged serving bundle (registry.log_bundle_to_model_version writes them).
+# Model-version tags of the registered bundle (registry.bundle_tags); BUNDLE_ARTIFACT_TAG names the bundle that
+# versions registered before the bundle was the model had logged beside them.
 BUNDLE_ARTIFACT_TAG = "compress.bundle.artifact_uri"
 BUNDLE_RECALL_TAG = "compress.bundle.index_recall"
 BUNDLE_RECALL_FLOOR_TAG = "compress.bundle.recall_floor"

@@ -217,7 +217,7 @@ def download_registered_checkpoint(uri: str) -> Path:
 
 def download_registered_bundle(uri: str) -> Path:
     """The local copy of a version's serving bundle: the registered model's own ``bundle`` artifact, or, for a
-    version registered before the bundle was the model, the bundle logged beside it (``log_bundle_to_model_version``).
+    version registered before the bundle was the model, the bundle logged beside it (tag ``compress.bundle.artifact_uri``).
     The caller verifies it (``serving.bundle``) before serving."""
     client, tracking_uri = _client()
     mv = resolve_model_version(uri, client)
@@ -257,35 +257,6 @@ def fetch_verified_bundle(uri: str) -> tuple[Path, str]:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
-
-
-def log_bundle_to_model_version(uri: str, bundle_dir: str | Path, recall_floor: float | None = None,
-                                artifact_path: str = "bundle") -> str:
-    """Log a serving bundle directory as an artifact of a model version's run; tag the version with it.
-
-    Tags ``compress.bundle.artifact_uri``, and from the bundle's manifest.json (when there) its index factory
-    and ``compress.bundle.index_recall``; with `recall_floor`, ``compress.bundle.recall_floor``, which the
-    promotion gate then enforces. Returns the artifact URI (``runs:/RUN/bundle``)."""
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise TrackingError(f"{bundle_dir}: bundle directory not found")
-    client, _ = _client()
-    mv = resolve_model_version(uri, client)
-    if not mv.run_id:
-        raise TrackingError(f"{uri}: version {mv.version} has no source run to log the bundle to")
-    try:
-        client.log_artifacts(mv.run_id, str(bundle_dir), artifact_path)
-        art = f"runs:/{mv.run_id}/{artifact_path}"
-        tags = {BUNDLE_ARTIFACT_TAG: art}
-        if (bundle_dir / MANIFEST_FILE).exists():
-            tags.update(bundle_tags(bundle_dir, recall_floor))
-        elif recall_floor is not None:
-            tags[BUNDLE_RECALL_FLOOR_TAG] = recall_floor
-        for k, v in tags.items():
-            client.set_model_version_tag(mv.name, mv.version, k, str(v))
-    except Exception as e:  # noqa: BLE001
-        raise TrackingError(f"{uri}: cannot log bundle {bundle_dir} ({type(e).__name__}: {e})") from None
-    return art
 
 
 def promote(name: str, version: str, alias: str, share: float = DEFAULT_GATE_SHARE, force: bool = False,
