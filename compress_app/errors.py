@@ -12,11 +12,22 @@ import sys
 
 import click
 
+from compressor.distributed import launch_rank, launched_world_size
 from compressor.errors import CompressError
 from serving.bundle import BundleError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (CompressError, BundleError, FileNotFoundError, PermissionError)
 INTERRUPTED_EXIT = 130
+PEER_LOST_EXIT = 3  # a torchrun rank that stopped because another one failed (compress_app.launch reads it)
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective that failed because a peer process went away (gloo/NCCL transport errors)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(s in text for s in ("gloo", "NCCL", "Connection closed by peer",
+                                                                       "Connection reset by peer"))
 
 
 def one_line(exc: BaseException) -> str:
@@ -32,7 +43,17 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            raise click.ClickException(one_line(e)) from None
+            rank = launch_rank()
+            if rank != 0 and getattr(e, "every_rank_raised", False):
+                sys.exit(1)  # torchrun: rank 0 says it once for the whole job
+            raise click.ClickException((f"rank {rank}: " if rank else "") + one_line(e)) from None
+        except RuntimeError as e:
+            if launched_world_size() > 1 and _lost_peer(e):
+                # another rank died (torchrun's agent names it): this rank's traceback would only hide that
+                click.echo(f"rank {launch_rank()}: stopped, another rank of the job went away "
+                           f"({one_line(e)[:160]})", err=True)
+                sys.exit(PEER_LOST_EXIT)
+            raise
         except KeyboardInterrupt:
             click.echo("interrupted; the last completed epoch is saved (use --resume to continue)", err=True)
             sys.exit(INTERRUPTED_EXIT)

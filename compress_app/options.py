@@ -74,8 +74,21 @@ def mlflow_options(fn):
     return wrapper
 
 
+NPROC = click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Train on N processes of this machine, users sharded over them: runs this same command "
+                          "as `torchrun --nproc-per-node N -m compress_app ...` (gloo on CPU, NCCL on GPUs). "
+                          "For several machines call torchrun yourself (see docs/scaling.md).")
+MASTER_PORT = click.option("--master-port", type=click.IntRange(min=0, max=65535), default=0,
+                           help="With --nproc: the loopback port of the ranks' rendezvous (default: a free one).")
+RESHARD = click.option("--reshard", is_flag=True,
+                       help="With --resume: continue a run saved with another number of processes (it then "
+                            "differs from an uninterrupted run).")
+
+
 def training_options(fn):
-    """The options `train` and `distill` share (epochs, seed, device, threads, --set, --resume, quiet, MLflow)."""
-    for opt in reversed((EPOCHS, SEED, DEVICE, THREADS, SET, RESUME, QUIET, mlflow_options, user_errors)):
+    """The options `train` and `distill` share (epochs, seed, device, threads, --set, --resume, processes, quiet,
+    MLflow)."""
+    for opt in reversed((EPOCHS, SEED, DEVICE, THREADS, SET, RESUME, NPROC, MASTER_PORT, RESHARD, QUIET,
+                         mlflow_options, user_errors)):
         fn = opt(fn)
     return fn

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import distributed
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, from_dict, load_config, to_dict
 from .data import Dataset, load_dataset
 from .device import configure_threads, resolve_device
 from .distill import TeacherError, load_teacher
-from .errors import MismatchError
+from .errors import CompressError, MismatchError
 from .evaluation import evaluate as run_eval
 from .objectives import Scratch, build_objective, method_needs_teacher
 from .trainer import Trainer, TrainResult
@@ -95,33 +96,49 @@ def load_data(source: str | Config = "builtin:citeulike-t", **kwargs) -> Dataset
 
 
 def _fit(cfg: Config, out, make_objective, *, command: str, device: str, resume: bool, callbacks, progress: bool,
-         data: Dataset | None) -> TrainResult:
-    """Resolve the device, load the data, build the objective (``make_objective(data, device) -> (objective,
-    checkpoint metadata)``) and run the trainer; its callbacks see ``on_error`` when training raises."""
-    dev = resolve_device(device)
-    configure_threads(cfg.train.threads)
-    data = data if data is not None else load_data(cfg)
-    objective, extra_meta = make_objective(data, dev)
-    trainer = Trainer(cfg, data, objective, Path(out), dev, command=command, extra_meta=extra_meta,
-                      callbacks=list(callbacks or []), progress=progress)
-    return trainer.fit(resume=resume)
+         data: Dataset | None, reshard: bool = False) -> TrainResult:
+    """Resolve the device (and, under torchrun, join the job), load the data, build the objective
+    (``make_objective(data, device, dist) -> (objective, checkpoint metadata)``) and run the trainer; its
+    callbacks see ``on_error`` when training raises."""
+    dist = distributed.setup(device)
+    try:
+        # ranks on one node share its cores: each takes its share, never all of them
+        configure_threads(cfg.train.threads, share=dist.local_world_size)
+        error = trainer = None
+        try:
+            data = data if data is not None else load_data(cfg)
+            dist.assign(data.train.indptr)
+            objective, extra_meta = make_objective(data, dist.device, dist)
+            trainer = Trainer(cfg, data, objective, Path(out), dist.device, command=command, extra_meta=extra_meta,
+                              callbacks=list(callbacks or []), progress=progress, dist=dist, reshard=reshard)
+        except (CompressError, OSError) as e:  # e.g. a rank that cannot read the data: every rank stops
+            error = e
+        dist.agree(error)
+        result = trainer.fit(resume=resume)
+    except BaseException:
+        dist.close(finished=False)
+        raise
+    dist.close()
+    return result
 
 
 def train(config: str | Path | Config | None = None, out: str | Path = "runs/train", *, overrides=None,
           device: str = "auto", resume: bool = False, callbacks=None, progress: bool = True,
-          data: Dataset | None = None) -> TrainResult:
+          data: Dataset | None = None, reshard: bool = False) -> TrainResult:
     """Train a model with BPR (the teacher, usually). Returns a TrainResult (``.out``, ``.test``, ...).
 
-    config: a YAML path, None (defaults) or a Config; callbacks: ``trainer.Callback`` objects."""
+    config: a YAML path, None (defaults) or a Config; callbacks: ``trainer.Callback`` objects. Under torchrun
+    (WORLD_SIZE > 1) this process trains its rank's block of users (``compressor.distributed``); ``reshard``
+    lets it resume a run saved with another world size."""
     cfg = make_config(config, overrides)
-    return _fit(cfg, out, lambda d, dev: (Scratch(), {}), command="train", device=device, resume=resume,
-                callbacks=callbacks, progress=progress, data=data)
+    return _fit(cfg, out, lambda d, dev, dist: (Scratch(), {}), command="train", device=device, resume=resume,
+                callbacks=callbacks, progress=progress, data=data, reshard=reshard)
 
 
 def distill(teacher: str | Path | None, config: str | Path | Config | None = None, out: str | Path = "runs/student",
             *, method: str | None = None, overrides=None, device: str = "auto", resume: bool = False,
             callbacks=None, progress: bool = True, data: Dataset | None = None,
-            teacher_label: str | None = None) -> TrainResult:
+            teacher_label: str | None = None, reshard: bool = False) -> TrainResult:
     """Distil a student from a frozen teacher (a run dir, .safetensors or .npz) with RCE-KD or a baseline.
 
     The teacher is loaded and id-aligned to the data before any training; ``teacher_label`` is how checkpoints
@@ -130,7 +147,7 @@ def distill(teacher: str | Path | None, config: str | Path | Config | None = Non
     cfg = make_config(config, ov)
     label = str(teacher_label or teacher)
 
-    def make_objective(d: Dataset, dev: torch.device):
+    def make_objective(d: Dataset, dev: torch.device, dist: distributed.Distributed):
         meta = {"teacher": None}
         t = None
         if method_needs_teacher(cfg.distill.method):
@@ -140,10 +157,12 @@ def distill(teacher: str | Path | None, config: str | Path | Config | None = Non
             meta["teacher"] = {"source": label, "fingerprint": t.fingerprint, **t.info}
             log.info("teacher %s: %s dim %s, fingerprint %s", label, t.info.get("kind"), t.info.get("dim"),
                      t.fingerprint)
+            if dist.active:  # this rank's users only: their top-K, sets and scores
+                t = t.user_block(dist.lo, dist.hi)
         return build_objective(cfg, t, dev, Path(out)), meta
 
     return _fit(cfg, out, make_objective, command="distill", device=device, resume=resume, callbacks=callbacks,
-                progress=progress, data=data)
+                progress=progress, data=data, reshard=reshard)
 
 
 def evaluate(checkpoint: str | Path, split: str = "test", data_path: str | None = None, ks=None,

@@ -89,7 +89,7 @@ class Checkpoint:
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, meta: dict, user_ids: np.ndarray, item_ids: np.ndarray,
-                    train_indptr: np.ndarray, train_indices: np.ndarray, optimizer: torch.optim.Optimizer | None = None,
+                    train_indptr: np.ndarray, train_indices: np.ndarray, optimizer: torch.optim.Optimizer | dict | None = None,
                     rng_state: torch.Tensor | None = None) -> dict:
     """Atomically write a checkpoint; returns the metadata written (with its weights fingerprint)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -101,7 +101,7 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, meta: dict, user_ids:
     meta["model"] = {"kind": model.kind, **model.constructor_args()}
     meta["fingerprint"] = weights_fingerprint(state)
     if optimizer is not None:
-        osd = optimizer.state_dict()
+        osd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()  # a state dict: gathered ranks
         for pid, pstate in osd["state"].items():
             for key, val in pstate.items():
                 t = val if torch.is_tensor(val) else torch.tensor(val)

@@ -96,6 +96,15 @@ class Dataset:
             h.update(split.items.astype(np.int64).tobytes())
         return h.hexdigest()[:16]
 
+    def user_block(self, lo: int, hi: int) -> Dataset:
+        """Users [lo, hi) with all their interactions and every item, renumbered from 0: what one rank of a
+        torchrun job trains on (``distributed``). The fingerprint is the block's, not the data set's."""
+        def cut(split: Split) -> Split:
+            a, b = np.searchsorted(split.users, [lo, hi])  # splits are sorted by user
+            return Split(split.users[a:b] - lo, split.items[a:b], hi - lo)
+        return Dataset(self.user_ids[lo:hi], self.item_ids, cut(self.train), cut(self.valid), cut(self.test),
+                       f"{self.source} users [{lo}, {hi})", self.dropped)
+
     def summary(self) -> str:
         return (f"{self.num_users:,} users, {self.num_items:,} items, "
                 f"{len(self.train):,} / {len(self.valid):,} / {len(self.test):,} train/valid/test interactions")

@@ -34,13 +34,14 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def configure_threads(threads: int = 0) -> int:
-    """Set torch's and FAISS's CPU thread pools deliberately (0 = one per core).
+def configure_threads(threads: int = 0, share: int = 1) -> int:
+    """Set torch's and FAISS's CPU thread pools deliberately (0 = one per core, or with ``share`` processes on
+    this node, e.g. a torchrun job's ranks, this process's share of the cores).
 
     Both libraries start their own OpenMP pool; leaving both at their defaults oversubscribes small machines,
     which makes FAISS many times slower. Training alternates between them, so each gets all cores in turn.
     """
-    n = threads or available_cores()
+    n = threads or max(1, available_cores() // max(share, 1))
     torch.set_num_threads(n)
     faiss.omp_set_num_threads(n)
     return n

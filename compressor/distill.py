@@ -31,6 +31,12 @@ class Teacher:
     source: str
     info: dict = field(default_factory=dict)  # lineage: kind, dim, metrics, mlflow run id ...
 
+    def user_block(self, lo: int, hi: int) -> Teacher:
+        """The teacher of users [lo, hi) (one rank's block, see ``distributed``): the item table whole. Its
+        fingerprint names the block, so a cached top-K of one block is never read for another."""
+        return Teacher(np.ascontiguousarray(self.user_vectors[lo:hi]), self.item_vectors,
+                       f"{self.fingerprint}:users[{lo},{hi})", self.source, self.info)
+
 
 def _align(ids_teacher: np.ndarray, ids_data: np.ndarray, what: str, source: str) -> np.ndarray:
     """Index array mapping data index -> teacher row; a clear error when the id sets differ."""

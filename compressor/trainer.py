@@ -9,6 +9,13 @@ teacher exists. The run directory ``out`` holds the files named in ``run_dir`` (
 log, resolved config, result). A command that refuses (a run already there, nothing to resume, a mismatch) leaves
 every file of ``out`` as it was: the checks come before the first write.
 Every epoch's randomness derives from (seed, epoch), so a resumed run reproduces the uninterrupted one exactly.
+
+Under torchrun (``distributed``) each rank trains its block of users (``Dataset.user_block``) with the same code:
+its model holds its users' rows and the whole item table, the item gradient is summed over ranks every step,
+validation sums over ranks, and rank 0 alone writes the run directory, with the user rows gathered, in the
+one-process format. Every rank runs ceil(interactions / batch_size) steps per epoch, its own interactions split
+evenly over them, so a step's global batch is about ``batch_size``; its randomness derives from (seed, epoch,
+rank).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from . import __version__
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import Config, to_dict
 from .data import Dataset
+from .distributed import Distributed
 from .errors import CompressError
 from .evaluation import evaluate
 from .files import atomic_write_bytes
@@ -43,6 +51,9 @@ log = logging.getLogger(__name__)
 
 class TrainingError(CompressError, RuntimeError):
     """Training cannot go on as asked (nothing to resume, a run already there, a diverging loss ...)."""
+
+
+USER_TABLE = "user_emb.weight"  # the one parameter whose rows belong to users (sharded under torchrun)
 
 
 def sample_negatives(train_users: np.ndarray, train_items: np.ndarray, num_items: int,
@@ -115,19 +126,36 @@ class Callback(Protocol):
 class Trainer:
     def __init__(self, cfg: Config, data: Dataset, objective: Objective, out: Path, device: torch.device,
                  command: str = "train", extra_meta: dict | None = None, callbacks: list | None = None,
-                 progress: bool = True):
+                 progress: bool = True, dist: Distributed | None = None, reshard: bool = False):
+        """``dist``: this process's place in a torchrun job (``distributed.setup``, its blocks assigned from
+        ``data``); None for one process. The objective must then have been built for this rank's block.
+        ``reshard``: resume a run saved with another world size (checkpoints hold every user, so any count can
+        continue one; the continuation just differs from an uninterrupted run)."""
+        self.reshard = reshard
         self.cfg, self.data, self.objective = cfg, data, objective
         self.out, self.device, self.command = Path(out), device, command
-        self.extra_meta = extra_meta or {}
+        self.dist = dist or Distributed.single(device)
+        if self.dist.active and not self.dist.blocks:
+            self.dist.assign(data.train.indptr)
+        self.local = data.user_block(self.dist.lo, self.dist.hi) if self.dist.active else data
+        self.extra_meta = {**(extra_meta or {}), "world_size": self.dist.world_size}
         self.callbacks = callbacks or []
-        self.progress = progress
+        self.progress = progress and self.dist.is_main
         torch.manual_seed(cfg.train.seed)
         m = cfg.model
+        if self.dist.active and m.kind != "mf":
+            raise TrainingError(f"model.kind {m.kind} cannot train under torchrun: its propagation needs the whole "
+                                f"graph every step (docs/scaling.md); train it in one process")
         self.model = build_model(m.kind, num_users=data.num_users, num_items=data.num_items, dim=m.dim,
                                  layers=m.layers, init_std=m.init_std)
         if m.kind == "lightgcn":
             self.model.set_graph(data.train.users, data.train.items)
+        if self.dist.active:  # the same initial table as one process, then this rank's rows of it
+            table = self.model.user_emb
+            table.weight = torch.nn.Parameter(table.weight.detach()[self.dist.lo:self.dist.hi].clone())
+            table.num_embeddings = self.model.num_users = self.dist.hi - self.dist.lo
         self.model.to(device)
+        self.replicated = [p for name, p in self.model.named_parameters() if name != USER_TABLE]
         self.optimizer = build_optimizer(cfg.train.optimizer, self.model.parameters(), lr=cfg.train.lr,
                                          weight_decay=cfg.train.weight_decay)
         # a row-sparse optimizer gets sparse gradients from models whose tables are leaf parameters
@@ -136,7 +164,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict] = []
         self.train_indptr = data.train.indptr
-        self.valid_indptr = data.valid.indptr
+        self.local_train_indptr = self.local.train.indptr
 
     # ------------------------------------------------------------------------------------------- state
     def _meta(self, status: str) -> dict:
@@ -149,14 +177,49 @@ class Trainer:
                 **self.extra_meta}
 
     def _save(self, name: str, status: str, with_optimizer: bool, metrics: dict | None = None) -> dict:
+        """Write checkpoint ``name`` (rank 0; under torchrun every rank takes part in gathering the user rows);
+        returns the metadata written ({} on the other ranks)."""
+        model, optimizer = self._whole_model(with_optimizer)
+        if not self.dist.is_main:
+            return {}
         meta = self._meta(status)
         if metrics is not None:
             meta["metrics"] = metrics
-        return save_checkpoint(self.out / name, model=self.model, meta=meta, user_ids=self.data.user_ids,
+        return save_checkpoint(self.out / name, model=model, meta=meta, user_ids=self.data.user_ids,
                                item_ids=self.data.item_ids, train_indptr=self.train_indptr,
-                               train_indices=self.data.train.items,
-                               optimizer=self.optimizer if with_optimizer else None,
+                               train_indices=self.data.train.items, optimizer=optimizer,
                                rng_state=torch.get_rng_state())
+
+    def _whole_model(self, with_optimizer: bool):
+        """(model, optimizer or its state dict) holding every user: this process's own in one process; under
+        torchrun the user rows (and their Adam moments) gathered from every rank, on rank 0 (None elsewhere)."""
+        if not self.dist.active:
+            return self.model, self.optimizer if with_optimizer else None
+        user_param = self.model.user_emb.weight
+        table = self.dist.gather_user_rows(user_param.detach())
+        osd = self.optimizer.state_dict() if with_optimizer else None
+        if osd is not None:
+            pid = next(i for i, p in enumerate(self.optimizer.param_groups[0]["params"]) if p is user_param)
+            osd["state"][pid] = dict(osd["state"].get(pid, {}))  # state_dict() shares the live per-param dicts
+            for key, val in list(osd["state"][pid].items()):
+                if torch.is_tensor(val) and val.dim() > 0 and val.shape[0] == user_param.shape[0]:
+                    osd["state"][pid][key] = self.dist.gather_user_rows(val)
+        if not self.dist.is_main:
+            return None, None
+        m = self.cfg.model
+        with torch.device("meta"):  # no second random initialisation of the whole table, only its shape
+            whole = build_model(m.kind, num_users=self.data.num_users, num_items=self.data.num_items, dim=m.dim,
+                                layers=m.layers, init_std=m.init_std)
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        state[USER_TABLE] = table
+        whole.load_state_dict(state, assign=True)
+        return whole, osd
+
+    def _load_rows(self, model_state: dict) -> dict:
+        """A whole-model state (from a checkpoint) cut to this rank's users."""
+        if not self.dist.active:
+            return model_state
+        return {k: v[self.dist.lo:self.dist.hi] if k == USER_TABLE else v for k, v in model_state.items()}
 
     def resume(self) -> None:
         """Restore the state of the run in ``out`` from its resume checkpoint; refuses (TrainingError) before
@@ -171,11 +234,21 @@ class Trainer:
         if ckpt.meta.get("method") != self.objective.name:
             raise TrainingError(f"{path}: was a '{ckpt.meta.get('method')}' run, cannot resume it as "
                                 f"'{self.objective.name}'")
-        self.model.load_state_dict({k: v.to(self.device) for k, v in ckpt.model_state.items()}, strict=False)
+        saved_world = ckpt.meta.get("world_size", 1)
+        if saved_world != self.dist.world_size and not self.reshard:
+            raise TrainingError(f"{path}: was trained on {saved_world} rank(s), this job has "
+                                f"{self.dist.world_size}; relaunch with {saved_world} (a different count would "
+                                f"not reproduce the uninterrupted run), or pass --reshard to continue anyway")
+        self.model.load_state_dict({k: v.to(self.device) for k, v in self._load_rows(ckpt.model_state).items()},
+                                   strict=False)
         saved_opt = ckpt.meta.get("config", {}).get("train", {}).get("optimizer", "adam")
         if saved_opt != self.cfg.train.optimizer:
             raise TrainingError(f"{path}: was trained with train.optimizer {saved_opt}, cannot resume it with "
                                 f"{self.cfg.train.optimizer} (the optimizer state differs)")
+        if self.dist.active:  # the user table's Adam moments: this rank's rows
+            n = self.data.num_users
+            ckpt.optim_state = {k: v[self.dist.lo:self.dist.hi] if v.dim() > 0 and v.shape[0] == n else v
+                                for k, v in (ckpt.optim_state or {}).items()}
         restore_optimizer(self.optimizer, ckpt)
         if ckpt.rng_state is not None:
             torch.set_rng_state(ckpt.rng_state)
@@ -190,6 +263,8 @@ class Trainer:
                  self.stopper.best, self.stopper.best_epoch)
 
     def _rewrite_metrics_log(self) -> None:
+        if not self.dist.is_main:
+            return
         text = "".join(json.dumps(h) + "\n" for h in self.history)
         atomic_write_bytes(self.out / METRICS_FILE, text.encode())
 
@@ -198,21 +273,29 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             u, i = self.model.vectors()
-            target = self.data.valid if split == "valid" else self.data.test
-            res = evaluate(u, i, self.train_indptr, self.data.train.items, target.indptr, target.items,
+            local = self.local
+            target = local.valid if split == "valid" else local.test
+            res = evaluate(u, i, self.local_train_indptr, local.train.items, target.indptr, target.items,
                            ks=self.cfg.train.eval_ks, block=self.cfg.train.eval_block)
         self.model.train()
+        if self.dist.active:  # means over this rank's users -> means over every rank's users
+            keys = [k for k in res if k != "users"]
+            totals = self.dist.sum_floats([res[k] * res["users"] for k in keys] + [float(res["users"])])
+            users = totals[-1]
+            res = {k: t / max(users, 1.0) for k, t in zip(keys, totals)} | {"users": int(users)}
         return res
 
     def _run_epoch(self, epoch: int) -> dict:
         cfg = self.cfg.train
-        rng = np.random.default_rng([cfg.seed, epoch])
+        # one process keeps the (seed, epoch) streams it always had; rank r of a torchrun job gets its own
+        rank = self.dist.rank
+        rng = np.random.default_rng([cfg.seed, epoch] if not self.dist.active else [cfg.seed, epoch, rank])
         # torch sampling (KD sets) happens on the training device, so its generator lives there too
-        gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 100003 + epoch)
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 100003 + epoch + 7919 * rank)
         t0 = time.perf_counter()
         diag = self.objective.on_epoch_start(self.model, epoch, rng, gen) or {}
         t1 = time.perf_counter()
-        users_np, items_np = self.data.train.users, self.data.train.items
+        users_np, items_np = self.local.train.users, self.local.train.items
         neg_np = sample_negatives(users_np, items_np, self.data.num_items, rng)
         order = rng.permutation(len(users_np))
         users = torch.as_tensor(users_np[order], device=self.device)
@@ -221,16 +304,22 @@ class Trainer:
         t_sample = time.perf_counter() - t1
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        n_batches = math.ceil(len(order) / cfg.batch_size)
+        if self.dist.active:  # the same step count everywhere; each rank's interactions spread evenly over it
+            n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
+            cuts = (np.arange(n_batches + 1) * len(order)) // n_batches
+        else:
+            n_batches = math.ceil(len(order) / cfg.batch_size)
+            cuts = np.minimum(np.arange(n_batches + 1) * cfg.batch_size, len(order))
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False, disable=not self.progress or None,
                    unit="batch", dynamic_ncols=True)
         for b in bar:
-            sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+            sl = slice(int(cuts[b]), int(cuts[b + 1]))
             loss, parts = self.objective.batch_loss(self.model, users[sl], pos[sl], neg[sl])
             if not torch.isfinite(loss):
                 raise TrainingError(f"epoch {epoch}, batch {b}: loss is {loss.item()} (lr too high?)")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self.dist.sum_replicated_grads(self.replicated)
             self.optimizer.step()
             for k, v in parts.items():
                 v = float(v)
@@ -239,10 +328,16 @@ class Trainer:
                     counts[k] = counts.get(k, 0) + 1
         bar.close()
         out = {k: v / counts[k] for k, v in sums.items()}
+        if self.dist.active:  # the job's numbers: a step's losses are sums over its ranks, other parts a mean
+            out = self.dist.combine_parts(out)
         out.update({f"diag_{k}" if not k.startswith(("time_", "diag_")) else k: v for k, v in diag.items()})
         out["time_refresh_s"] = t1 - t0
         out["time_sampling_s"] = t_sample
         out["time_epoch_s"] = time.perf_counter() - t0
+        if self.dist.active:  # what this rank sent for the item gradient, per step (benchmarks/dist_epoch.py)
+            out["dist_grad_mb_per_step"] = self.dist.bytes_sent / max(n_batches, 1) / 1e6
+            out["dist_sparse_steps"] = self.dist.steps_sparse
+            self.dist.bytes_sent = self.dist.steps_sparse = self.dist.steps_dense = 0
         return out
 
     def fit(self, resume: bool = False) -> TrainResult:
@@ -258,25 +353,34 @@ class Trainer:
             raise
 
     def _accept_out(self, resume: bool) -> None:
-        """Refuse a run directory this command must not touch, then (and only then) write the resolved config."""
-        if resume:
-            self.resume()
-        else:
-            for stale in (RESUME_FILE, MODEL_FILE, METRICS_FILE, RESULT_FILE):
-                if (self.out / stale).exists():
-                    raise TrainingError(f"{self.out}: already holds a run ({stale}); use --resume to continue it "
-                                        f"or choose another --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        """Refuse a run directory this command must not touch, then (and only then) write the resolved config.
+        Under torchrun every rank checks (the run directory is on a file system they share) and they agree
+        before rank 0 writes."""
+        error = None
+        try:
+            if resume:
+                self.resume()
+            else:
+                for stale in (RESUME_FILE, MODEL_FILE, METRICS_FILE, RESULT_FILE):
+                    if (self.out / stale).exists():
+                        raise TrainingError(f"{self.out}: already holds a run ({stale}); use --resume to continue "
+                                            f"it or choose another --out")
+        except CompressError as e:
+            error = e
+        self.dist.agree(error)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
     def _fit(self, resume: bool) -> TrainResult:
         self._accept_out(resume)
-        self.objective.setup(SetupContext(data=self.data, sparse_grads=self.sparse_grads))
+        self.objective.setup(SetupContext(data=self.local, sparse_grads=self.sparse_grads))
         for cb in self.callbacks:
             cb.on_start(self)
         cfg = self.cfg.train
-        log.info("%s %s on %s: %s, model %s dim %d, device %s", self.command, self.objective.name,
-                 self.data.source, self.data.summary(), self.cfg.model.kind, self.cfg.model.dim, self.device)
+        log.info("%s %s on %s: %s, model %s dim %d, device %s%s", self.command, self.objective.name,
+                 self.data.source, self.data.summary(), self.cfg.model.kind, self.cfg.model.dim, self.device,
+                 f", {self.dist.world_size} ranks (users sharded)" if self.dist.active else "")
         while self.epoch < cfg.epochs and not self.stopper.stop:
             epoch = self.epoch + 1
             row = {"epoch": epoch, **self._run_epoch(epoch)}
@@ -298,15 +402,18 @@ class Trainer:
                 self._save(MODEL_FILE, "training", with_optimizer=False, metrics={"valid": valid})
             if epoch % cfg.checkpoint_every == 0:
                 self._save(RESUME_FILE, "training", with_optimizer=True)
-            with open(self.out / METRICS_FILE, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            if self.dist.is_main:
+                with open(self.out / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             for cb in self.callbacks:
                 cb.on_epoch_end(self, row)
+        self.dist.barrier()  # rank 0 has written the best model
         if not (self.out / MODEL_FILE).exists():
             raise TrainingError(f"{self.out}: no validation happened (epochs < eval_every?)")
         # Test the best-validation model and record its metrics in the final checkpoint.
         best = load_checkpoint(self.out / MODEL_FILE)
-        self.model.load_state_dict({k: v.to(self.device) for k, v in best.model_state.items()}, strict=False)
+        self.model.load_state_dict({k: v.to(self.device) for k, v in self._load_rows(best.model_state).items()},
+                                   strict=False)
         test = self._evaluate("test")
         valid = best.meta["metrics"]["valid"]
         # training time over all sessions of the run (a resumed run counts the epochs before the kill too)
@@ -317,6 +424,8 @@ class Trainer:
         self.epoch = last_epoch
         self._save(RESUME_FILE, "finished", with_optimizer=True)
         result = TrainResult(self.out, self.stopper.best_epoch, last_epoch, valid, test, wall, self.history)
+        if not self.dist.is_main:
+            return result
         summary = {"best_epoch": result.best_epoch, "epochs_run": last_epoch, "valid": valid, "test": test,
                    "wall_time_s": wall, "fingerprint": meta["fingerprint"], "method": meta["method"],
                    "data_fingerprint": meta["data_fingerprint"]}

@@ -165,6 +165,7 @@ class MlflowTracker:
             self._send("tags", {"kind": "tags", "tags": tags}, self._set_tags, tags)
         else:
             params = flatten(to_dict(trainer.cfg))
+            params["world_size"] = trainer.extra_meta.get("world_size", 1)  # ranks of a torchrun job
             self._send("params", {"kind": "params", "params": params}, self._log_params, params)
             for row in trainer.history:  # a resumed run whose first part was not tracked
                 self.on_epoch_end(trainer, row)

@@ -1,0 +1,65 @@
+"""One rank of the sharding checks in test_distributed.py (run under torchrun, or alone as the one-process reference).
+
+    python tests/dist_worker.py OUT TEACHER_CKPT STUDENT_CKPT DATA K M
+
+Writes OUT/qt-RANK.npy (the rank's teacher top-K, from its own block), OUT/pm-RANK.npy (the student's top-M of
+the rank's users), and after a short real training run on the block OUT/items-RANK.npy (the rank's replicated
+item table) and, on rank 0, OUT/train.json (the run's per-epoch gradient statistics).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from compressor import api, distributed  # noqa: E402
+from compressor.checkpoint import load_checkpoint  # noqa: E402
+from compressor.distill import load_teacher  # noqa: E402
+from compressor.kd_retrieval import KDRetrieval  # noqa: E402
+from compressor.objectives import Scratch  # noqa: E402
+from compressor.trainer import Trainer  # noqa: E402
+
+
+class Vectors:
+    """A model as KDRetrieval sees it: its users' vectors and every item's."""
+
+    def __init__(self, u, i):
+        self.u, self.i = u, i
+
+    def vectors(self):
+        return self.u, self.i
+
+
+def main(out, teacher_ckpt, student_ckpt, data_path, k, m):
+    out = Path(out)
+    dist = distributed.setup("cpu")
+    torch.set_num_threads(1)
+    cfg = api.make_config(None, [f"data.path={data_path}", "data.format=users_dat", "model.dim=8",
+                                 "train.epochs=2", "train.batch_size=256", "train.threads=1"])
+    data = api.load_data(cfg)
+    lo, hi = dist.assign(data.train.indptr)
+    teacher = load_teacher(teacher_ckpt, data)
+    if dist.active:
+        teacher = teacher.user_block(lo, hi)
+    retrieval = KDRetrieval(teacher, torch.device("cpu"), out / "cache", "Flat", {})
+    np.save(out / f"qt-{dist.rank}.npy", retrieval.teacher_topk(k).numpy())
+    with torch.no_grad():
+        u, i = load_checkpoint(student_ckpt).build_model().vectors()
+    topm, _ = retrieval.student_topm(Vectors(u[lo:hi], i), m)
+    np.save(out / f"pm-{dist.rank}.npy", topm.numpy())
+
+    trainer = Trainer(cfg, data, Scratch(), out / "run", dist.device, progress=False, dist=dist)
+    trainer.fit()
+    np.save(out / f"items-{dist.rank}.npy", trainer.model.item_emb.weight.detach().numpy())
+    if dist.is_main:
+        (out / "train.json").write_text(json.dumps({"blocks": dist.blocks, "history": trainer.history}))
+    dist.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
