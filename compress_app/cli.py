@@ -16,6 +16,7 @@ import click
 
 from compressor import __version__, api
 from compressor.config import reference_markdown
+from compressor.distributed import launch_rank, launched_world_size
 from compressor.objectives import METHOD_NAMES
 from compressor.run_dir import CONFIG_FILE, LOG_FILE
 from export.bundle import QUANTIZATIONS
@@ -29,6 +30,7 @@ from .logs import setup_logging, setup_pipeline_logging
 from .pipeline.options import PipelineOptions
 from .pipeline.run import run_pipeline
 from .follow import serve_following
+from .launch import run_under_torchrun, strip_launch_options
 from .sources import MODELS_PREFIX, resolve_checkpoint, resolve_registered_bundle
 from .tracking import MlflowTracker, TrackingError
 from .tracking import promote as promote_version
@@ -59,6 +61,21 @@ def _training_config(config_path, out: Path, overrides, epochs, seed, threads, r
     return api.make_config(config_path, pairs)
 
 
+def _launched(nproc: int, master_port: int) -> bool:
+    """With --nproc N > 1 outside torchrun: run this command as N ranks (and report for them); True when done."""
+    if nproc > 1 and launched_world_size() == 1:
+        run_under_torchrun(nproc, strip_launch_options(sys.argv[1:]), master_port)
+        return True
+    return False
+
+
+def _setup_rank_logging(quiet: bool, out: Path) -> bool:
+    """Logging of a training command; under torchrun only rank 0 logs (and writes train.log). True on rank 0."""
+    main_rank = launch_rank() == 0
+    setup_logging(quiet or not main_rank, out / LOG_FILE if main_rank else None)
+    return main_rank
+
+
 def _print_result(out: Path, result) -> None:
     click.echo(json.dumps({"out": str(out), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                            "test": {k: round(v, 6) for k, v in result.test.items() if k != "users"},
@@ -86,13 +103,23 @@ def main():
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Run directory: checkpoints, metrics.jsonl, train.log, result.json.")
 @options.training_options
-def train(config_path, out, epochs, seed, device, threads, overrides, resume, quiet, mlflow_opts):
-    """Train a model (typically the teacher) with BPR, early stopping on validation NDCG@10."""
+def train(config_path, out, epochs, seed, device, threads, overrides, resume, nproc, master_port, reshard, quiet,
+          mlflow_opts):
+    """Train a model (typically the teacher) with BPR, early stopping on validation NDCG@10.
+
+    With --nproc N (or under torchrun) the users are sharded over N processes; rank 0 writes the run directory
+    in the one-process format and is the only one that logs and tracks.
+    """
     out = Path(out)
     cfg = _training_config(config_path, out, overrides, epochs, seed, threads, resume)
-    setup_logging(quiet, out / LOG_FILE)
-    callbacks = tracking_callbacks("train", mlflow_opts)  # after config and logging: config errors first
-    _print_result(out, api.train(cfg, out, device=device, resume=resume, callbacks=callbacks, progress=not quiet))
+    if _launched(nproc, master_port):
+        return
+    main_rank = _setup_rank_logging(quiet, out)
+    callbacks = tracking_callbacks("train", mlflow_opts) if main_rank else []  # after config: config errors first
+    result = api.train(cfg, out, device=device, resume=resume, callbacks=callbacks, progress=not quiet,
+                       reshard=reshard)
+    if main_rank:
+        _print_result(out, result)
 
 
 @main.command()
@@ -105,7 +132,8 @@ def train(config_path, out, epochs, seed, device, threads, overrides, resume, qu
 @click.option("--method", type=click.Choice(METHOD_NAMES), default=None,
               help="Objective (overrides distill.method): rcekd (default), ce (vanilla CE-KD), rrd, scratch.")
 @options.training_options
-def distill(teacher, config_path, out, method, epochs, seed, device, threads, overrides, resume, quiet, mlflow_opts):
+def distill(teacher, config_path, out, method, epochs, seed, device, threads, overrides, resume, nproc, master_port,
+            reshard, quiet, mlflow_opts):
     """Distil a small student from a frozen teacher with RCE-KD (or a baseline, for a fair comparison).
 
     The teacher's top-K is computed once with FAISS and cached beside the run (reused by later runs with
@@ -115,11 +143,15 @@ def distill(teacher, config_path, out, method, epochs, seed, device, threads, ov
     if method:
         overrides = (*overrides, f"distill.method={method}")
     cfg = _training_config(config_path, out, overrides, epochs, seed, threads, resume)
-    setup_logging(quiet, out / LOG_FILE)
+    if _launched(nproc, master_port):
+        return
+    main_rank = _setup_rank_logging(quiet, out)
     source = resolve_checkpoint(teacher) if teacher else None
-    callbacks = tracking_callbacks("distill", mlflow_opts)
-    _print_result(out, api.distill(source, cfg, out, device=device, resume=resume, callbacks=callbacks,
-                                   progress=not quiet, teacher_label=teacher))
+    callbacks = tracking_callbacks("distill", mlflow_opts) if main_rank else []
+    result = api.distill(source, cfg, out, device=device, resume=resume, callbacks=callbacks, progress=not quiet,
+                         teacher_label=teacher, reshard=reshard)
+    if main_rank:
+        _print_result(out, result)
 
 
 @main.command()
@@ -362,3 +394,5 @@ def pipeline(out, data, teacher, teacher_config, student_config, kd_config, epoc
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
