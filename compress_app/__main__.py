@@ -1,5 +1,5 @@
 """`python -m compress_app ...` is `compress ...` (the form torchrun and subprocesses use)."""
 
-from compress_app.cli import main
+from compress_app.cli import entry
 
-main()
+entry()

@@ -6,10 +6,12 @@ stdout carries one JSON object per command (machine-readable); logs and progress
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import click
@@ -30,6 +32,7 @@ from .logs import setup_logging, setup_pipeline_logging
 from .pipeline.options import PipelineOptions
 from .pipeline.run import run_pipeline
 from .follow import serve_following
+from .recommend import recommend_command
 from .launch import run_under_torchrun, strip_launch_options
 from .sources import MODELS_PREFIX, resolve_checkpoint, resolve_registered_bundle
 from .tracking import MlflowTracker, TrackingError
@@ -392,7 +395,30 @@ def pipeline(out, data, teacher, teacher_config, student_config, kd_config, epoc
     click.echo(json.dumps(summary))
 
 
+main.add_command(recommend_command, name="recommend")
+
+
+def entry() -> None:
+    """The `compress` console script and `python -m compress_app`: ``main``; under torchrun (WORLD_SIZE > 1)
+    followed by a hard exit once the command is done and its output flushed. A rank that let the interpreter
+    tear down its gloo threads at exit was sometimes aborted by them (SIGABRT, "terminate called without an
+    active exception", about 1 exit in 10 on this box), which torchrun then reports as a failed job."""
+    if launched_world_size() <= 1:
+        main()
+        return
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # a bug: its traceback, then the same hard exit
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
+    entry()

@@ -26,8 +26,9 @@ def _lost_peer(exc: BaseException) -> bool:
     import torch.distributed as dist
 
     text = str(exc)
-    return isinstance(exc, dist.DistError) or any(s in text for s in ("gloo", "NCCL", "Connection closed by peer",
-                                                                       "Connection reset by peer"))
+    return isinstance(exc, (dist.DistNetworkError, RuntimeError)) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                            "Socket Timeout", "Timed out waiting"))
 
 
 def one_line(exc: BaseException) -> str:
@@ -55,6 +56,8 @@ def user_errors(fn):
                 sys.exit(PEER_LOST_EXIT)
             raise
         except KeyboardInterrupt:
+            if launch_rank() != 0:  # torchrun: every rank got the signal; rank 0 says it
+                sys.exit(INTERRUPTED_EXIT)
             click.echo("interrupted; the last completed epoch is saved (use --resume to continue)", err=True)
             sys.exit(INTERRUPTED_EXIT)
 

@@ -72,6 +72,7 @@ def _describe(rank: int, failure) -> str:
 def run_under_torchrun(nproc: int, argv: list[str], master_port: int = 0) -> None:
     """Run ``python -m compress_app ARGV`` as ``nproc`` ranks on this machine; returns when all finished, raises
     LaunchError naming the first rank that failed (SystemExit(1) when it already printed its own error)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -87,6 +88,10 @@ def run_under_torchrun(nproc: int, argv: list[str], master_port: int = 0) -> Non
                           monitor_interval=0.2, start_method="spawn")
     try:
         elastic_launch(config, sys.executable)("-m", "compress_app", *argv)
+    except SignalException as e:  # Ctrl-C / SIGTERM: the agent stopped the ranks, each saved what it had
+        if e.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None  # user_errors: the "interrupted; --resume" line, exit 130
+        raise SystemExit(128 + int(e.sigval)) from None
     except ChildFailedError as e:
         failures = sorted(e.failures.items())
         # the rank that failed by itself: not one that lost its peers, nor one the agent stopped after it

@@ -114,12 +114,9 @@ def _fit(cfg: Config, out, make_objective, *, command: str, device: str, resume:
         except (CompressError, OSError) as e:  # e.g. a rank that cannot read the data: every rank stops
             error = e
         dist.agree(error)
-        result = trainer.fit(resume=resume)
-    except BaseException:
-        dist.close(finished=False)
-        raise
-    dist.close()
-    return result
+        return trainer.fit(resume=resume)
+    finally:
+        dist.close()
 
 
 def train(config: str | Path | Config | None = None, out: str | Path = "runs/train", *, overrides=None,

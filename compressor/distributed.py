@@ -73,6 +73,7 @@ class Distributed:
 
     rank: int = 0
     world_size: int = 1
+    row_sums: bool = True  # dense gradients may be summed as gathered touched rows when that moves fewer bytes
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
     lo: int = 0  # this rank's users [lo, hi) (set by ``assign``)
@@ -121,6 +122,7 @@ class Distributed:
             r, m = failed[0]
             exc = DistributedError(f"rank {r}: {m}")
         exc.every_rank_raised = True  # the CLI prints it on rank 0 only
+        dist.barrier()  # every rank is here and alive: leave together (``close``), or gloo may abort one of them
         raise exc
 
     def barrier(self) -> None:
@@ -128,13 +130,16 @@ class Distributed:
             dist.barrier()
 
     # ------------------------------------------------------------------------------------------- gradients
-    def sum_replicated_grads(self, params) -> None:
-        """Sum the gradients of the replicated parameters over ranks (after backward, before the step)."""
+    def sum_replicated_grads(self, params, sparse: bool = False) -> None:
+        """Sum the gradients of the replicated parameters over ranks (after backward, before the step);
+        ``sparse``: the job hands row-sparse gradients to its optimizer (every rank then sums sparse)."""
         if not self.active:
             return
         for p in params:
             if p.grad is None:  # unused this step on this rank: take part in the sum with zeros
-                p.grad = torch.zeros_like(p)
+                p.grad = (torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.int64, device=p.device),
+                                                  torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device),
+                                                  p.shape) if sparse else torch.zeros_like(p))
             if p.grad.is_sparse:
                 p.grad = self._sum_sparse(p.grad.coalesce())
             else:
@@ -142,7 +147,8 @@ class Distributed:
 
     def _sum_dense_or_rows(self, grad: torch.Tensor) -> None:
         n_rows, width = grad.shape[0], grad[0].numel() if grad.dim() > 1 else 1
-        rows = torch.nonzero(grad.reshape(n_rows, -1).any(dim=1)).squeeze(1) if self.device.type == "cpu" else None
+        on_cpu = self.device.type == "cpu" and self.row_sums
+        rows = torch.nonzero(grad.reshape(n_rows, -1).any(dim=1)).squeeze(1) if on_cpu else None
         if rows is None:
             dist.all_reduce(grad)
             self.bytes_sent += grad.numel() * grad.element_size()
@@ -182,14 +188,15 @@ class Distributed:
     def _sum_sparse(self, grad: torch.Tensor) -> torch.Tensor:
         """A row-sparse gradient (train.optimizer lazy_adam): the union of every rank's rows, summed."""
         rows, vals = grad.indices()[0].to(torch.int64), grad.values()
-        dev = vals.device
+        dev, row_shape = vals.device, tuple(grad.shape[1:])
+        width = int(np.prod(row_shape)) if row_shape else 1
         counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(self.world_size)]
         dist.all_gather(counts, torch.tensor([rows.numel()], dtype=torch.int64, device=dev))
         counts = [int(c) for c in counts]
-        idx, allv = self._gather_rows(rows, vals.reshape(rows.numel(), -1), counts)
-        self.bytes_sent += rows.numel() * (8 + vals[0].numel() * vals.element_size())
+        idx, allv = self._gather_rows(rows, vals.reshape(rows.numel(), width), counts)  # a rank may have none
+        self.bytes_sent += rows.numel() * (8 + width * vals.element_size())
         self.steps_sparse += 1
-        return torch.sparse_coo_tensor(idx.unsqueeze(0).to(dev), allv.reshape(-1, *vals.shape[1:]).to(dev),
+        return torch.sparse_coo_tensor(idx.unsqueeze(0).to(dev), allv.reshape(-1, *row_shape).to(dev),
                                        grad.shape).coalesce()
 
     # ------------------------------------------------------------------------------------------- metrics
@@ -214,6 +221,14 @@ class Distributed:
             out[key] = sum(vals) if key.startswith("loss") else sum(vals) / len(vals)
         return out
 
+    def gather_floats(self, value: float) -> list[float]:
+        """Every rank's ``value``, in rank order (on every rank)."""
+        if not self.active:
+            return [value]
+        every: list = [None] * self.world_size
+        dist.all_gather_object(every, float(value))
+        return every
+
     @property
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -233,12 +248,9 @@ class Distributed:
             return None
         return torch.cat([p[:n] for p, n in zip(parts, blocks)]).cpu()
 
-    def close(self, finished: bool = True) -> None:
-        """Leave the job. After a normal end the ranks wait for each other first: a rank that tears its
-        connections down while another still gathers makes gloo abort (after a failure nobody waits)."""
+    def close(self) -> None:
+        """Leave the job (after its last collective: the trainer ends with a barrier)."""
         if self.active and dist.is_initialized():
-            if finished:
-                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -253,7 +265,7 @@ def setup(device_choice: str = "auto") -> Distributed:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise DistributedError(f"rank {launch_rank()}: LOCAL_RANK {local_rank} but only "
+            raise DistributedError(f"LOCAL_RANK {local_rank} but only "
                                    f"{torch.cuda.device_count()} CUDA device(s) on this node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

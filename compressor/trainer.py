@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,10 +246,11 @@ class Trainer:
         if saved_opt != self.cfg.train.optimizer:
             raise TrainingError(f"{path}: was trained with train.optimizer {saved_opt}, cannot resume it with "
                                 f"{self.cfg.train.optimizer} (the optimizer state differs)")
-        if self.dist.active:  # the user table's Adam moments: this rank's rows
-            n = self.data.num_users
-            ckpt.optim_state = {k: v[self.dist.lo:self.dist.hi] if v.dim() > 0 and v.shape[0] == n else v
-                                for k, v in (ckpt.optim_state or {}).items()}
+        if self.dist.active:  # the user table's Adam moments (optim.<its param id>.*): this rank's rows
+            user_param = self.model.user_emb.weight
+            pid = next(i for i, p in enumerate(self.optimizer.param_groups[0]["params"]) if p is user_param)
+            ckpt.optim_state = {k: v[self.dist.lo:self.dist.hi] if k.startswith(f"optim.{pid}.") and v.dim() > 0
+                                else v for k, v in (ckpt.optim_state or {}).items()}
         restore_optimizer(self.optimizer, ckpt)
         if ckpt.rng_state is not None:
             torch.set_rng_state(ckpt.rng_state)
@@ -257,8 +259,8 @@ class Trainer:
         es = ckpt.meta["early_stopping"]
         self.stopper = EarlyStopping(self.cfg.train.patience, es["best"] if es["best"] is not None else -math.inf,
                                      es["best_epoch"], es["bad"])
-        # The metrics log may hold epochs after the checkpoint (killed between the two writes): rewrite it.
-        self._rewrite_metrics_log()
+        # The metrics log may hold epochs after the checkpoint (killed between the two writes): ``_accept_out``
+        # rewrites it.
         log.info("resumed %s at epoch %d (best %s=%.5f at epoch %d)", self.out, self.epoch, self.cfg.train.metric,
                  self.stopper.best, self.stopper.best_epoch)
 
@@ -319,7 +321,7 @@ class Trainer:
                 raise TrainingError(f"epoch {epoch}, batch {b}: loss is {loss.item()} (lr too high?)")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.dist.sum_replicated_grads(self.replicated)
+            self.dist.sum_replicated_grads(self.replicated, sparse=self.sparse_grads)
             self.optimizer.step()
             for k, v in parts.items():
                 v = float(v)
@@ -334,9 +336,11 @@ class Trainer:
         out["time_refresh_s"] = t1 - t0
         out["time_sampling_s"] = t_sample
         out["time_epoch_s"] = time.perf_counter() - t0
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak
         if self.dist.active:  # what this rank sent for the item gradient, per step (benchmarks/dist_epoch.py)
             out["dist_grad_mb_per_step"] = self.dist.bytes_sent / max(n_batches, 1) / 1e6
             out["dist_sparse_steps"] = self.dist.steps_sparse
+            out["dist_peak_rss_mb"] = self.dist.gather_floats(out["peak_rss_mb"])  # every rank's, in rank order
             self.dist.bytes_sent = self.dist.steps_sparse = self.dist.steps_dense = 0
         return out
 
@@ -368,13 +372,20 @@ class Trainer:
         except CompressError as e:
             error = e
         self.dist.agree(error)
+        if resume:
+            self._rewrite_metrics_log()  # only once every rank accepted the run
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
     def _fit(self, resume: bool) -> TrainResult:
         self._accept_out(resume)
-        self.objective.setup(SetupContext(data=self.local, sparse_grads=self.sparse_grads))
+        error = None
+        try:  # the teacher's top-K (its cache) and the run-long sets: a refusal here is every rank's too
+            self.objective.setup(SetupContext(data=self.local, sparse_grads=self.sparse_grads))
+        except (CompressError, OSError) as e:
+            error = e
+        self.dist.agree(error)
         for cb in self.callbacks:
             cb.on_start(self)
         cfg = self.cfg.train
@@ -423,6 +434,9 @@ class Trainer:
         meta = self._save(MODEL_FILE, "finished", with_optimizer=False, metrics={"valid": valid, "test": test})
         self.epoch = last_epoch
         self._save(RESUME_FILE, "finished", with_optimizer=True)
+        # The last collective: a rank that tears its connections down while rank 0 still receives its rows
+        # makes gloo abort. After it rank 0 works alone (result file, callbacks: MLflow, registration).
+        self.dist.barrier()
         result = TrainResult(self.out, self.stopper.best_epoch, last_epoch, valid, test, wall, self.history)
         if not self.dist.is_main:
             return result

@@ -3,7 +3,8 @@
     python tests/dist_worker.py OUT TEACHER_CKPT STUDENT_CKPT DATA K M
 
 Writes OUT/qt-RANK.npy (the rank's teacher top-K, from its own block), OUT/pm-RANK.npy (the student's top-M of
-the rank's users), and after a short real training run on the block OUT/items-RANK.npy (the rank's replicated
+the rank's users), OUT/grad-RANK.json (its gradients of one global batch against one process's), and after a
+short real training run on the block OUT/items-RANK.npy (the rank's replicated
 item table) and, on rank 0, OUT/train.json (the run's per-epoch gradient statistics).
 """
 
@@ -21,7 +22,7 @@ from compressor import api, distributed  # noqa: E402
 from compressor.checkpoint import load_checkpoint  # noqa: E402
 from compressor.distill import load_teacher  # noqa: E402
 from compressor.kd_retrieval import KDRetrieval  # noqa: E402
-from compressor.objectives import Scratch  # noqa: E402
+from compressor.objectives import Scratch, bpr_base_loss  # noqa: E402
 from compressor.trainer import Trainer  # noqa: E402
 
 
@@ -33,6 +34,41 @@ class Vectors:
 
     def vectors(self):
         return self.u, self.i
+
+
+def gradient_check(dist, data, ckpt) -> dict:
+    """Largest |difference| between one process's gradients of a global batch and this rank's (its users' rows;
+    the item table's summed over ranks), for every way the sum can go: dense all_reduce, gathered rows, row-sparse
+    gradients, and a batch in which this rank has nothing (every interaction belongs to rank 0's users)."""
+    lo, hi = dist.lo, dist.hi
+    users_all, items_all = data.train.users, data.train.items
+    rng = np.random.default_rng(0)
+    pick = rng.permutation(len(users_all))[:300]
+    in_first = np.flatnonzero(users_all < dist.blocks[0][1])[:200]
+    neg_all = rng.integers(0, data.num_items, len(users_all))
+    report = {}
+    for case, batch, row_sums, sparse in (("dense", pick, False, False), ("rows", pick, True, False),
+                                          ("sparse", pick, True, True), ("empty_rank", in_first, True, True),
+                                          ("empty_rank_dense", in_first, False, False)):
+        u, p, n = (torch.as_tensor(a[batch]) for a in (users_all, items_all, neg_all))
+        whole = load_checkpoint(ckpt).build_model().train()
+        loss, _, _ = bpr_base_loss(whole, u, p, n, sparse_grads=sparse)
+        loss.backward()
+        ref_u, ref_i = (t.grad.to_dense() for t in (whole.user_emb.weight, whole.item_emb.weight))
+        local = load_checkpoint(ckpt).build_model().train()
+        local.user_emb.weight = torch.nn.Parameter(local.user_emb.weight.detach()[lo:hi].clone())
+        mine = (u >= lo) & (u < hi)
+        loss, _, _ = bpr_base_loss(local, u[mine] - lo, p[mine], n[mine], sparse_grads=sparse)
+        loss.backward()
+        dist.row_sums = row_sums
+        dist.sum_replicated_grads([local.item_emb.weight], sparse=sparse)
+        got_u = local.user_emb.weight.grad
+        got_u = torch.zeros_like(local.user_emb.weight) if got_u is None else got_u.to_dense()
+        report[case] = {"item": float((local.item_emb.weight.grad.to_dense() - ref_i).abs().max()),
+                        "user": float((got_u - ref_u[lo:hi]).abs().max()),
+                        "scale": float(ref_i.abs().max()), "local_rows": int(mine.sum())}
+    dist.row_sums = True
+    return report
 
 
 def main(out, teacher_ckpt, student_ckpt, data_path, k, m):
@@ -52,6 +88,8 @@ def main(out, teacher_ckpt, student_ckpt, data_path, k, m):
         u, i = load_checkpoint(student_ckpt).build_model().vectors()
     topm, _ = retrieval.student_topm(Vectors(u[lo:hi], i), m)
     np.save(out / f"pm-{dist.rank}.npy", topm.numpy())
+
+    (out / f"grad-{dist.rank}.json").write_text(json.dumps(gradient_check(dist, data, student_ckpt)))
 
     trainer = Trainer(cfg, data, Scratch(), out / "run", dist.device, progress=False, dist=dist)
     trainer.fit()

@@ -70,12 +70,19 @@ def test_sharded_top_k_and_top_m_equal_one_process_and_replicas_stay_equal(teach
         sharded = np.concatenate([np.load(two / f"{name}-{r}.npy") for r in (0, 1)])
         assert sharded.shape == whole.shape
         assert (sharded == whole).all(), f"{name}: sharded lists differ from one process's"
+    # the summed gradient is one process's gradient of the same global batch, whichever way it was summed, also
+    # for a rank whose part of the batch is empty
+    for r in (0, 1):
+        grads = json.loads((two / f"grad-{r}.json").read_text())
+        for case, diff in grads.items():
+            assert diff["item"] <= 1e-6 * diff["scale"] and diff["user"] <= 1e-6 * diff["scale"], (r, case, diff)
+        assert grads["empty_rank"]["local_rows"] == (200 if r == 0 else 0)
     # the item table is replicated: after real training steps both ranks hold the same bits
     assert (np.load(two / "items-0.npy") == np.load(two / "items-1.npy")).all()
     info = json.loads((two / "train.json").read_text())
     (lo0, hi0), (lo1, hi1) = info["blocks"]
     assert lo0 == 0 and hi0 == lo1 and hi1 == len(whole)
-    assert all(row["dist_grad_mb_per_step"] > 0 for row in info["history"])
+    assert all(row["dist_grad_mb_per_step"] > 0 and len(row["dist_peak_rss_mb"]) == 2 for row in info["history"])
     # the gathered checkpoint holds every user, in the one-process format
     meta = read_meta(two / "run")
     assert meta["world_size"] == 2 and meta["model"]["num_users"] == len(whole)
@@ -129,10 +136,11 @@ def test_a_killed_rank_stops_the_job_and_resume_ends_where_an_uninterrupted_run_
     out = tmp_path / "killed"
     proc = subprocess.Popen(cli_command("train", "--out", out, *args), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    rank1 = _rank_pid(out, 1)  # found before training starts, so the kill follows the first checkpoint at once
     deadline = time.monotonic() + 120
     while not (out / "last.safetensors").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(_rank_pid(out, 1), signal.SIGKILL)
+        time.sleep(0.01)
+    os.kill(rank1, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)  # no hang: the agent stops rank 0 (seconds, not the gloo timeout)
     assert proc.returncode == 1
     error_lines = [ln for ln in err.splitlines() if ln.startswith("Error:")]

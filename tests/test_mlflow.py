@@ -482,3 +482,14 @@ def test_serve_follows_the_alias_and_refuses_a_tampered_version(runs, client, se
         assert r.status_code in (403, 409)  # the alias alone chooses what a following server serves
     finally:
         srv.stop()
+
+
+def test_a_torchrun_job_is_one_run_tracked_by_rank_0(tmp_path, slice_data, env, client, runs):
+    out = tmp_path / "two-ranks"
+    run_cli("train", *_train_args(out, slice_data, 2), "--nproc", 2, "--experiment", "two-ranks", env=env)
+    experiment = client.get_experiment_by_name("two-ranks")
+    found = client.search_runs([experiment.experiment_id])
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
+    assert found[0].data.params["world_size"] == "2"
+    assert found[0].info.run_id == load_checkpoint(out).meta["mlflow_run_id"]
+    assert _run_of(client, runs["teacher"]).data.params["world_size"] == "1"
