@@ -20,7 +20,8 @@ EPOCHS = click.option("--epochs", type=int, default=None, help="Maximum epochs (
 SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                    help="Override a config key, e.g. --set train.lr=0.002 (repeatable; value parsed as YAML).")
 THREADS = click.option("--threads", type=int, default=None,
-                       help="CPU threads for torch and FAISS (overrides train.threads; 0 = all cores).")
+                       help="CPU threads for torch and FAISS (overrides train.threads; 0 = every core this process "
+                            "may use, shared by the ranks on this machine).")
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars; log warnings and the summary only.")
 RESUME = click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 GATE_SHARE = click.option("--gate-share", type=float, default=DEFAULT_GATE_SHARE, show_default=True,

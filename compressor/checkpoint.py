@@ -152,8 +152,15 @@ def read_meta(path: str | Path) -> dict:
         return {}
 
 
-def load_checkpoint(path: str | Path, with_training_state: bool = False) -> Checkpoint:
-    """Load a checkpoint file, or a run directory's model. Refuses anything that is not a compress safetensors file."""
+USER_TABLE = "user_emb.weight"  # the model parameter whose rows are users (sharded under torchrun)
+
+
+def load_checkpoint(path: str | Path, with_training_state: bool = False, user_rows: tuple[int, int] | None = None,
+                    user_optim_id: int | None = None) -> Checkpoint:
+    """Load a checkpoint file, or a run directory's model. Refuses anything that is not a compress safetensors file.
+
+    ``user_rows`` (lo, hi): read only those rows of the user table, and of its optimizer state ``optim.<user_optim_id>.*``
+    (a torchrun rank's block: no rank holds every user's rows in memory, however large the table)."""
     p = resolve_checkpoint_path(path)
     try:
         with safe_open(str(p), framework="pt") as f:
@@ -162,7 +169,14 @@ def load_checkpoint(path: str | Path, with_training_state: bool = False) -> Chec
                 raise CheckpointError(f"{p}: not a compress checkpoint (safetensors file without 'compress' metadata)")
             meta = json.loads(header["compress"])
             keys = list(f.keys())
-            get = f.get_tensor
+            row_keys = set()
+            if user_rows is not None:
+                row_keys = {f"model.{USER_TABLE}"} | ({k for k in keys if k.startswith(f"optim.{user_optim_id}.")
+                                                and len(f.get_slice(k).get_shape()) > 0}
+                                               if with_training_state and user_optim_id is not None else set())
+
+            def get(k):
+                return f.get_slice(k)[user_rows[0]:user_rows[1]] if k in row_keys else f.get_tensor(k)
             model_state = {k[len("model."):]: get(k) for k in keys if k.startswith("model.")}
             user_ids = _tensor_to_ids(get("ids.users"))
             item_ids = _tensor_to_ids(get("ids.items"))

@@ -65,18 +65,23 @@ class TrainConfig:
     epochs: int = _f(1000, "Maximum number of epochs.", min=1)
     batch_size: int = _f(2048, "Training interactions per BPR batch.", min=1)
     lr: float = _f(1e-3, "Adam learning rate.", min=0)
-    weight_decay: float = _f(0.0, "Adam weight decay (L2).", min=0)
+    weight_decay: float = _f(0.0, "Weight decay: L2 for adam and lazy_adam; decoupled (AdamW) for sparse_adamw, "
+                                  "where a value tuned as L2 does not carry over.", min=0)
     optimizer: str = _f("adam", "adam: torch Adam over every row each step (the paper's recipe). "
                                 "lazy_adam: for MF, update only the rows a batch touches (much faster epochs for "
                                 "wide MF teachers; untouched rows keep their moments, which costs some teacher "
-                                "quality: docs/benchmarks.md section 3); other models get the dense update.",
+                                "quality: docs/benchmarks.md section 3); other models get the dense update. "
+                                "sparse_adamw: for MF, row-sparse like lazy_adam, but AdamW: every row's moments "
+                                "and weights decay every step (applied in closed form when the row is next "
+                                "touched), only touched rows get the Adam update (compressor/optim.py).",
                         choices=OPTIMIZER_NAMES)
     eval_every: int = _f(1, "Validate every N epochs.", min=1)
     patience: int = _f(30, "Stop after this many validations without a better validation metric.", min=1)
     metric: str = _f("ndcg@10", "Validation metric for early stopping and model selection.")
     eval_ks: list = _f([10, 20], "Cut-offs K for Recall@K and NDCG@K.")
     seed: int = _f(0, "Seed of initialisation and sampling.")
-    threads: int = _f(0, "torch and FAISS CPU threads (0 = number of cores).", min=0)
+    threads: int = _f(0, "torch and FAISS CPU threads (0 = the cores this process may use: affinity and cgroup "
+                         "quota, divided among the torchrun ranks on this machine).", min=0)
     eval_block: int = _f(1024, "Users per block in full-ranking evaluation (bounds memory).", min=1)
     checkpoint_every: int = _f(1, "Write the resume checkpoint every N epochs (the best model is always saved "
                                   "when it improves; a resumed run replays the epochs since, identically).", min=1)

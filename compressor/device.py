@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+from pathlib import Path
 
 import faiss
 import torch
@@ -27,11 +29,38 @@ def resolve_device(choice: str = "auto") -> torch.device:
 
 
 def available_cores() -> int:
-    """Cores this process may run on (the affinity mask, which containers and taskset narrow), else the machine's."""
+    """Cores this process can really use: the affinity mask (taskset, cpusets), capped by a cgroup CPU quota
+    (a container's `--cpus`), else the machine's count."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(n, quota)) if quota else n
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """The CPU quota of this process's cgroup in whole cores, rounded up (cgroup v2 cpu.max, v1 cfs files);
+    None when there is none."""
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return math.ceil(int(text[0]) / int(text[1]))
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return math.ceil(quota / period) if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def thread_settings() -> dict:
+    """What this process's pools were set to (recorded in every checkpoint, so a slow run can be explained)."""
+    return {"torch": torch.get_num_threads(), "faiss": faiss.omp_get_max_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cores_available": available_cores()}
 
 
 def configure_threads(threads: int = 0, share: int = 1) -> int:

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from compressor.checkpoint import read_meta
+
 from .conftest import ROOT, assert_one_line_error, cli_command, run_cli
 
 
@@ -108,6 +110,9 @@ def test_scratch_trains_beside_teacher_and_dies_with_a_killed_pipeline(recipes, 
     for stage in ("teacher", "scratch"):
         hist = [json.loads(x) for x in (out / stage / "metrics.jsonl").read_text().splitlines()]
         assert [h["epoch"] for h in hist] == list(range(1, len(hist) + 1))
+        # every process the pipeline starts sets its pools deliberately (the scratch one is its own process)
+        assert read_meta(out / stage)["threads"]["omp_wait_policy"] == "PASSIVE"
+    assert read_meta(out / "scratch")["threads"]["torch"] == 1  # its recipe's train.threads
     assert (out / "report" / "report.md").exists()
 
 
