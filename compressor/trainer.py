@@ -35,9 +35,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
+from .checkpoint import USER_TABLE, load_checkpoint, restore_optimizer, save_checkpoint
 from .config import Config, to_dict
 from .data import Dataset
+from .device import thread_settings
 from .distributed import Distributed
 from .errors import CompressError
 from .evaluation import evaluate
@@ -52,9 +53,6 @@ log = logging.getLogger(__name__)
 
 class TrainingError(CompressError, RuntimeError):
     """Training cannot go on as asked (nothing to resume, a run already there, a diverging loss ...)."""
-
-
-USER_TABLE = "user_emb.weight"  # the one parameter whose rows belong to users (sharded under torchrun)
 
 
 def sample_negatives(train_users: np.ndarray, train_items: np.ndarray, num_items: int,
@@ -172,7 +170,7 @@ class Trainer:
         return {"command": self.command, "method": self.objective.name,
                 "package_version": __version__, "config": to_dict(self.cfg),
                 "data_fingerprint": self.data.fingerprint(), "data_source": self.data.source,
-                "epoch": self.epoch, "status": status, "history": self.history,
+                "epoch": self.epoch, "status": status, "history": self.history, "threads": thread_settings(),
                 "early_stopping": {"best": self.stopper.best if self.stopper.best > -math.inf else None,
                                    "best_epoch": self.stopper.best_epoch, "bad": self.stopper.bad},
                 **self.extra_meta}
@@ -180,6 +178,7 @@ class Trainer:
     def _save(self, name: str, status: str, with_optimizer: bool, metrics: dict | None = None) -> dict:
         """Write checkpoint ``name`` (rank 0; under torchrun every rank takes part in gathering the user rows);
         returns the metadata written ({} on the other ranks)."""
+        self._bring_up_to_date()
         model, optimizer = self._whole_model(with_optimizer)
         if not self.dist.is_main:
             return {}
@@ -216,11 +215,14 @@ class Trainer:
         whole.load_state_dict(state, assign=True)
         return whole, osd
 
-    def _load_rows(self, model_state: dict) -> dict:
-        """A whole-model state (from a checkpoint) cut to this rank's users."""
+    def _rows_of_this_rank(self) -> dict:
+        """``load_checkpoint`` arguments that read this rank's users only (the user table's rows and their Adam
+        moments); {} in one process."""
         if not self.dist.active:
-            return model_state
-        return {k: v[self.dist.lo:self.dist.hi] if k == USER_TABLE else v for k, v in model_state.items()}
+            return {}
+        user_param = self.model.user_emb.weight
+        pid = next(i for i, p in enumerate(self.optimizer.param_groups[0]["params"]) if p is user_param)
+        return {"user_rows": (self.dist.lo, self.dist.hi), "user_optim_id": pid}
 
     def resume(self) -> None:
         """Restore the state of the run in ``out`` from its resume checkpoint; refuses (TrainingError) before
@@ -228,7 +230,7 @@ class Trainer:
         path = self.out / RESUME_FILE
         if not path.exists():
             raise TrainingError(f"{self.out}: nothing to resume (no {RESUME_FILE})")
-        ckpt = load_checkpoint(path, with_training_state=True)
+        ckpt = load_checkpoint(path, with_training_state=True, **self._rows_of_this_rank())
         if ckpt.meta.get("data_fingerprint") != self.data.fingerprint():
             raise TrainingError(f"{path}: was trained on different data (fingerprint "
                                 f"{ckpt.meta.get('data_fingerprint')} vs {self.data.fingerprint()})")
@@ -240,17 +242,11 @@ class Trainer:
             raise TrainingError(f"{path}: was trained on {saved_world} rank(s), this job has "
                                 f"{self.dist.world_size}; relaunch with {saved_world} (a different count would "
                                 f"not reproduce the uninterrupted run), or pass --reshard to continue anyway")
-        self.model.load_state_dict({k: v.to(self.device) for k, v in self._load_rows(ckpt.model_state).items()},
-                                   strict=False)
+        self.model.load_state_dict({k: v.to(self.device) for k, v in ckpt.model_state.items()}, strict=False)
         saved_opt = ckpt.meta.get("config", {}).get("train", {}).get("optimizer", "adam")
         if saved_opt != self.cfg.train.optimizer:
             raise TrainingError(f"{path}: was trained with train.optimizer {saved_opt}, cannot resume it with "
                                 f"{self.cfg.train.optimizer} (the optimizer state differs)")
-        if self.dist.active:  # the user table's Adam moments (optim.<its param id>.*): this rank's rows
-            user_param = self.model.user_emb.weight
-            pid = next(i for i, p in enumerate(self.optimizer.param_groups[0]["params"]) if p is user_param)
-            ckpt.optim_state = {k: v[self.dist.lo:self.dist.hi] if k.startswith(f"optim.{pid}.") and v.dim() > 0
-                                else v for k, v in (ckpt.optim_state or {}).items()}
         restore_optimizer(self.optimizer, ckpt)
         if ckpt.rng_state is not None:
             torch.set_rng_state(ckpt.rng_state)
@@ -271,7 +267,15 @@ class Trainer:
         atomic_write_bytes(self.out / METRICS_FILE, text.encode())
 
     # ------------------------------------------------------------------------------------------- training
+    def _bring_up_to_date(self) -> None:
+        """Let an optimizer that defers untouched rows' updates (sparse_adamw) apply them, so the weights that are
+        evaluated or saved are the current ones."""
+        catch_up = getattr(self.optimizer, "catch_up", None)
+        if catch_up is not None:
+            catch_up()
+
     def _evaluate(self, split: str) -> dict:
+        self._bring_up_to_date()
         self.model.eval()
         with torch.no_grad():
             u, i = self.model.vectors()
@@ -422,9 +426,8 @@ class Trainer:
         if not (self.out / MODEL_FILE).exists():
             raise TrainingError(f"{self.out}: no validation happened (epochs < eval_every?)")
         # Test the best-validation model and record its metrics in the final checkpoint.
-        best = load_checkpoint(self.out / MODEL_FILE)
-        self.model.load_state_dict({k: v.to(self.device) for k, v in self._load_rows(best.model_state).items()},
-                                   strict=False)
+        best = load_checkpoint(self.out / MODEL_FILE, **self._rows_of_this_rank())
+        self.model.load_state_dict({k: v.to(self.device) for k, v in best.model_state.items()}, strict=False)
         test = self._evaluate("test")
         valid = best.meta["metrics"]["valid"]
         # training time over all sessions of the run (a resumed run counts the epochs before the kill too)
