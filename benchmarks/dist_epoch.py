@@ -78,9 +78,16 @@ def write_synthetic(work: Path) -> None:
         with open(data_dir / f"{name}.txt", "w") as f:
             for u in us:
                 f.write(f"{u} {items[indptr[u + 1] - 1]}\n")
-    np.savez(work / "synth-1m-teacher.npz", user_vectors=t_u, item_vectors=t_i,
-             user_ids=np.arange(t_u.shape[0]).astype(str), item_ids=np.arange(t_i.shape[0]).astype(str))
+    write_synthetic_teacher(work, t_u, t_i, np.unique(items[~drop]))
     (work / "synth-1m-stats.json").write_text(json.dumps(stats, indent=2))
+
+
+def write_synthetic_teacher(work: Path, t_u, t_i, kept_items) -> None:
+    """The teacher's rows of the users and of the items the data keeps (items with a training interaction)."""
+    import numpy as np
+
+    np.savez(work / "synth-1m-teacher.npz", user_vectors=t_u, item_vectors=t_i[kept_items],
+             user_ids=np.arange(t_u.shape[0]).astype(str), item_ids=kept_items.astype(str))
 
 
 def _group(users, items):
