@@ -73,7 +73,8 @@ class TrainConfig:
                                 "quality: docs/benchmarks.md section 3); other models get the dense update. "
                                 "sparse_adamw: for MF, row-sparse like lazy_adam, but AdamW: every row's moments "
                                 "and weights decay every step (applied in closed form when the row is next "
-                                "touched), only touched rows get the Adam update (compressor/optim.py).",
+                                "touched), only touched rows get the Adam update (compressor/optim.py). Experimental: at the recipes' "
+                                "lr 1e-3 it under-trains (docs/benchmarks.md section 3b).",
                         choices=OPTIMIZER_NAMES)
     eval_every: int = _f(1, "Validate every N epochs.", min=1)
     patience: int = _f(30, "Stop after this many validations without a better validation metric.", min=1)

@@ -1,4 +1,5 @@
-"""Optimisers: torch's Adam (the paper's recipe) and a row-sparse "lazy" Adam for wide MF tables.
+"""Optimisers: torch's Adam (the paper's recipe), and two row-sparse ones for wide MF tables: a "lazy" Adam
+and a sparse AdamW.
 
 Why lazy Adam: a BPR batch of 2,048 interactions touches at most 6,144 embedding rows, but dense Adam reads and
 writes every row of every table on every step (parameters, two moments, the gradient). For a wide MF teacher on a
@@ -14,6 +15,30 @@ formula, over every row.
 Not free in quality: rarely sampled rows stand still instead of decaying, and a teacher trained with it scored
 lower than with torch Adam (docs/benchmarks.md section 3), so the recipes keep torch Adam and this is an opt-in
 for teachers that dense Adam cannot train in the time at hand.
+
+Sparse AdamW (``sparse_adamw``): as fast as lazy Adam, without letting untouched rows stand still. Its formulation
+is the one where every row moves on every step *except* by the Adam update itself:
+
+- every row, every step: decoupled weight decay p <- (1 - lr*wd) p (AdamW; ``train.weight_decay`` is this wd, not
+  an L2 term: the recipes' 1e-5 was tuned as Adam's L2 and a decoupled decay needs its own value), and the moments
+  decay, m <- b1 m, v <- b2 v;
+- the rows with a data gradient g in the step, after that: m += (1-b1) g, v += (1-b2) g^2,
+  p -= lr * mhat / (sqrt(vhat) + eps), with mhat, vhat bias-corrected by the parameter's global step count t.
+
+Why this one: the terms every row gets are products, so a row untouched for k steps is brought up to date in closed
+form when it is next touched: m *= b1^k, v *= b2^k, p *= (1 - lr*wd)^k, exactly what k separate steps would have
+done. Dense Adam's other two per-step effects on an untouched row cannot be deferred like that: the L2 term wd*p
+passes through the moments and the square root, and so does the drift along the old momentum (its bias correction
+and eps change every step). So decay is decoupled, and the momentum drift is the one thing an untouched row skips.
+Compared with lazy Adam, a rarely sampled row shrinks and forgets its moments at dense Adam's pace (the suspected
+cause of lazy Adam's quality loss); its next update is sized by how long ago its last gradient was.
+
+Each parameter's state holds ``row_step`` (int64 [rows]): the step each row was last brought up to date to. It is
+saved with the moments, so a resumed run continues bit for bit. The weights of rows not touched since are behind:
+``catch_up()`` brings every row to the current step without taking one; call it before reading the weights
+(evaluation, saving; the trainer does). A dense gradient (LightGCN's propagation, a KD term over whole tables)
+touches every row: catch-up then AdamW's update over all of them. The closed form assumes lr, betas and wd stay
+fixed between a row's catch-ups: call ``catch_up()`` before changing them.
 """
 
 from __future__ import annotations
@@ -74,6 +99,96 @@ class LazyAdam(torch.optim.Optimizer):
         return loss
 
 
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW whose untouched rows are brought up to date when next touched (see the module docstring)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        if (lr < 0 or eps < 0 or weight_decay < 0 or lr * weight_decay >= 1
+                or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1)):
+            raise ValueError(f"invalid SparseAdamW settings: lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @staticmethod
+    def _decays(group: dict, k: torch.Tensor, like: torch.Tensor):
+        """The per-row factors (b1^k, b2^k, (1 - lr*wd)^k) for k steps per row, shaped to broadcast over ``like``
+        ([n, ...] rows); computed in float64, so a long gap costs no more rounding than a short one."""
+        k = k.to(torch.float64).reshape(k.shape + (1,) * (like.dim() - 1) if like.dim() else ())
+        (b1, b2), decay = group["betas"], 1.0 - group["lr"] * group["weight_decay"]
+        return tuple(torch.pow(base, k).to(like.dtype) for base in (b1, b2, decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["row_step"] = torch.zeros(p.shape[:1], dtype=torch.int64, device=p.device)
+                state["step"] += 1
+                t = int(state["step"])
+                step_size, bc2_sqrt = lr / (1 - b1 ** t), math.sqrt(1 - b2 ** t)
+                m, v, row_step = state["exp_avg"], state["exp_avg_sq"], state["row_step"]
+                if p.grad.is_sparse:
+                    g = p.grad.coalesce()  # duplicate rows (a user twice in a batch) are summed, as dense would
+                    rows, vals = g.indices()[0], g.values()
+                    # rows are unique: index_select / index_copy_ (much faster on CPU than tensor[rows])
+                    fm, fv, fp = self._decays(group, t - row_step.index_select(0, rows), vals)
+                    m_rows = m.index_select(0, rows).mul_(fm).add_(vals, alpha=1 - b1)
+                    v_rows = v.index_select(0, rows).mul_(fv).addcmul_(vals, vals, value=1 - b2)
+                    denom = (v_rows.sqrt() / bc2_sqrt).add_(eps)
+                    m.index_copy_(0, rows, m_rows)
+                    v.index_copy_(0, rows, v_rows)
+                    p.index_copy_(0, rows, p.index_select(0, rows).mul_(fp).addcdiv_(m_rows, denom, value=-step_size))
+                    row_step.index_fill_(0, rows, t)
+                else:  # every row touched: bring each up to date, then AdamW's step over all of them
+                    g = p.grad
+                    fm, fv, fp = self._decays(group, t - row_step, p)
+                    m.mul_(fm).add_(g, alpha=1 - b1)
+                    v.mul_(fv).addcmul_(g, g, value=1 - b2)
+                    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+                    p.mul_(fp).addcdiv_(m, denom, value=-step_size)
+                    row_step.fill_(t)
+        return loss
+
+    @torch.no_grad()
+    def catch_up(self) -> None:
+        """Bring every row (weights and moments) to the current step without taking one: the weights then equal
+        those of a dense step-by-step run of the same formulation."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                t, row_step = int(state["step"]), state["row_step"]
+                if bool((row_step == t).all()):
+                    continue
+                fm, fv, fp = self._decays(group, t - row_step, p)  # 0 steps: factor 1, exact
+                state["exp_avg"].mul_(fm)
+                state["exp_avg_sq"].mul_(fv)
+                p.mul_(fp)
+                row_step.fill_(t)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every saved state tensor but "step" to its parameter's dtype: the row counters stay int64
+        counters = {pid: s["row_step"] for pid, s in state_dict["state"].items() if "row_step" in s}
+        super().load_state_dict(state_dict)
+        params = dict(zip((pid for g in state_dict["param_groups"] for pid in g["params"]),
+                          (p for g in self.param_groups for p in g["params"])))
+        for pid, c in counters.items():
+            self.state[params[pid]]["row_step"] = c.to(device=params[pid].device, dtype=torch.int64, copy=True)
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     make: Callable[..., torch.optim.Optimizer]  # (params, lr=, weight_decay=) -> optimizer
@@ -83,6 +198,7 @@ class OptimizerSpec:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adam": OptimizerSpec(torch.optim.Adam, row_sparse=False),
     "lazy_adam": OptimizerSpec(LazyAdam, row_sparse=True),
+    "sparse_adamw": OptimizerSpec(SparseAdamW, row_sparse=True),
 }
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)  # train.optimizer's choices
 

@@ -155,8 +155,11 @@ class Trainer:
             table.num_embeddings = self.model.num_users = self.dist.hi - self.dist.lo
         self.model.to(device)
         self.replicated = [p for name, p in self.model.named_parameters() if name != USER_TABLE]
-        self.optimizer = build_optimizer(cfg.train.optimizer, self.model.parameters(), lr=cfg.train.lr,
-                                         weight_decay=cfg.train.weight_decay)
+        try:
+            self.optimizer = build_optimizer(cfg.train.optimizer, self.model.parameters(), lr=cfg.train.lr,
+                                             weight_decay=cfg.train.weight_decay)
+        except ValueError as e:  # settings the optimizer refuses (e.g. sparse_adamw with lr * weight_decay >= 1)
+            raise TrainingError(f"train.optimizer {cfg.train.optimizer}: {e}") from None
         # a row-sparse optimizer gets sparse gradients from models whose tables are leaf parameters
         self.sparse_grads = wants_sparse_gradients(cfg.train.optimizer) and self.model.leaf_tables
         self.stopper = EarlyStopping(cfg.train.patience)
