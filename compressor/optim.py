@@ -50,6 +50,16 @@ from typing import Callable
 import torch
 
 
+def _adam_state(state: dict, p: torch.Tensor) -> dict:
+    """A parameter's Adam state, created on its first step: step count (float tensor, as torch Adam keeps it) and
+    the two moments."""
+    if not state:
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
 class LazyAdam(torch.optim.Optimizer):
     """Adam with L2 weight decay; sparse gradients update only their rows (see the module docstring)."""
 
@@ -71,11 +81,7 @@ class LazyAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state = _adam_state(self.state[p], p)
                 state["step"] += 1
                 step = float(state["step"])
                 bc1, bc2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
@@ -129,11 +135,8 @@ class SparseAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state = _adam_state(self.state[p], p)
+                if "row_step" not in state:
                     state["row_step"] = torch.zeros(p.shape[:1], dtype=torch.int64, device=p.device)
                 state["step"] += 1
                 t = int(state["step"])
