@@ -77,6 +77,7 @@ import numpy as np
 
 from compressor.checkpoint import read_meta
 from compressor.device import available_cores, configure_threads
+from compressor.distributed import launch_env
 from compressor.errors import CompressError
 from compressor.files import atomic_write_bytes
 from serving.bundle import Bundle, open_bundle
@@ -144,15 +145,8 @@ class Ranks:
     local_world: int = 1
 
     @classmethod
-    def from_env(cls, env=os.environ) -> Ranks:
-        try:
-            rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-            local_world = int(env.get("LOCAL_WORLD_SIZE", world))
-        except ValueError as e:
-            raise RecommendError(f"RANK/WORLD_SIZE/LOCAL_WORLD_SIZE must be integers ({e})") from None
-        if world < 1 or not 0 <= rank < world or local_world < 1:
-            raise RecommendError(f"RANK {rank} / WORLD_SIZE {world} / LOCAL_WORLD_SIZE {local_world} inconsistent")
-        return cls(rank, world, local_world)
+    def from_env(cls) -> Ranks:
+        return cls(*launch_env())
 
 
 @dataclass

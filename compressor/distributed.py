@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .checkpoint import USER_TABLE
 from .device import resolve_device
 from .errors import CompressError
 
@@ -50,6 +51,18 @@ def launch_rank() -> int:
 
 def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) as torchrun announced them, checked; (0, 1, 1) outside torchrun."""
+    try:
+        rank, world = launch_rank(), launched_world_size()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    except ValueError as e:
+        raise DistributedError(f"RANK/WORLD_SIZE/LOCAL_WORLD_SIZE must be integers ({e})") from None
+    if world < 1 or not 0 <= rank < world or local_world < 1:
+        raise DistributedError(f"RANK {rank} / WORLD_SIZE {world} / LOCAL_WORLD_SIZE {local_world} inconsistent")
+    return rank, world, local_world
 
 
 def user_blocks(train_indptr: np.ndarray, world_size: int) -> list[tuple[int, int]]:
@@ -78,11 +91,9 @@ class Distributed:
     device: torch.device = torch.device("cpu")
     lo: int = 0  # this rank's users [lo, hi) (set by ``assign``)
     hi: int = 0
-    num_users: int = 0  # all users of the job
     blocks: list = field(default_factory=list)  # every rank's [lo, hi), in rank order
     bytes_sent: int = 0  # gradient bytes this rank put on the wire (dense: all_reduce payload; sparse: gathered)
-    steps_dense: int = 0
-    steps_sparse: int = 0
+    steps_sparse: int = 0  # gradient sums that went as gathered rows (the rest went dense)
 
     @classmethod
     def single(cls, device: torch.device | None = None) -> Distributed:
@@ -98,8 +109,7 @@ class Distributed:
 
     def assign(self, train_indptr: np.ndarray) -> tuple[int, int]:
         """Fix every rank's user block from the training CSR (the same on every rank); -> this rank's [lo, hi)."""
-        self.num_users = len(train_indptr) - 1
-        self.blocks = user_blocks(train_indptr, self.world_size) if self.active else [(0, self.num_users)]
+        self.blocks = user_blocks(train_indptr, self.world_size) if self.active else [(0, len(train_indptr) - 1)]
         self.lo, self.hi = self.blocks[self.rank]
         return self.lo, self.hi
 
@@ -149,19 +159,10 @@ class Distributed:
         n_rows, width = grad.shape[0], grad[0].numel() if grad.dim() > 1 else 1
         on_cpu = self.device.type == "cpu" and self.row_sums
         rows = torch.nonzero(grad.reshape(n_rows, -1).any(dim=1)).squeeze(1) if on_cpu else None
-        if rows is None:
+        counts = self._row_counts(rows.numel()) if rows is not None else None
+        if counts is None or sum(counts) * (8 + width * grad.element_size()) >= grad.numel() * grad.element_size():
             dist.all_reduce(grad)
             self.bytes_sent += grad.numel() * grad.element_size()
-            self.steps_dense += 1
-            return
-        counts = [torch.zeros(1, dtype=torch.int64, device=self._comm_device) for _ in range(self.world_size)]
-        dist.all_gather(counts, torch.tensor([rows.numel()], dtype=torch.int64, device=self._comm_device))
-        counts = [int(c) for c in counts]
-        sparse_bytes = sum(counts) * (8 + width * grad.element_size())
-        if sparse_bytes >= grad.numel() * grad.element_size():
-            dist.all_reduce(grad)
-            self.bytes_sent += grad.numel() * grad.element_size()
-            self.steps_dense += 1
             return
         values = grad.reshape(n_rows, -1)[rows]
         idx, vals = self._gather_rows(rows, values, counts)
@@ -169,6 +170,13 @@ class Distributed:
         grad.reshape(n_rows, -1).index_add_(0, idx, vals)  # CPU: sequential, so every rank sums in the same order
         self.bytes_sent += rows.numel() * (8 + width * grad.element_size())
         self.steps_sparse += 1
+
+    def _row_counts(self, n: int) -> list[int]:
+        """Every rank's number of gradient rows this step (what the gathered rows are padded to)."""
+        dev = self._comm_device
+        counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=dev))
+        return [int(c) for c in counts]
 
     def _gather_rows(self, rows: torch.Tensor, values: torch.Tensor, counts: list[int]):
         """All ranks' (row ids, row values), concatenated in rank order (padded to the largest count on the wire)."""
@@ -190,9 +198,7 @@ class Distributed:
         rows, vals = grad.indices()[0].to(torch.int64), grad.values()
         dev, row_shape = vals.device, tuple(grad.shape[1:])
         width = int(np.prod(row_shape)) if row_shape else 1
-        counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(self.world_size)]
-        dist.all_gather(counts, torch.tensor([rows.numel()], dtype=torch.int64, device=dev))
-        counts = [int(c) for c in counts]
+        counts = self._row_counts(rows.numel())
         idx, allv = self._gather_rows(rows, vals.reshape(rows.numel(), width), counts)  # a rank may have none
         self.bytes_sent += rows.numel() * (8 + width * vals.element_size())
         self.steps_sparse += 1
@@ -248,6 +254,26 @@ class Distributed:
             return None
         return torch.cat([p[:n] for p, n in zip(parts, blocks)]).cpu()
 
+    def gather_whole_model(self, model, whole, optimizer, user_optim_id: int):
+        """(``whole`` holding every user's rows, the optimizer's state dict with the user table's moments of every
+        user, or None) on rank 0; (None, None) on the others, which only send their rows. ``whole``: an empty
+        (meta-device) model of the full size; ``user_optim_id``: the user table's index in ``optimizer``."""
+        table_param = model.user_emb.weight
+        table = self.gather_user_rows(table_param.detach())
+        osd = optimizer.state_dict() if optimizer is not None else None
+        if osd is not None:
+            pid = user_optim_id
+            osd["state"][pid] = dict(osd["state"].get(pid, {}))  # state_dict() shares the live per-param dicts
+            for key, val in list(osd["state"][pid].items()):
+                if torch.is_tensor(val) and val.dim() > 0 and val.shape[0] == table_param.shape[0]:
+                    osd["state"][pid][key] = self.gather_user_rows(val)
+        if not self.is_main:
+            return None, None
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state[USER_TABLE] = table
+        whole.load_state_dict(state, assign=True)
+        return whole, osd
+
     def close(self) -> None:
         """Leave the job (after its last collective: the trainer ends with a barrier)."""
         if self.active and dist.is_initialized():
@@ -259,13 +285,13 @@ def setup(device_choice: str = "auto") -> Distributed:
     WORLD_SIZE > 1 in the environment) this is the one-process case. Under torchrun with CUDA each rank takes
     ``cuda:LOCAL_RANK`` and NCCL; on CPU gloo."""
     device = resolve_device(device_choice)
-    world = launched_world_size()
+    rank, world, local_world = launch_env()
     if world <= 1:
         return Distributed.single(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise DistributedError(f"LOCAL_RANK {local_rank} but only "
+            raise DistributedError(f"rank {rank}: LOCAL_RANK {local_rank} but only "
                                    f"{torch.cuda.device_count()} CUDA device(s) on this node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -273,4 +299,4 @@ def setup(device_choice: str = "auto") -> Distributed:
         timeout = _dt.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device=device)
+                       local_world_size=local_world, device=device)

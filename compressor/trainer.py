@@ -138,6 +138,7 @@ class Trainer:
             self.dist.assign(data.train.indptr)
         self.local = data.user_block(self.dist.lo, self.dist.hi) if self.dist.active else data
         self.extra_meta = {**(extra_meta or {}), "world_size": self.dist.world_size}
+        self.threads = thread_settings()  # the pools as the caller set them (api: configure_threads), per checkpoint
         self.callbacks = callbacks or []
         self.progress = progress and self.dist.is_main
         torch.manual_seed(cfg.train.seed)
@@ -173,7 +174,7 @@ class Trainer:
         return {"command": self.command, "method": self.objective.name,
                 "package_version": __version__, "config": to_dict(self.cfg),
                 "data_fingerprint": self.data.fingerprint(), "data_source": self.data.source,
-                "epoch": self.epoch, "status": status, "history": self.history, "threads": thread_settings(),
+                "epoch": self.epoch, "status": status, "history": self.history, "threads": self.threads,
                 "early_stopping": {"best": self.stopper.best if self.stopper.best > -math.inf else None,
                                    "best_epoch": self.stopper.best_epoch, "bad": self.stopper.bad},
                 **self.extra_meta}
@@ -198,34 +199,24 @@ class Trainer:
         torchrun the user rows (and their Adam moments) gathered from every rank, on rank 0 (None elsewhere)."""
         if not self.dist.active:
             return self.model, self.optimizer if with_optimizer else None
-        user_param = self.model.user_emb.weight
-        table = self.dist.gather_user_rows(user_param.detach())
-        osd = self.optimizer.state_dict() if with_optimizer else None
-        if osd is not None:
-            pid = next(i for i, p in enumerate(self.optimizer.param_groups[0]["params"]) if p is user_param)
-            osd["state"][pid] = dict(osd["state"].get(pid, {}))  # state_dict() shares the live per-param dicts
-            for key, val in list(osd["state"][pid].items()):
-                if torch.is_tensor(val) and val.dim() > 0 and val.shape[0] == user_param.shape[0]:
-                    osd["state"][pid][key] = self.dist.gather_user_rows(val)
-        if not self.dist.is_main:
-            return None, None
         m = self.cfg.model
         with torch.device("meta"):  # no second random initialisation of the whole table, only its shape
             whole = build_model(m.kind, num_users=self.data.num_users, num_items=self.data.num_items, dim=m.dim,
                                 layers=m.layers, init_std=m.init_std)
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        state[USER_TABLE] = table
-        whole.load_state_dict(state, assign=True)
-        return whole, osd
+        return self.dist.gather_whole_model(self.model, whole, self.optimizer if with_optimizer else None,
+                                            self._user_optim_id())
 
     def _rows_of_this_rank(self) -> dict:
         """``load_checkpoint`` arguments that read this rank's users only (the user table's rows and their Adam
         moments); {} in one process."""
         if not self.dist.active:
             return {}
-        user_param = self.model.user_emb.weight
-        pid = next(i for i, p in enumerate(self.optimizer.param_groups[0]["params"]) if p is user_param)
-        return {"user_rows": (self.dist.lo, self.dist.hi), "user_optim_id": pid}
+        return {"user_rows": (self.dist.lo, self.dist.hi), "user_optim_id": self._user_optim_id()}
+
+    def _user_optim_id(self) -> int:
+        """The user table's index among the optimizer's parameters (its state is ``optim.<index>.*``)."""
+        table = self.model.user_emb.weight
+        return next(i for i, p in enumerate(self.optimizer.param_groups[0]["params"]) if p is table)
 
     def resume(self) -> None:
         """Restore the state of the run in ``out`` from its resume checkpoint; refuses (TrainingError) before
@@ -348,7 +339,7 @@ class Trainer:
             out["dist_grad_mb_per_step"] = self.dist.bytes_sent / max(n_batches, 1) / 1e6
             out["dist_sparse_steps"] = self.dist.steps_sparse
             out["dist_peak_rss_mb"] = self.dist.gather_floats(out["peak_rss_mb"])  # every rank's, in rank order
-            self.dist.bytes_sent = self.dist.steps_sparse = self.dist.steps_dense = 0
+            self.dist.bytes_sent = self.dist.steps_sparse = 0
         return out
 
     def fit(self, resume: bool = False) -> TrainResult:
