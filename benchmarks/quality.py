@@ -5,6 +5,15 @@ result.json. Writes OUT/summary.json and OUT/summary.md (tables: mean ± std ove
 scratch -> teacher NDCG@20 gap recovered, paired per-seed comparisons). Finished runs are reused, so the script
 can be rerun after an interruption or with more suites.
 
+Then a post-step (off with --bootstrap 0) ranks the test split with each finished run's best checkpoint
+(run_dir/model.safetensors) and keeps every user's metrics, cached in OUT/per-user/RUN.npz under the checkpoint's
+weights fingerprint (a rerun evaluates only new runs). A method's seeds are pooled per user: each user's metric is
+the mean over the method's seeds of that user's metric, so the paired bootstrap over users (compressor.bootstrap;
+definitions in docs/evaluation.md) gives 95% CIs of each method's NDCG@20, of its share of the scratch -> teacher
+gap and of its difference to every other method, all on the same users. Those CIs hold the users fixed-seed-
+averaged: they measure how much the numbers move with the sample of users, not with the seed (the mean ± std over
+seeds shows that).
+
     python benchmarks/quality.py --out bench-out/quality --suites main --seeds 0 1 2 3 4 --workers 2
     suites: main (CiteULike MF400 -> MF20: scratch, ce, rrd, rcekd), ablation (3 seeds: full, w/o S, w/o T,
             const alpha), hetero (CiteULike LightGCN2000 -> MF20), gowalla (MF300 -> MF20: scratch, rcekd,
@@ -27,8 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from compressor.run_dir import RESULT_FILE, RESUME_FILE  # noqa: E402  (constants only)
+from compressor.run_dir import MODEL_FILE, RESULT_FILE, RESUME_FILE  # noqa: E402  (constants only)
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+BOOT_METRIC = "ndcg@20"  # the headline metric of the bootstrap tables (summary.json has every one of METRICS)
+PER_USER_DIR = "per-user"
 
 
 def job(name, args, deps=()):
@@ -171,10 +182,103 @@ def _fmt(vals):
     return f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}"
 
 
-def summarise(out: Path, seeds) -> dict:
+def per_user_test(out: Path, names, device: str = "auto") -> dict:
+    """{run name: {"users": int [n], "ndcg@20": float [n], ...}}: per-user test metrics of each finished run's best
+    checkpoint; runs on the same data are evaluated on one load of it. Cached in OUT/per-user/NAME.npz."""
+    import io
+
+    import numpy as np
+
+    from compressor import api  # torch and the data: only for this post-step
+    from compressor.checkpoint import read_meta
+    from compressor.files import atomic_write_bytes
+
+    found, todo = {}, {}
+    for name in names:
+        ckpt = out / name / MODEL_FILE
+        meta = read_meta(ckpt)
+        if not (out / name / RESULT_FILE).exists() or not meta:
+            continue
+        cached = out / PER_USER_DIR / f"{name}.npz"
+        if cached.exists():
+            with np.load(cached, allow_pickle=False) as z:
+                if str(z["fingerprint"]) == meta["fingerprint"]:
+                    found[name] = {k: z[k] for k in z.files if k != "fingerprint"}
+                    continue
+        todo.setdefault(meta.get("data_fingerprint"), []).append((name, ckpt, meta["fingerprint"]))
+    for group in todo.values():
+        t0 = time.time()
+        evals = api.evaluate_per_user([c for _, c, _ in group], "test", ks=(10, 20), device=device)
+        for (name, _, fingerprint), ev in zip(group, evals):
+            arrays = {"users": ev.all.users, **{m: ev.all.values[m] for m in METRICS}}
+            buf = io.BytesIO()
+            np.savez(buf, fingerprint=np.array(fingerprint), **arrays)
+            atomic_write_bytes(out / PER_USER_DIR / f"{name}.npz", buf.getvalue())
+            found[name] = arrays
+        print(f"per-user test metrics of {len(group)} runs: {time.time() - t0:.0f}s", flush=True)
+    return found
+
+
+def pooled(per_user: dict, names) -> dict | None:
+    """{metric: float [n_users]}: each user's mean over the given runs (a method's seeds); None if none finished.
+    Every run must have been evaluated on the same users."""
+    runs = [per_user[n] for n in names if n in per_user]
+    if not runs:
+        return None
+    for r in runs[1:]:
+        if len(r["users"]) != len(runs[0]["users"]) or (r["users"] != runs[0]["users"]).any():
+            raise SystemExit(f"per-user metrics of {', '.join(names)} are not on the same users")
+    return {m: sum(r[m] for r in runs) / len(runs) for m in METRICS}
+
+
+def _ci(e, fmt="{:.4f}"):
+    if e["value"] is None:
+        return "undefined"
+    return fmt.format(e["value"]) + (f" [{fmt.format(e['lo'])}, {fmt.format(e['hi'])}]" if e["lo"] is not None
+                                     else " [CI undefined]")
+
+
+def bootstrap_table(title, rows, per_user, teacher, scratch, n_resamples, seed, lines, summary):
+    """Per method: NDCG@20 and its share of the gap with 95% CIs, and its paired difference to each other method.
+    rows: [(label, run names)]; teacher, scratch: run names (pooled like a method's seeds)."""
+    from compressor import bootstrap
+
+    pools = {label: pooled(per_user, names) for label, names in rows}
+    pools = {label: p for label, p in pools.items() if p is not None}
+    t_pool, s_pool = pooled(per_user, teacher), pooled(per_user, scratch)
+    if not pools:
+        return
+    gap = (s_pool, t_pool) if t_pool is not None and s_pool is not None else None
+    labels = list(pools)
+    stats = {}
+    for label in labels:
+        res = bootstrap.summary(pools[label], None, gap, n_resamples, seed)
+        diffs = bootstrap.paired_bootstrap({f"{o}:{m}": pools[label][m] - pools[o][m] for o in labels if o != label
+                                            for m in METRICS}, n_resamples, seed)
+        stats[label] = {"metrics": res["metrics"], "gap_share": res.get("gap_share"),
+                        "difference": {o: {m: diffs[f"{o}:{m}"] for m in METRICS} for o in labels if o != label}}
+    lines.append(f"\n#### {title}: per-user paired bootstrap, test {BOOT_METRIC} "
+                 f"(95% CIs, {n_resamples:,} resamples of the users, seed {seed}; seeds pooled per user)\n")
+    lines.append("| run | N@20 | gap recovered | " + " | ".join(f"minus {o}" for o in labels) + " |")
+    lines.append("|" + "---|" * (3 + len(labels)))
+    for label in labels:
+        st = stats[label]
+        share = _ci(st["gap_share"][BOOT_METRIC], "{:.0%}") if st["gap_share"] else "—"
+        cells = [_ci(st["difference"][o][BOOT_METRIC], "{:+.4f}") if o != label else "—" for o in labels]
+        lines.append(f"| {label} | {_ci(st['metrics'][BOOT_METRIC])} | {share} | " + " | ".join(cells) + " |")
+    summary.setdefault("bootstrap", {})[title] = {"resamples": n_resamples, "seed": seed, "runs": stats}
+
+
+def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device: str = "auto") -> dict:
+    """The tables from every run's result.json; with n_resamples > 0 also the per-user bootstrap tables."""
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))}
     lines = []
     summary = {"runs": results, "tables": {}}
+    per_user = per_user_test(out, sorted(results), device) if n_resamples else {}
+
+    def boot(title, rows, teacher, scratch):
+        if per_user:
+            bootstrap_table(title, rows, per_user, teacher, scratch, n_resamples, boot_seed, lines, summary)
 
     def group(prefix_by_row):
         rows = []
@@ -202,10 +306,12 @@ def summarise(out: Path, seeds) -> dict:
 
     t = results.get("cite-mf400-teacher")
     if t:
-        rows = group([("teacher MF400", ["cite-mf400-teacher"])] +
-                     [(m, [f"cite-{m}-s{s}" for s in seeds]) for m in ("scratch", "ce", "rrd", "rcekd")])
+        named = [("teacher MF400", ["cite-mf400-teacher"])] + [(m, [f"cite-{m}-s{s}" for s in seeds])
+                                                               for m in ("scratch", "ce", "rrd", "rcekd")]
+        rows = group(named)
         sc = rows[1][2]["ndcg@20"]
         table("CiteULike MF400 -> MF20", rows, t["test"]["ndcg@20"], statistics.mean(sc) if sc else None)
+        cite_ts = (["cite-mf400-teacher"], named[1][1])
         # paired comparison across seeds
         lines.append("\nPaired per seed (RCE-KD minus baseline, test NDCG@20):\n")
         for base in ("scratch", "ce", "rrd"):
@@ -216,31 +322,36 @@ def summarise(out: Path, seeds) -> dict:
                 lines.append(f"- vs {base}: RCE-KD ahead on {wins}/{len(diffs)} seeds, mean difference "
                              f"{statistics.mean(diffs):+.4f}")
                 summary.setdefault("paired", {})[base] = diffs
+        boot("CiteULike MF400 -> MF20", named, *cite_ts)
         if any(f"cite-rcekd-once-s{s}" in results for s in seeds[:3]):
-            once = group([("RCE-KD, kd_users every_batch (the spec's)", [f"cite-rcekd-s{s}" for s in seeds[:3]]),
-                          ("RCE-KD, kd_users once_per_epoch", [f"cite-rcekd-once-s{s}" for s in seeds[:3]])])
-            table("CiteULike MF400 -> MF20, KD users per batch vs once per epoch", once, t["test"]["ndcg@20"],
-                  statistics.mean(sc) if sc else None)
+            once_named = [("RCE-KD, kd_users every_batch (the spec's)", [f"cite-rcekd-s{s}" for s in seeds[:3]]),
+                          ("RCE-KD, kd_users once_per_epoch", [f"cite-rcekd-once-s{s}" for s in seeds[:3]])]
+            title = "CiteULike MF400 -> MF20, KD users per batch vs once per epoch"
+            table(title, group(once_named), t["test"]["ndcg@20"], statistics.mean(sc) if sc else None)
+            boot(title, once_named, *cite_ts)
         abl = [("full", [f"cite-rcekd-s{s}" if f"cite-rcekd-s{s}" in results else f"abl-full-s{s}"
                          for s in seeds[:3]])]
         abl += [(v, [f"abl-{v}-s{s}" for s in seeds[:3]]) for v in ("wo_S", "wo_T", "const_alpha")]
         if any(f"abl-{v}-s{s}" in results for v in ("wo_S", "wo_T", "const_alpha") for s in seeds[:3]):
             table("Ablation, CiteULike MF400 -> MF20 (3 seeds)", group(abl), t["test"]["ndcg@20"],
                   statistics.mean(sc) if sc else None)
+            boot("Ablation, CiteULike MF400 -> MF20 (3 seeds)", abl, *cite_ts)
     lt = results.get("cite-lgcn2000-teacher")
     if lt:
-        rows = group([("teacher LightGCN2000", ["cite-lgcn2000-teacher"]), ("scratch MF20", ["cite-scratch-s0"]),
-                      ("RCE-KD MF20", ["hetero-rcekd-s0"])])
+        named = [("teacher LightGCN2000", ["cite-lgcn2000-teacher"]), ("scratch MF20", ["cite-scratch-s0"]),
+                 ("RCE-KD MF20", ["hetero-rcekd-s0"])]
         sc = results.get("cite-scratch-s0")
-        table("CiteULike LightGCN2000 -> MF20 (seed 0)", rows, lt["test"]["ndcg@20"],
+        table("CiteULike LightGCN2000 -> MF20 (seed 0)", group(named), lt["test"]["ndcg@20"],
               sc["test"]["ndcg@20"] if sc else None)
+        boot("CiteULike LightGCN2000 -> MF20 (seed 0)", named, named[0][1], named[1][1])
     gt = results.get("gow-mf300-teacher")
     if gt:
-        rows = group([("teacher MF300", ["gow-mf300-teacher"]), ("scratch MF20", ["gow-scratch-s0"]),
-                      ("RCE-KD MF20", ["gow-rcekd-s0"]),
-                      ("RCE-KD MF20, kd_users once_per_epoch", ["gow-rcekd-once-s0"])])
+        named = [("teacher MF300", ["gow-mf300-teacher"]), ("scratch MF20", ["gow-scratch-s0"]),
+                 ("RCE-KD MF20", ["gow-rcekd-s0"]), ("RCE-KD MF20, kd_users once_per_epoch", ["gow-rcekd-once-s0"])]
         sc = results.get("gow-scratch-s0")
-        table("Gowalla MF300 -> MF20 (seed 0)", rows, gt["test"]["ndcg@20"], sc["test"]["ndcg@20"] if sc else None)
+        table("Gowalla MF300 -> MF20 (seed 0)", group(named), gt["test"]["ndcg@20"],
+              sc["test"]["ndcg@20"] if sc else None)
+        boot("Gowalla MF300 -> MF20 (seed 0)", named, named[0][1], named[1][1])
     md = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(md)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -264,6 +375,9 @@ def main():
                     help="run only these jobs of the suites (their dependencies must have finished already), "
                          "e.g. gow-rcekd-s0")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="start no new run after this many seconds")
+    ap.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                    help="resamples of the per-user bootstrap tables (0 = no per-user post-step)")
+    ap.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = build_jobs(a.suites, a.seeds, a.out.resolve(), a.device, a.threads, a.max_epochs, a.checkpoint_every,
@@ -281,7 +395,7 @@ def main():
     t0 = time.time()
     status = schedule(jobs, a.out, a.workers, t0 + a.deadline_s)
     (a.out / "status.json").write_text(json.dumps(status, indent=1))
-    summarise(a.out, a.seeds)
+    summarise(a.out, a.seeds, a.bootstrap, a.bootstrap_seed, a.student_device or a.device)
     print((a.out / "summary.md").read_text())
     print(f"total {time.time() - t0:.0f}s; command: {' '.join(sys.argv)}")
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import click
 
 from compressor import __version__, api
-from compressor.config import reference_markdown
+from compressor.cold import EVAL_USERS
+from compressor.config import check_distill, reference_markdown
 from compressor.distributed import launch_rank, launched_world_size
+from compressor.evaluation import report as evaluation_report
 from compressor.objectives import METHOD_NAMES
 from compressor.run_dir import CONFIG_FILE, LOG_FILE
 from export.bundle import QUANTIZATIONS
@@ -145,7 +147,8 @@ def distill(teacher, config_path, out, method, epochs, seed, device, threads, ov
     out = Path(out)
     if method:
         overrides = (*overrides, f"distill.method={method}")
-    cfg = _training_config(config_path, out, overrides, epochs, seed, threads, resume)
+    cfg = check_distill(_training_config(config_path, out, overrides, epochs, seed, threads, resume),
+                        str(config_path or "config"))
     if _launched(nproc, master_port):
         return
     main_rank = _setup_rank_logging(quiet, out)
@@ -157,6 +160,14 @@ def distill(teacher, config_path, out, method, epochs, seed, device, threads, ov
         _print_result(out, result)
 
 
+def _interval(e: dict, fmt: str = "{:.5f}") -> str:
+    """`value [lo, hi]` of a report number ({"value", "lo", "hi"}); `undefined` without a value."""
+    if e["value"] is None:
+        return "undefined"
+    ci = f" [{fmt.format(e['lo'])}, {fmt.format(e['hi'])}]" if e["lo"] is not None else ""
+    return fmt.format(e["value"]) + ci
+
+
 @main.command()
 @click.argument("checkpoint")
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
@@ -165,25 +176,82 @@ def distill(teacher, config_path, out, method, epochs, seed, device, threads, ov
               help="Evaluate on this data instead of the data recorded in the checkpoint (ids must match).")
 @click.option("--k", "ks", type=click.IntRange(min=1), multiple=True,
               help="Cut-offs K (repeatable; default: the run's eval_ks).")
+@click.option("--full", is_flag=True,
+              help="Also MRR@K and MAP@K, a bootstrap confidence interval of every metric, the share of held-out "
+                   "interactions on cold items (no training interaction) and the metrics on warm items only.")
+@click.option("--compare", metavar="OTHER", default=None,
+              help="Also OTHER (a checkpoint on the same data ids) and the paired CI of CHECKPOINT minus OTHER on "
+                   "the same users. Implies --full.")
+@click.option("--gap", nargs=2, metavar="SCRATCH TEACHER", default=None,
+              help="Also the share of the SCRATCH -> TEACHER gap that CHECKPOINT recovers, (model - scratch) / "
+                   "(teacher - scratch), with its paired CI. Implies --full.")
+@click.option("--bootstrap", "n_resamples", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Bootstrap resamples of the users for the 95% CIs (0 = point estimates only). Implies --full.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap resamples.")
+@click.option("--users", type=click.Choice(EVAL_USERS), default="warm", show_default=True,
+              help="warm: the users the model trained on. cold: the users its data held out of training "
+                   "(data.cold_users), each ranked from its history: a history model (model.kind history) encodes "
+                   "it, an ID model has no vector for them and is scored by popularity, as serving answers them.")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object of the metrics.")
 @options.DEVICE
 @options.tracking_uri("MLflow server that resolves a models:/ CHECKPOINT.", expose=False)
 @user_errors
-def evaluate(checkpoint, split, data_path, ks, as_json, device):
+def evaluate(checkpoint, split, data_path, ks, full, compare, gap, n_resamples, seed, users, as_json, device):
     """Full-ranking Recall@K / NDCG@K of CHECKPOINT (a run directory, a .safetensors file or a models:/ URI).
 
-    All items are ranked except the user's training items; users without held-out items are skipped.
+    All items are ranked except the user's training items; users without held-out items are skipped. With
+    --full (or --compare, --gap, --bootstrap) also MRR@K / MAP@K and percentile CIs from a paired bootstrap over
+    users; definitions: docs/evaluation.md.
     """
     setup_logging(quiet=as_json)
     path = resolve_checkpoint(checkpoint)
-    res = api.evaluate(path, split, data_path, ks or None, device)
-    metrics = {k: v for k, v in res.items() if k != "users"}
+    given = click.get_current_context().get_parameter_source("n_resamples") != click.core.ParameterSource.DEFAULT
+    if not (full or compare or gap or given or users != "warm"):
+        res = api.evaluate(path, split, data_path, ks or None, device)
+        metrics = {k: v for k, v in res.items() if k != "users"}
+        if as_json:
+            click.echo(json.dumps(metrics))
+        else:
+            click.echo(f"{path} on {split} ({res['users']:,} users):")
+            for k, v in metrics.items():
+                click.echo(f"  {k:<10} {v:.5f}")
+        return
+    others = ([resolve_checkpoint(compare)] if compare else []) + [resolve_checkpoint(g) for g in gap or ()]
+    evals = api.evaluate_per_user([path, *others], split, data_path, ks or None, device, users=users)
+    main_ev, rest = evals[0], evals[1:]
+    other = rest.pop(0) if compare else None
+    res = evaluation_report(main_ev, other, *(rest if gap else (None, None)), n_resamples=n_resamples, seed=seed)
+    res = {"checkpoint": str(path), "split": split, "users_evaluated": users, **res}
+    if compare:
+        res["compare"] = {"checkpoint": str(others[0]), **res["compare"]}
+    if gap:
+        res["gap"] = {"scratch_checkpoint": str(others[-2]), "teacher_checkpoint": str(others[-1]), **res["gap"]}
     if as_json:
-        click.echo(json.dumps(metrics))
-    else:
-        click.echo(f"{path} on {split} ({res['users']:,} users):")
-        for k, v in metrics.items():
-            click.echo(f"  {k:<10} {v:.5f}")
+        click.echo(json.dumps(res))
+        return
+    ci = (f"; {res['bootstrap']['level']:.0%} CIs from {n_resamples:,} bootstrap resamples of the users, seed {seed}"
+          if n_resamples else "")
+    who = "" if users == "warm" else " held-out cold"
+    click.echo(f"{path} on {split} ({res['users']:,}{who} users{ci}):")
+    for k, e in res["metrics"].items():
+        click.echo(f"  {k:<10} {_interval(e)}")
+    cold = res["cold_items"]
+    click.echo(f"cold items (no training interaction): {cold['share']:.1%} of the {cold['interactions']:,} {split} "
+               f"interactions; on warm items only ({res['warm']['users']:,} users):")
+    for k, e in res["warm"]["metrics"].items():
+        click.echo(f"  {k:<10} {_interval(e)}")
+    if compare:
+        click.echo(f"{others[0]}, and the paired difference CHECKPOINT - OTHER:")
+        for k, e in res["compare"]["metrics"].items():
+            click.echo(f"  {k:<10} {_interval(e)}   difference "
+                       f"{_interval(res['compare']['difference'][k], '{:+.5f}')}")
+    if gap:
+        click.echo(f"share of the gap recovered, {others[-2]} -> {others[-1]}:")
+        for k, e in res["gap"]["share"].items():
+            why = "" if e["value"] is not None else " (teacher and scratch do not differ)"
+            why = why or ("" if e["lo"] is not None or not n_resamples else " (CI undefined: the gap's CI holds 0)")
+            click.echo(f"  {k:<10} {_interval(e, '{:.1%}')}{why}   scratch {_interval(res['gap']['scratch'][k])}, "
+                       f"teacher {_interval(res['gap']['teacher'][k])}")
 
 
 @main.command()

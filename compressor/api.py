@@ -22,11 +22,13 @@ import yaml
 
 from . import distributed
 from .checkpoint import load_checkpoint
-from .config import Config, ConfigError, from_dict, load_config, to_dict
+from .cold import EVAL_USERS, cold_targets, history_model_vectors, popular_vectors
+from .config import Config, ConfigError, check_distill, from_dict, load_config, to_dict
 from .data import Dataset, load_dataset
 from .device import configure_threads, resolve_device
 from .distill import TeacherError, load_teacher
 from .errors import CompressError, MismatchError
+from .evaluation import SplitEvaluation, evaluate_split
 from .evaluation import evaluate as run_eval
 from .objectives import Scratch, build_objective, method_needs_teacher
 from .trainer import Trainer, TrainResult
@@ -91,7 +93,7 @@ def load_data(source: str | Config = "builtin:citeulike-t", **kwargs) -> Dataset
     if isinstance(source, Config):
         d = source.data
         return load_dataset(d.path, d.format, d.min_user_interactions, d.min_item_interactions, d.split.order,
-                            tuple(d.split.ratios), d.split.seed)
+                            tuple(d.split.ratios), d.split.seed, d.cold_users)
     return load_dataset(str(source), **kwargs)
 
 
@@ -141,7 +143,7 @@ def distill(teacher: str | Path | None, config: str | Path | Config | None = Non
     The teacher is loaded and id-aligned to the data before any training; ``teacher_label`` is how checkpoints
     and logs name it (default: the path, e.g. the models:/ URI it was downloaded from)."""
     ov = _override_pairs(overrides) + ([("distill.method", method)] if method else [])
-    cfg = make_config(config, ov)
+    cfg = check_distill(make_config(config, ov))
     label = str(teacher_label or teacher)
 
     def make_objective(d: Dataset, dev: torch.device, dist: distributed.Distributed):
@@ -162,24 +164,78 @@ def distill(teacher: str | Path | None, config: str | Path | Config | None = Non
                 progress=progress, data=data, reshard=reshard)
 
 
+def _evaluation_data(ckpt, data_path: str | None) -> tuple[Config, Dataset]:
+    """The checkpoint's config (threads set) and its data, or the data at ``data_path`` read the same way."""
+    cfg = from_dict(ckpt.meta["config"], str(ckpt.path))
+    configure_threads(cfg.train.threads)
+    if data_path:
+        cfg.data.path = data_path
+    return cfg, load_data(cfg)
+
+
+def _vectors_on(ckpt, data: Dataset, dev: torch.device, data_label: str = "the data"):
+    """The model's user and item vectors, once its ids are checked against ``data``'s."""
+    if len(ckpt.user_ids) != data.num_users or len(ckpt.item_ids) != data.num_items:
+        raise MismatchError(f"{ckpt.path}: model has {len(ckpt.user_ids):,} users x {len(ckpt.item_ids):,} items, "
+                            f"{data_label} has {data.num_users:,} x {data.num_items:,}")
+    if not (ckpt.user_ids == data.user_ids).all() or not (ckpt.item_ids == data.item_ids).all():
+        raise MismatchError(f"{ckpt.path}: model's user/item ids differ from those of {data_label}")
+    with torch.no_grad():
+        return ckpt.build_model(dev).vectors()
+
+
 def evaluate(checkpoint: str | Path, split: str = "test", data_path: str | None = None, ks=None,
              device: str = "auto") -> dict:
     """Full-ranking Recall@K / NDCG@K of a checkpoint on its own data (or ``data_path`` with the same ids)."""
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
-    cfg = from_dict(ckpt.meta["config"], str(ckpt.path))
-    configure_threads(cfg.train.threads)
-    if data_path:
-        cfg.data.path = data_path
-    data = load_data(cfg)
-    if len(ckpt.user_ids) != data.num_users or len(ckpt.item_ids) != data.num_items:
-        raise MismatchError(f"{ckpt.path}: model has {len(ckpt.user_ids):,} users x {len(ckpt.item_ids):,} items, "
-                            f"data has {data.num_users:,} x {data.num_items:,}")
-    if not (ckpt.user_ids == data.user_ids).all() or not (ckpt.item_ids == data.item_ids).all():
-        raise MismatchError(f"{ckpt.path}: model's user/item ids differ from the data's")
-    model = ckpt.build_model(dev)
-    with torch.no_grad():
-        u, i = model.vectors()
-        target = data.valid if split == "valid" else data.test
-        return run_eval(u, i, data.train.indptr, data.train.items, target.indptr, target.items,
-                        ks=ks or cfg.train.eval_ks, block=cfg.train.eval_block)
+    cfg, data = _evaluation_data(ckpt, data_path)
+    u, i = _vectors_on(ckpt, data, dev)
+    target = data.valid if split == "valid" else data.test
+    return run_eval(u, i, data.train.indptr, data.train.items, target.indptr, target.items,
+                    ks=ks or cfg.train.eval_ks, block=cfg.train.eval_block)
+
+
+def evaluate_per_user(checkpoints, split: str = "test", data_path: str | None = None, ks=None,
+                      device: str = "auto", users: str = "warm") -> list[SplitEvaluation]:
+    """Per-user Recall / NDCG / MRR / MAP @K of each checkpoint, all on the same users: the data of the first
+    checkpoint (or ``data_path``), whose ids every checkpoint must have. Each result also holds the metrics on warm
+    targets and the cold-target count (``compressor.evaluation.evaluate_split``).
+
+    ``users="cold"``: the users the data holds out of training (``data.cold_users``), each ranked from its
+    history with the history excluded (``compressor.cold``): a history model encodes the history, an ID model has
+    no vector for such a user and is scored by popularity, as serving answers it."""
+    if users not in EVAL_USERS:
+        raise ValueError(f"users {users!r}; expected one of {', '.join(EVAL_USERS)}")
+    dev = resolve_device(device)
+    first = load_checkpoint(checkpoints[0])
+    cfg, data = _evaluation_data(first, data_path)
+    if users == "cold" and data.cold is None:
+        raise MismatchError(f"{first.path}: its data holds out no cold users (data.cold_users is 0); train with "
+                            f"--set data.cold_users=0.2 to evaluate users never seen in training")
+    target = data.valid if split == "valid" else data.test
+    fingerprint = data.fingerprint()
+    results = []
+    for n, source in enumerate(checkpoints):
+        ckpt = first if n == 0 else load_checkpoint(source)
+        label = "the data" if n == 0 else f"the data of {first.path}"
+        try:
+            u, i = _vectors_on(ckpt, data, dev, label)
+        except MismatchError as e:
+            raise MismatchError(f"{e}; paired results need every model on the same users" if n else str(e)) from None
+        if ckpt.meta.get("data_fingerprint") not in (None, fingerprint):  # same ids, other splits (or --data)
+            log.warning("%s was trained on other data or splits than %s (fingerprint %s vs %s): its %s users may "
+                        "include interactions it trained on", ckpt.path, label, ckpt.meta.get("data_fingerprint"),
+                        fingerprint, split)
+        if users == "cold":
+            model = ckpt.build_model(dev)
+            u, i = (history_model_vectors(model, data.cold) if hasattr(model, "encode")
+                    else popular_vectors(data, len(data.cold.users)))
+            history, held = data.cold.history, cold_targets(data.cold, split)
+            results.append(evaluate_split(u, i, history.indptr, history.items, held.indptr, held.items,
+                                          ks=ks or cfg.train.eval_ks, block=cfg.train.eval_block,
+                                          trained_items=data.train.items))
+            continue
+        results.append(evaluate_split(u, i, data.train.indptr, data.train.items, target.indptr, target.items,
+                                      ks=ks or cfg.train.eval_ks, block=cfg.train.eval_block))
+    return results

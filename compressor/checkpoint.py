@@ -82,7 +82,7 @@ class Checkpoint:
         if missing or unexpected:
             raise CheckpointError(f"{self.path}: weights do not match a {kind} model "
                                   f"(missing {missing}, unexpected {unexpected})")
-        if kind == "lightgcn":
+        if model.needs_graph:
             model.set_graph(self.train_users, self.train_indices)
         model.eval()
         return model.to(device)

@@ -19,7 +19,7 @@ from .data import FORMATS, SPLIT_ORDERS
 from .errors import CompressError
 from .kd_terms import CE_TARGETS
 from .models import MODEL_KINDS
-from .objectives import KD_USERS_MODES, METHOD_NAMES
+from .objectives import KD_USERS_MODES, METHOD_NAMES, method_needs_teacher
 from .optim import OPTIMIZER_NAMES
 
 
@@ -50,6 +50,10 @@ class DataConfig:
     min_user_interactions: int = _f(0, "k-core: drop users with fewer interactions (0 = keep all).", min=0)
     min_item_interactions: int = _f(0, "k-core: drop items with fewer interactions (0 = keep all).", min=0)
     split: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "Per-user split of a single file."})
+    cold_users: float = _f(0.0, "Share of users held out of training entirely, for the cold-user evaluation: "
+                                "their training part becomes a history to serve them from, their test part "
+                                "the targets (chosen by a hash of the user id, so every run on the data agrees).",
+                           min=0)
 
 
 @dataclass
@@ -58,6 +62,14 @@ class ModelConfig:
     dim: int = _f(64, "Embedding dimension.", min=1)
     layers: int = _f(3, "LightGCN propagation layers (ignored by MF).", min=0)
     init_std: float = _f(0.01, "Std of the normal initialisation of the embeddings.", min=0)
+    max_len: int = _f(50, "History tower: a user vector is computed from the user's most recent max_len items.",
+                      min=1)
+    hidden: int = _f(64, "History tower: width of the residual MLP over the pooled history.", min=1)
+
+
+def model_numbers(m: ModelConfig) -> dict:
+    """The constructor numbers of ``models.build_model`` (each kind takes the ones it uses)."""
+    return {"dim": m.dim, "layers": m.layers, "init_std": m.init_std, "max_len": m.max_len, "hidden": m.hidden}
 
 
 @dataclass
@@ -116,6 +128,9 @@ class DistillConfig:
                                       "appears in per epoch (a fraction of the KD work, at the same test quality "
                                       "on CiteULike; docs/benchmarks.md sections 2c, 2d, 4).",
                        choices=KD_USERS_MODES)
+    exclude_seen: bool = _f(False, "Remove each user's training items from the teacher's and the student's top "
+                                   "lists (the spec keeps them). Required by model.kind history: a user vector "
+                                   "computed from the history must not be taught to rank the history itself.")
     index: str = _f("Flat", "FAISS factory string for the top-K retrievals (Flat = exact).")
     index_params: dict = _f({}, "FAISS search parameters, e.g. {nprobe: 32} or {efSearch: 128}.")
     rrd: RRDConfig = field(default_factory=RRDConfig, metadata={"help": "RRD baseline settings."})
@@ -213,8 +228,21 @@ def _check(cfg: Config, source: str) -> Config:
         raise ConfigError(f"{source}: 'distill.L' ({d.L}) must be <= 'distill.M' ({d.M})")
     if d.rrd.interesting > d.rrd.top_m:
         raise ConfigError(f"{source}: 'distill.rrd.interesting' must be <= 'distill.rrd.top_m'")
+    if not 0 <= cfg.data.cold_users < 1:
+        raise ConfigError(f"{source}: 'data.cold_users' must be in [0, 1), got {cfg.data.cold_users}")
+    if d.exclude_seen and d.index not in ("Flat", "FlatIP"):
+        raise ConfigError(f"{source}: 'distill.exclude_seen' ranks exactly with the training items masked; it "
+                          f"needs 'distill.index: Flat', got {d.index!r}")
     if not d.use_loss_s and not d.use_loss_t:
         raise ConfigError(f"{source}: 'distill.use_loss_s' and 'distill.use_loss_t' cannot both be false")
+    return cfg
+
+
+def check_distill(cfg: Config, source: str = "<config>") -> Config:
+    """What only `distill` asks of a config (`train` ignores the distill section)."""
+    if cfg.model.kind == "history" and method_needs_teacher(cfg.distill.method) and not cfg.distill.exclude_seen:
+        raise ConfigError(f"{source}: model.kind history needs 'distill.exclude_seen: true' to distill: its user "
+                          f"vector is computed from the training items, so it must not be taught to rank them")
     return cfg
 
 

@@ -65,6 +65,18 @@ class Split:
         return np.unique(self.users)
 
 
+@dataclass(frozen=True)
+class ColdUsers:
+    """Users held out of training entirely (``data.cold_users``): row r of each split is user ``users[r]``.
+    ``history`` is what their training part would have been (split order, oldest first): the history a user
+    tower is fed at evaluation; ``valid`` / ``test`` are the targets, ranked with the history excluded."""
+
+    users: np.ndarray  # int64 [C], ascending indices into the data's users
+    history: Split
+    valid: Split
+    test: Split
+
+
 @dataclass
 class Dataset:
     """A split data set with its id maps. ``train``/``valid``/``test`` share the same index space."""
@@ -76,6 +88,7 @@ class Dataset:
     test: Split
     source: str = ""
     dropped: dict = field(default_factory=dict)
+    cold: ColdUsers | None = None  # users held out of train/valid/test, keeping their index (data.cold_users)
 
     @property
     def num_users(self) -> int:
@@ -91,9 +104,12 @@ class Dataset:
         for arr in (self.user_ids, self.item_ids):
             h.update("\n".join(arr.tolist()).encode())
             h.update(b"\0")
-        for split in (self.train, self.valid, self.test):
+        cold = (self.cold.history, self.cold.valid, self.cold.test) if self.cold is not None else ()
+        for split in (self.train, self.valid, self.test, *cold):
             h.update(split.users.astype(np.int64).tobytes())
             h.update(split.items.astype(np.int64).tobytes())
+        if self.cold is not None:
+            h.update(self.cold.users.astype(np.int64).tobytes())
         return h.hexdigest()[:16]
 
     def user_block(self, lo: int, hi: int) -> Dataset:
@@ -106,8 +122,44 @@ class Dataset:
                        f"{self.source} users [{lo}, {hi})", self.dropped)
 
     def summary(self) -> str:
+        cold = f"; {len(self.cold.users):,} cold users held out" if self.cold is not None else ""
         return (f"{self.num_users:,} users, {self.num_items:,} items, "
-                f"{len(self.train):,} / {len(self.valid):,} / {len(self.test):,} train/valid/test interactions")
+                f"{len(self.train):,} / {len(self.valid):,} / {len(self.test):,} train/valid/test interactions"
+                f"{cold}")
+
+
+def cold_user_mask(user_ids: np.ndarray, share: float) -> np.ndarray:
+    """Which users are cold at ``share``: a hash of the id below the share, so the choice depends on the ids
+    alone (teacher and student runs on the same data agree) and grows monotonically with the share."""
+    digests = [hashlib.sha256(u.encode("utf-8")).digest()[:8] for u in user_ids.tolist()]
+    fraction = np.array([int.from_bytes(d, "big") for d in digests], dtype=np.float64) / 2.0 ** 64
+    return fraction < share
+
+
+def hold_out_cold_users(data: Dataset, share: float) -> Dataset:
+    """``data`` with the cold users' (``cold_user_mask``; only users with training items) interactions moved out
+    of train/valid/test into ``Dataset.cold``. Users keep their indices, so ids stay aligned with any model."""
+    if share <= 0:
+        return data
+    cold = cold_user_mask(data.user_ids, share) & (np.diff(data.train.indptr) > 0)
+    users = np.flatnonzero(cold).astype(np.int64)
+    if len(users) == 0:
+        raise DataError(f"{data.source}: data.cold_users={share} holds out no user (of {data.num_users:,}); "
+                        f"raise it")
+    row_of = np.full(data.num_users, -1, dtype=np.int64)
+    row_of[users] = np.arange(len(users))
+
+    def warm(split: Split) -> Split:
+        keep = ~cold[split.users]
+        return Split(split.users[keep], split.items[keep], split.num_users)
+
+    def held_out(split: Split) -> Split:
+        take = cold[split.users]
+        return Split(row_of[split.users[take]], split.items[take], len(users))
+
+    held = ColdUsers(users, held_out(data.train), held_out(data.valid), held_out(data.test))
+    return Dataset(data.user_ids, data.item_ids, warm(data.train), warm(data.valid), warm(data.test), data.source,
+                   data.dropped, held)
 
 
 # ----------------------------------------------------------------------------------------------- raw readers
@@ -361,8 +413,16 @@ def _find_split_file(directory: Path, split: str) -> Path | None:
 
 
 def load_dataset(path: str, fmt: str = "auto", min_user_interactions: int = 0, min_item_interactions: int = 0,
-                 split_order: str = "file", split_ratios=(0.8, 0.1, 0.1), seed: int = 0) -> Dataset:
-    """Load a data set from a file, a train/valid/test directory, or ``builtin:NAME``."""
+                 split_order: str = "file", split_ratios=(0.8, 0.1, 0.1), seed: int = 0,
+                 cold_users: float = 0.0) -> Dataset:
+    """Load a data set from a file, a train/valid/test directory, or ``builtin:NAME``; ``cold_users``: the
+    share of users held out of training (``hold_out_cold_users``)."""
+    return hold_out_cold_users(_load_split(path, fmt, min_user_interactions, min_item_interactions, split_order,
+                                           split_ratios, seed), cold_users)
+
+
+def _load_split(path: str, fmt: str, min_user_interactions: int, min_item_interactions: int, split_order: str,
+                split_ratios, seed: int) -> Dataset:
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name not in BUILTIN:

@@ -8,13 +8,17 @@ users x items matrix.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .data import Dataset
 from .distill import Teacher
+from .evaluation import topk_excluding
 from .losses import teacher_pair_scores
 from .retrieval import TopKSearcher, exact_topk_on_device, faiss_has_gpu, measure_recall, topk_cached
 
@@ -23,15 +27,32 @@ log = logging.getLogger(__name__)
 REUSE_RECALL_FLOOR = 0.95  # keep an approximate index's trained quantizer across epochs while recall@M holds
 RECALL_SAMPLE_USERS = 500  # users whose approximate top-M is checked against exact search every refresh
 TEACHER_SCORE_BLOCK = 4096  # users per block when scoring per-user item lists with the teacher
+MASKED_TOPK_BLOCK = 2048  # users per block of the exact search with the training items masked (block x items)
+
+
+@torch.no_grad()
+def masked_topk(user_vecs: torch.Tensor, item_vecs: torch.Tensor, k: int, exclude_indptr: np.ndarray,
+                exclude_indices: np.ndarray) -> torch.Tensor:
+    """Exact top-k item indices [U, k] (on the vectors' device) of every user, each user's items in the CSR
+    (over the same users) masked out; scored in user blocks, so nothing users x items is allocated."""
+    n = user_vecs.shape[0]
+    blocks = [topk_excluding(user_vecs, item_vecs, np.arange(s, min(s + MASKED_TOPK_BLOCK, n)), k,
+                             exclude_indptr, exclude_indices) for s in range(0, n, MASKED_TOPK_BLOCK)]
+    return torch.cat(blocks) if blocks else torch.zeros((0, k), dtype=torch.long, device=user_vecs.device)
 
 
 class KDRetrieval:
     """Top-K lists and teacher scores for one run: ``index``/``index_params`` are ``distill.index``/``index_params``,
-    ``cache_dir`` is where the teacher's top-K is kept (shared by sibling runs with the same teacher)."""
+    ``cache_dir`` is where the teacher's top-K is kept (shared by sibling runs with the same teacher);
+    ``exclude_seen`` (``distill.exclude_seen``): both top lists leave each user's training items out, by exact
+    search with those items masked (``setup`` reads them)."""
 
-    def __init__(self, teacher: Teacher, device: torch.device, cache_dir: Path, index: str, index_params: dict):
+    def __init__(self, teacher: Teacher, device: torch.device, cache_dir: Path, index: str, index_params: dict,
+                 exclude_seen: bool = False):
         self.teacher, self.device, self.cache_dir = teacher, device, Path(cache_dir)
         self.index, self.index_params = index, index_params
+        self.exclude_seen = exclude_seen
+        self.seen: tuple[np.ndarray, np.ndarray] | None = None  # the training items as CSR, with exclude_seen
         self.t_user = torch.from_numpy(teacher.user_vectors).to(device)
         self.t_item = torch.from_numpy(teacher.item_vectors).to(device)
         self.use_gpu = device.type == "cuda"
@@ -42,19 +63,36 @@ class KDRetrieval:
     def num_users(self) -> int:
         return self.t_user.shape[0]
 
+    def setup(self, data: Dataset) -> None:
+        """Once before the first list is asked for: the data whose training items ``exclude_seen`` removes."""
+        if self.exclude_seen:
+            self.seen = (data.train.indptr, data.train.items)
+
     def teacher_topk(self, k: int) -> torch.Tensor:
-        """The teacher's exact top-k items for every user [U, k] (training positives not removed, as in the spec)."""
+        """The teacher's exact top-k items for every user [U, k] (training positives kept, as in the spec, unless
+        ``exclude_seen``)."""
         t0 = time.perf_counter()
-        ids = topk_cached(self.cache_dir, self.teacher.fingerprint, self.teacher.user_vectors,
-                          self.teacher.item_vectors, k, "Flat")
+        fingerprint, compute = self.teacher.fingerprint, None
+        if self.seen is not None:
+            digest = hashlib.sha256(self.seen[0].astype(np.int64).tobytes() + self.seen[1].astype(np.int64).tobytes())
+            fingerprint = f"{fingerprint}-excluding-{digest.hexdigest()[:16]}"
+            compute = lambda: masked_topk(self.t_user, self.t_item, k, *self.seen).cpu().numpy()  # noqa: E731
+        ids = topk_cached(self.cache_dir, fingerprint, self.teacher.user_vectors,
+                          self.teacher.item_vectors, k, "Flat", compute=compute)
         log.info("teacher top-%d ready in %.1fs", k, time.perf_counter() - t0)
         return torch.from_numpy(ids).to(self.device)
 
     def student_topm(self, model, m: int) -> tuple[torch.Tensor, dict]:
-        """The student's top-m items for every user [U, m] (training positives not removed, as in the spec), and
+        """The student's top-m items for every user [U, m] (training positives kept, as in the spec, unless
+        ``exclude_seen``), and
         diagnostics (retrieval time; for an approximate index its measured recall and whether it kept the
         quantizer)."""
         t0 = time.perf_counter()
+        if self.seen is not None:  # exact, training items masked (the config allows only Flat with it)
+            with torch.no_grad():
+                u, i = model.vectors()
+                ids = masked_topk(u.detach().float(), i.detach().float(), m, *self.seen)
+            return ids, {"time_retrieval_s": time.perf_counter() - t0}
         if self.use_gpu and self.index in ("Flat", "FlatIP") and not faiss_has_gpu():
             # faiss-cpu beside CUDA torch: the exact search on the GPU itself, not on one CPU thread.
             if not self._said_torch_topk:

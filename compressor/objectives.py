@@ -30,6 +30,7 @@ from .run_dir import TOPK_CACHE_DIR
 if TYPE_CHECKING:  # annotations only: config.py imports this module for its name lists
     from .config import Config
 
+
 KD_USERS_MODES = ("every_batch", "once_per_epoch")  # distill.kd_users, see KDUsers
 
 
@@ -74,6 +75,9 @@ def bpr_base_loss(model, users: Tensor, pos: Tensor, neg: Tensor, sparse_grads: 
         ip, ineg = F.embedding(pos, i, sparse=True), F.embedding(neg, i, sparse=True)
     else:
         uu, ip, ineg = u[users], i[pos], i[neg]
+    leave_out = getattr(model, "bpr_user_vectors", None)
+    if leave_out is not None:  # a user tower over the history: the positive is left out of its own input
+        uu = leave_out(users, pos)
     loss = bpr_loss((uu * ip).sum(-1), (uu * ineg).sum(-1))
     return loss, u, i
 
@@ -125,13 +129,15 @@ class KDUsers:
 class Distillation:
     """BPR + ``lambda_kd`` x a method's KD term over the batch's KD users."""
 
-    def __init__(self, term: KDTerm, kd_users: KDUsers, lambda_kd: float):
+    def __init__(self, term: KDTerm, kd_users: KDUsers, lambda_kd: float, retrieval: KDRetrieval):
         self.name = term.name
         self.term, self.kd_users, self.lambda_kd = term, kd_users, lambda_kd
+        self.retrieval = retrieval  # the term's; set up here first, because its lists depend on the data
         self.sparse_grads = False
 
     def setup(self, ctx: SetupContext) -> None:
         self.sparse_grads = ctx.sparse_grads
+        self.retrieval.setup(ctx.data)
         self.term.setup(ctx.data)
 
     def on_epoch_start(self, model, epoch, rng, gen) -> dict:
@@ -170,5 +176,7 @@ def build_objective(cfg: Config, teacher: Teacher | None, device: torch.device, 
         return Scratch()
     if teacher is None:
         raise TeacherError(f"--method {d.method} needs --teacher")
-    retrieval = KDRetrieval(teacher, device, Path(out).resolve().parent / TOPK_CACHE_DIR, d.index, d.index_params)
-    return Distillation(make_term(d, retrieval), KDUsers(d.kd_users, retrieval.num_users, device), d.lambda_kd)
+    retrieval = KDRetrieval(teacher, device, Path(out).resolve().parent / TOPK_CACHE_DIR, d.index, d.index_params,
+                            exclude_seen=d.exclude_seen)
+    return Distillation(make_term(d, retrieval), KDUsers(d.kd_users, retrieval.num_users, device), d.lambda_kd,
+                        retrieval)

@@ -11,7 +11,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import faiss
@@ -292,12 +292,14 @@ def topk_cached(
     item_vectors: np.ndarray,
     k: int,
     factory: str = "Flat",
+    compute: Callable[[], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Top-k item ids per user [n, k] int64, computed once and kept in ``cache_dir``.
 
     The file name is a sha256 of (fingerprint, k, factory); ``fingerprint`` must identify the
-    vectors (e.g. the teacher checkpoint's hash). A cached array with the wrong shape is
-    recomputed. Writes are atomic (``files.atomic_write_bytes``).
+    vectors (e.g. the teacher checkpoint's hash) and whatever else decides the lists. ``compute``
+    replaces the FAISS search with the caller's own (a masked exact search, say). A cached array
+    with the wrong shape is recomputed. Writes are atomic (``files.atomic_write_bytes``).
     """
     cache = Path(cache_dir)
     path = cache / _cache_name(fingerprint, k, factory)
@@ -309,7 +311,10 @@ def topk_cached(
             return ids
         logger.warning("top-%d cache %s has shape %s, expected %s; recomputing",
                        k, path, ids.shape, (n_users, k))
-    _, ids = TopKSearcher(item_vectors, factory).search(user_vectors, k)
+    if compute is not None:
+        ids = np.ascontiguousarray(compute(), dtype=np.int64)
+    else:
+        _, ids = TopKSearcher(item_vectors, factory).search(user_vectors, k)
     buf = io.BytesIO()
     np.save(buf, ids, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())

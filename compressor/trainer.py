@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import USER_TABLE, load_checkpoint, restore_optimizer, save_checkpoint
-from .config import Config, to_dict
+from .config import Config, model_numbers, to_dict
 from .data import Dataset
 from .device import thread_settings
 from .distributed import Distributed
@@ -146,9 +146,8 @@ class Trainer:
         if self.dist.active and m.kind != "mf":
             raise TrainingError(f"model.kind {m.kind} cannot train under torchrun: its propagation needs the whole "
                                 f"graph every step (docs/scaling.md); train it in one process")
-        self.model = build_model(m.kind, num_users=data.num_users, num_items=data.num_items, dim=m.dim,
-                                 layers=m.layers, init_std=m.init_std)
-        if m.kind == "lightgcn":
+        self.model = build_model(m.kind, num_users=data.num_users, num_items=data.num_items, **model_numbers(m))
+        if self.model.needs_graph:
             self.model.set_graph(data.train.users, data.train.items)
         if self.dist.active:  # the same initial table as one process, then this rank's rows of it
             table = self.model.user_emb
@@ -201,8 +200,8 @@ class Trainer:
             return self.model, self.optimizer if with_optimizer else None
         m = self.cfg.model
         with torch.device("meta"):  # no second random initialisation of the whole table, only its shape
-            whole = build_model(m.kind, num_users=self.data.num_users, num_items=self.data.num_items, dim=m.dim,
-                                layers=m.layers, init_std=m.init_std)
+            whole = build_model(m.kind, num_users=self.data.num_users, num_items=self.data.num_items,
+                                **model_numbers(m))
         return self.dist.gather_whole_model(self.model, whole, self.optimizer if with_optimizer else None,
                                             self._user_optim_id())
 
