@@ -67,52 +67,77 @@ def build_jobs(datasets, seeds, out: Path, threads: int, max_epochs: int | None)
     return jobs
 
 
+def _per_user(u, i, exclude: tuple, target, ks=(10, 20), trained_items=None) -> dict:
+    """Per-user test metrics as {"users": [n], "recall@10": [n], ...} (lists, for JSON)."""
+    from compressor.evaluation import CLASSIC_METRICS, per_user_metrics
+
+    pu = per_user_metrics(u, i, exclude[0], exclude[1], target.indptr, target.items, ks, metrics=CLASSIC_METRICS)
+    return {"users": pu.users.tolist(), **{k: v.tolist() for k, v in pu.values.items()}}
+
+
+def _means(per_user: dict) -> dict:
+    return {k: statistics.fmean(v) if v else 0.0 for k, v in per_user.items() if k != "users"}
+
+
 def evaluate_runs(out: Path, datasets, seeds) -> dict:
-    """Warm and cold test metrics of every finished run, per-user arrays for the CIs, and the baselines; cached
-    per run in OUT/<run>/cold_eval.json."""
+    """Per-user warm and cold test metrics of every finished run, and of the baselines; cached per run in
+    OUT/<run>/per_user_eval.json (OUT/<data>-baselines-per-user.json)."""
     import torch
 
     from compressor import api
     from compressor.checkpoint import load_checkpoint
-    from compressor.cold import evaluate_baselines, evaluate_cold, history_model_vectors, popular_vectors
+    from compressor.cold import (EASE_LAMBDAS, EASE_MAX_ITEMS, ease_vectors, evaluate_cold, history_model_vectors,
+                                 item_knn_vectors, popular_vectors)
     from compressor.config import from_dict
 
     torch.set_num_threads(1)
     results: dict = {}
     for ds in datasets:
         data = None
+
+        def load(run: Path):
+            nonlocal data
+            if data is None:
+                data = api.load_data(from_dict(load_checkpoint(run).meta["config"]))
+            return data
+
         for row in ("teacher", *STUDENTS):
             for s in ([None] if row == "teacher" else seeds):
                 name = f"{ds}-{row}" if s is None else f"{ds}-{row}-s{s}"
                 run = out / name
-                cache = run / "cold_eval.json"
+                cache = run / "per_user_eval.json"
                 if cache.exists():
                     results[name] = json.loads(cache.read_text())
                     continue
                 if not (run / "result.json").exists():
                     continue
-                ck = load_checkpoint(run)
-                if data is None:
-                    data = api.load_data(from_dict(ck.meta["config"]))
-                model = ck.build_model()
-                if model.kind == "history":
-                    vecs = history_model_vectors(model, data.cold)
-                else:  # an ID model has no row for a user it never saw: serving answers with the popular list
-                    vecs = popular_vectors(data, len(data.cold.users))
-                res = {"warm": json.loads((run / "result.json").read_text())["test"],
-                       "cold": evaluate_cold(*vecs, data.cold, "test"),
-                       "best_epoch": json.loads((run / "result.json").read_text())["best_epoch"]}
+                d = load(run)
+                model = load_checkpoint(run).build_model()
+                with torch.no_grad():
+                    u, i = model.vectors()
+                    warm = _per_user(u, i, (d.train.indptr, d.train.items), d.test)
+                    if model.kind == "history":
+                        cu, ci = history_model_vectors(model, d.cold)
+                    else:  # an ID model has no row for a user it never saw: serving answers with the popular list
+                        cu, ci = popular_vectors(d, len(d.cold.users))
+                    cold = _per_user(cu, ci, (d.cold.history.indptr, d.cold.history.items), d.cold.test)
+                result = json.loads((run / "result.json").read_text())
+                res = {"warm": warm, "cold": cold, "best_epoch": result["best_epoch"],
+                       "wall_time_s": result["wall_time_s"]}
                 cache.write_text(json.dumps(res))
                 results[name] = res
-        base_file = out / f"{ds}-baselines.json"
+        base_file = out / f"{ds}-baselines-per-user.json"
         if base_file.exists():
             results[f"{ds}-baselines"] = json.loads(base_file.read_text())
-        elif data is not None or (out / f"{ds}-teacher" / "result.json").exists():
-            if data is None:
-                data = api.load_data(from_dict(load_checkpoint(out / f"{ds}-teacher").meta["config"]))
-            t0 = time.perf_counter()
-            base = evaluate_baselines(data, "test")
-            base["time_s"] = time.perf_counter() - t0
+        elif (out / f"{ds}-teacher" / "result.json").exists():
+            d = load(out / f"{ds}-teacher")
+            cold, exclude = d.cold, (d.cold.history.indptr, d.cold.history.items)
+            base = {"popular": {"cold": _per_user(*popular_vectors(d, len(cold.users)), exclude, cold.test)},
+                    "item_knn": {"cold": _per_user(*item_knn_vectors(d, cold), exclude, cold.test)}}
+            if d.num_items <= EASE_MAX_ITEMS:  # lambda chosen on the cold users' validation part
+                lam = max(EASE_LAMBDAS, key=lambda v: evaluate_cold(*ease_vectors(d, cold, v), cold, "valid")[
+                    "ndcg@20"])
+                base["ease"] = {"cold": _per_user(*ease_vectors(d, cold, lam), exclude, cold.test), "lambda": lam}
             base_file.write_text(json.dumps(base))
             results[f"{ds}-baselines"] = base
     return results
@@ -126,31 +151,69 @@ def _fmt(vals) -> str:
     return f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}"
 
 
-def summarise(out: Path, datasets, seeds, results: dict) -> str:
-    lines = [f"# Cold-user benchmark ({COLD_SHARE:.0%} of users held out)\n"]
+def _pooled(runs: list[dict], side: str) -> tuple[list, dict]:
+    """Each user's metric averaged over the runs (seeds) that evaluated it: (users, {metric: [n]})."""
+    users = runs[0][side]["users"]
+    for r in runs[1:]:
+        if r[side]["users"] != users:
+            raise ValueError("runs evaluated different users; they are not paired")
+    keys = [k for k in runs[0][side] if k != "users"]
+    return users, {k: [statistics.fmean(vals) for vals in zip(*(r[side][k] for r in runs))] for k in keys}
+
+
+def summarise(out: Path, datasets, seeds, results: dict, resamples: int = 1000) -> str:
+    import numpy as np
+
+    from compressor.bootstrap import paired_bootstrap
+
+    lines = [f"# Cold-user benchmark ({COLD_SHARE:.0%} of users held out of training)\n",
+             "Test split. Cold: users never seen in training, ranked from their training part (history items "
+             "excluded). Mean ± std over seeds; paired 95% CIs from a bootstrap over users (each user's metric "
+             f"averaged over seeds first, {resamples} resamples, seed 0).\n"]
+    summary: dict = {}
     for ds in datasets:
         lines.append(f"\n## {ds}\n")
-        lines.append("| scorer | n | warm N@20 | cold R@10 | cold N@10 | cold R@20 | cold N@20 | best epoch |")
-        lines.append("|" + "---|" * 8)
+        lines.append("| scorer | n | warm N@20 | cold R@10 | cold N@10 | cold R@20 | cold N@20 | best epoch | wall s |")
+        lines.append("|" + "---|" * 9)
+        pooled: dict = {}
         for row in ("teacher", *STUDENTS):
             names = [f"{ds}-teacher"] if row == "teacher" else [f"{ds}-{row}-s{s}" for s in seeds]
             res = [results[n] for n in names if n in results]
             if not res:
                 continue
-            warm = [r["warm"]["ndcg@20"] for r in res]
-            cold = {m: [r["cold"][m] for r in res] for m in METRICS}
+            pooled[row] = {side: _pooled(res, side) for side in ("warm", "cold")}
+            warm = [_means(r["warm"])["ndcg@20"] for r in res]
+            cold = {m: [_means(r["cold"])[m] for r in res] for m in METRICS}
             ep = statistics.median(r["best_epoch"] for r in res)
+            wall = statistics.median(r["wall_time_s"] for r in res)
             label = row + (" (cold: popular)" if row.startswith("id-") or row == "teacher" else "")
             lines.append(f"| {label} | {len(res)} | {_fmt(warm)} | " + " | ".join(_fmt(cold[m]) for m in METRICS)
-                         + f" | {ep:.0f} |")
-        base = results.get(f"{ds}-baselines", {})
-        for name, r in base.items():
-            if isinstance(r, dict):
-                extra = f" (lambda {r['lambda']:g})" if "lambda" in r else ""
-                lines.append(f"| {name}{extra} | — | — | " + " | ".join(f"{r[m]:.4f}" for m in METRICS) + " | — |")
+                         + f" | {ep:.0f} | {wall:.0f} |")
+            summary.setdefault(ds, {})[row] = {"n": len(res), "warm_ndcg@20": warm, **{f"cold_{m}": cold[m]
+                                                                                       for m in METRICS}}
+        for name, r in results.get(f"{ds}-baselines", {}).items():
+            pooled[name] = {"cold": _pooled([r], "cold")}
+            m = _means(r["cold"])
+            extra = f" (lambda {r['lambda']:g}, chosen on validation)" if "lambda" in r else ""
+            lines.append(f"| {name}{extra} | — | — | " + " | ".join(f"{m[k]:.4f}" for k in METRICS) + " | — | — |")
+            summary.setdefault(ds, {})[name] = {f"cold_{k}": m[k] for k in METRICS}
+        ours = pooled.get("history-rcekd")
+        if ours:
+            lines.append("\nPaired differences of history-rcekd (NDCG@20, 95% CI):\n")
+            for side, others in (("cold", ("history-scratch", "item_knn", "ease", "popular")),
+                                 ("warm", ("id-rcekd", "history-scratch", "id-scratch"))):
+                for other in others:
+                    if other not in pooled or side not in pooled[other]:
+                        continue
+                    a, b = np.array(ours[side][1]["ndcg@20"]), np.array(pooled[other][side][1]["ndcg@20"])
+                    ci = paired_bootstrap({"d": a - b, "ratio_base": b}, resamples)["d"]
+                    rel = f"{100 * ci['value'] / b.mean():+.1f}%" if b.mean() else "—"
+                    lines.append(f"- {side}: minus {other}: {ci['value']:+.4f} [{ci['lo']:+.4f}, {ci['hi']:+.4f}] "
+                                 f"({rel} of {other}'s {b.mean():.4f})")
+                    summary[ds].setdefault("paired", {})[f"{side}:{other}"] = ci
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps(results, indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return text
 
 

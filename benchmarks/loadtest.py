@@ -1,6 +1,7 @@
 """Load test of `compress serve` with wrk on loopback (optionally against `mlflow models serve` too).
 
     python benchmarks/loadtest.py --bundle BUNDLE_DIR --duration 60 \
+        [--history-bundle HISTORY_BUNDLE_DIR [--history-len 50]] \
         [--mlflow-model-uri models:/NAME@ALIAS] [--compare-fastapi] [--out-dir bench-out/serve]
 
 For each server the script starts it on a free 127.0.0.1 port, waits until it is ready, warms it up,
@@ -8,6 +9,15 @@ and runs wrk (one wrk thread, so the load generator takes as little of the share
 
     /recommend        1 user per request, k=10, exclude_seen   at concurrency 1 and 32
     /recommend/batch  64 users per request                    at concurrency 1 and 32
+
+`--history-bundle` also serves a bundle with a history user tower (`model.kind: history`) and runs
+
+    /recommend        1 history of --history-len items, k=10   at concurrency 1 and 32
+    /recommend        1 user per request (its stored history)  at concurrency 1 and 32
+
+beside the ID tower's rows (`--bundle` may then be left out). The histories are drawn (seeded) from the
+bundle's stored histories: users with at least --history-len training items (capped at the bundle's max_len)
+give their most recent ones; when no user has that many, the longest histories are used as they are.
 
 Request bodies cycle through user ids drawn (seeded) from the bundle's own users. Every run is bounded
 by --duration and by --max-requests (wrk stops its thread once it has that many responses). Reported
@@ -71,7 +81,9 @@ GOWALLA = ROOT.parent / "shared" / "data" / "gowalla"
 BATCH_USERS = 64
 K = 10
 SCENARIOS = (("single", 1), ("single", 32), ("batch", 1), ("batch", 32))
-N_BODIES = {"single": 2000, "batch": 200}
+HISTORY_SCENARIOS = (("history", 1), ("history", 32), ("single", 1), ("single", 32))
+N_BODIES = {"single": 2000, "batch": 200, "history": 2000}
+HISTORY_LEN = 50
 
 LUA = r"""
 local bodies = dofile(os.getenv("LOADTEST_BODIES"))
@@ -190,7 +202,23 @@ def write_bodies(path: Path, bodies: list[bytes]) -> None:
         f.write("}\n")
 
 
-def make_bodies(user_ids: np.ndarray, kind: str, api: str, seed: int = 0) -> list[bytes]:
+def sample_histories(bundle, length: int, n: int = N_BODIES["history"], seed: int = 0) -> list[list[str]]:
+    """`n` seeded histories (external item ids, oldest first) of `length` items (capped at the tower's max_len):
+    the most recent items of users with that many, else the longest stored histories as they are."""
+    length = min(length, bundle.user_tower.max_len)
+    lens = np.diff(bundle.seen_indptr)
+    users = np.flatnonzero(lens >= length)
+    if users.size == 0:
+        users = np.argsort(-lens, kind="stable")[: max(1, min(100, lens.size))]
+    picks = np.random.default_rng(seed).choice(users, size=n)
+    ids = bundle.item_ids
+    return [ids[bundle.seen(int(u))[-length:]].tolist() for u in picks]
+
+
+def make_bodies(user_ids: np.ndarray, kind: str, api: str, seed: int = 0,
+                histories: list[list[str]] | None = None) -> list[bytes]:
+    if kind == "history":  # POST /recommend with a history (compress serve only)
+        return [json.dumps({"history": h, "k": K, "exclude_seen": True}).encode() for h in histories or []]
     rng = np.random.default_rng(seed)
     per = 1 if kind == "single" else BATCH_USERS
     picks = rng.choice(user_ids, size=(N_BODIES[kind], per))
@@ -235,13 +263,14 @@ def run_wrk(url: str, path: str, bodies_file: Path, concurrency: int, duration: 
     return json.loads(line[len("RESULT "):])
 
 
-def scenario(server: Server, api: str, kind: str, concurrency: int, user_ids: np.ndarray, args, work: Path) -> dict:
+def scenario(server: Server, api: str, kind: str, concurrency: int, user_ids: np.ndarray, args, work: Path,
+             histories: list[list[str]] | None = None) -> dict:
     if api == "compress":
-        path = "/recommend" if kind == "single" else "/recommend/batch"
+        path = "/recommend/batch" if kind == "batch" else "/recommend"
     else:
         path = "/invocations"
-    per = 1 if kind == "single" else BATCH_USERS
-    bodies = make_bodies(user_ids, kind, api)
+    per = BATCH_USERS if kind == "batch" else 1
+    bodies = make_bodies(user_ids, kind, api, histories=histories)
     bodies_file = work / f"{server.name}-{kind}.lua"
     write_bodies(bodies_file, bodies)
     check_answer(server.url + path, bodies[0], api, per)
@@ -255,8 +284,11 @@ def scenario(server: Server, api: str, kind: str, concurrency: int, user_ids: np
     seconds = res["duration_us"] / 1e6
     rps = res["requests"] / seconds if seconds else 0.0
     lat = res["latency_us"]
+    request = {"single": "user id", "batch": f"{per} user ids",
+               "history": f"history of {np.mean([len(h) for h in histories or [[]]]):.0f} items"}[kind]
     out = {
-        "server": server.name, "endpoint": path, "users_per_request": per, "concurrency": concurrency,
+        "server": server.name, "endpoint": path, "request": request, "users_per_request": per,
+        "concurrency": concurrency,
         "duration_s": round(seconds, 2), "requests": res["requests"], "requests_per_s": round(rps, 1),
         "recommendations_per_s": round(rps * per, 1),
         "latency_ms": {p: round(lat[p] / 1000, 3) for p in ("p50", "p90", "p99", "max", "mean")},
@@ -268,24 +300,29 @@ def scenario(server: Server, api: str, kind: str, concurrency: int, user_ids: np
     # What the cores could do if this test had them to itself: CPU-bound ceiling, not a measurement.
     per_request = out["server_cpu_ms_per_request"] + out["wrk_cpu_ms_per_request"]
     out["cpu_bound_ceiling_recommendations_per_s"] = round((os.cpu_count() or 1) * 1000 / per_request * per) if per_request else None
-    print(f"  {server.name:8s} {path:17s} c={concurrency:<3d} {out['requests_per_s']:9.1f} req/s "
+    print(f"  {server.name:8s} {path:17s} {request:22s} c={concurrency:<3d} {out['requests_per_s']:9.1f} req/s "
           f"{out['recommendations_per_s']:9.1f} rec/s  p50 {out['latency_ms']['p50']:.2f} ms  "
           f"p99 {out['latency_ms']['p99']:.2f} ms  errors {out['error_total']}  "
           f"cpu {out['server_cpu_ms_per_request']:.3f} ms/req  load {out['loadavg_1m']}", flush=True)
     return out
 
 
-def warm_up(server: Server, api: str, user_ids: np.ndarray, work: Path) -> None:
+def warm_up(server: Server, api: str, user_ids: np.ndarray, work: Path,
+            histories: list[list[str]] | None = None) -> None:
     path = "/recommend" if api == "compress" else "/invocations"
     bodies_file = work / f"{server.name}-warmup.lua"
-    write_bodies(bodies_file, make_bodies(user_ids, "single", api, seed=1))
+    bodies = make_bodies(user_ids, "single", api, seed=1)
+    if histories:
+        bodies += make_bodies(user_ids, "history", api, histories=histories)
+    write_bodies(bodies_file, bodies)
     run_wrk(server.url, path, bodies_file, 8, 3, 10**9)
 
 
-def measure(server: Server, api: str, user_ids: np.ndarray, args, work: Path, kinds=("single", "batch")) -> dict:
-    warm_up(server, api, user_ids, work)
+def measure(server: Server, api: str, user_ids: np.ndarray, args, work: Path, kinds=("single", "batch"),
+            scenarios=SCENARIOS, histories: list[list[str]] | None = None) -> dict:
+    warm_up(server, api, user_ids, work, histories)
     rss_start = memory_mib(server.proc.pid)
-    runs = [scenario(server, api, kind, c, user_ids, args, work) for kind, c in SCENARIOS if kind in kinds]
+    runs = [scenario(server, api, kind, c, user_ids, args, work, histories) for kind, c in scenarios if kind in kinds]
     return {"rss_mib_start": rss_start, "rss_mib_end": memory_mib(server.proc.pid), "runs": runs}
 
 
@@ -353,14 +390,14 @@ def markdown(report: dict) -> str:
         f"k={K}, exclude_seen. Machine: {m['cpus']} cores ({m['cpu']}), load average {m['loadavg_before']} before "
         f"the run (other work shares these cores).",
         "",
-        "| server | endpoint | users/request | concurrency | requests/s | recommendations/s | p50 ms | p99 ms | errors "
+        "| server | endpoint | request | concurrency | requests/s | recommendations/s | p50 ms | p99 ms | errors "
         "| server CPU ms/request | wrk CPU ms/request | CPU-bound ceiling, recommendations/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, res in report["servers"].items():
         for r in res["runs"]:
             lines.append(
-                f"| {name} | `{r['endpoint']}` | {r['users_per_request']} | {r['concurrency']} | "
+                f"| {name} | `{r['endpoint']}` | {r['request']} | {r['concurrency']} | "
                 f"{r['requests_per_s']:,.0f} | {r['recommendations_per_s']:,.0f} | {r['latency_ms']['p50']:.2f} | "
                 f"{r['latency_ms']['p99']:.2f} | {r['error_total']} | {r['server_cpu_ms_per_request']:.3f} | "
                 f"{r['wrk_cpu_ms_per_request']:.3f} | {r['cpu_bound_ceiling_recommendations_per_s'] or 0:,} |"
@@ -375,6 +412,11 @@ def markdown(report: dict) -> str:
                  "machine would give the test with no other load on it (an estimate from measured CPU time).")
     for line in report.get("comparisons", []):
         lines.append(f"- {line}")
+    if report.get("history_bundle"):
+        h = report["history_bundle"]
+        lines.append(f"- compress-history: {Path(h['path']).name} (history user tower, max_len {h['max_len']}; "
+                     f"{h['num_users']:,} users x {h['num_items']:,} items, dim {h['dim']}, index {h['index']}); "
+                     "its user id rows compute each user's vector from its stored history.")
     lines += ["", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
 
@@ -386,6 +428,15 @@ def _find(runs: list[dict], kind_users: int, concurrency: int) -> dict | None:
 def comparisons(servers: dict) -> list[str]:
     out = []
     ours = servers.get("compress", {}).get("runs", [])
+    history = [r for r in servers.get("compress-history", {}).get("runs", []) if r["request"].startswith("history")]
+    for concurrency in (1, 32):
+        a = next((r for r in history if r["concurrency"] == concurrency), None)
+        b = _find([r for r in ours if r["request"] == "user id"], 1, concurrency)
+        if a and b and b["requests_per_s"]:
+            out.append(f"{a['request']} vs an ID-tower user id at concurrency {concurrency}: p50 "
+                       f"{a['latency_ms']['p50']:.2f} vs {b['latency_ms']['p50']:.2f} ms, "
+                       f"{a['requests_per_s'] / b['requests_per_s']:.2f}x the requests/s, server CPU "
+                       f"{a['server_cpu_ms_per_request']:.3f} vs {b['server_cpu_ms_per_request']:.3f} ms/request")
     for other in ("mlflow", "fastapi"):
         theirs = servers.get(other, {}).get("runs", [])
         for users in (1, BATCH_USERS):
@@ -469,6 +520,10 @@ def register_checkpoint(checkpoint: Path, name: str, tracking_uri: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, help="bundle directory to serve (compress export output)")
+    ap.add_argument("--history-bundle", type=Path, default=None,
+                    help="also serve this history-tower bundle and load-test history requests on it")
+    ap.add_argument("--history-len", type=int, default=HISTORY_LEN,
+                    help="items per history request (capped at the bundle's max_len; default %(default)s)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per run (default 60)")
     ap.add_argument("--max-requests", type=int, default=2_000_000, help="per run, at most this many requests")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="server workers (default: core count)")
@@ -495,13 +550,22 @@ def main() -> int:
             ap.error("--register-checkpoint needs --tracking-uri (or MLFLOW_TRACKING_URI)")
         print(register_checkpoint(args.register_checkpoint, args.register_name, args.tracking_uri))
         return 0
-    if args.bundle is None:
-        ap.error("--bundle is required")
+    if args.bundle is None and args.history_bundle is None:
+        ap.error("--bundle (or --history-bundle) is required")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install -y wrk")
-    if args.duration <= 0 or args.max_requests < 1:
-        ap.error("--duration and --max-requests must be positive")
-    bundle = args.bundle.resolve()
+    if args.duration <= 0 or args.max_requests < 1 or args.history_len < 1:
+        ap.error("--duration, --max-requests and --history-len must be positive")
+    history = None
+    if args.history_bundle is not None:
+        opened = open_bundle(args.history_bundle.resolve(), faiss_threads=None)
+        if not opened.user_tower.is_history:
+            ap.error(f"--history-bundle {args.history_bundle}: its user tower is looked up by user id (not a history "
+                     "tower)")
+        history = {"path": str(args.history_bundle.resolve()), "user_ids": opened.user_ids,
+                   "histories": sample_histories(opened, args.history_len), "manifest": opened.manifest}
+        del opened
+    bundle = (args.bundle or args.history_bundle).resolve()
     manifest = json.loads((bundle / "manifest.json").read_text())
     user_ids = open_bundle(bundle, faiss_threads=None).user_ids  # whatever id encoding the bundle's format uses
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -520,21 +584,41 @@ def main() -> int:
                     "loadavg_before": [round(x, 2) for x in os.getloadavg()]},
         "servers": {},
     }
+    if history is not None:
+        hm = history["manifest"]
+        report["history_bundle"] = {"path": history["path"], "num_users": hm["num_users"], "num_items": hm["num_items"],
+                                    "dim": hm["dim"], "index": hm["index"]["factory"],
+                                    "max_len": hm["user_tower"]["max_len"], "history_len": args.history_len}
     try:
         with open("/proc/cpuinfo") as f:
             report["machine"]["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
 
-    print(f"compress serve ({args.workers} workers) on {bundle}", flush=True)
-    port = free_port()
-    server = Server("compress", [sys.executable, "-m", "compress_app", "serve", str(bundle), "--port", str(port),
-                                 "--workers", str(args.workers)], port, "/readyz", args.out_dir / "compress-serve.log")
-    try:
-        time.sleep(1.0)  # /readyz answered from one worker: give the others their (sub-second) load
-        report["servers"]["compress"] = measure(server, "compress", user_ids, args, work)
-    finally:
-        server.stop()
+    if args.bundle is not None:
+        print(f"compress serve ({args.workers} workers) on {bundle}", flush=True)
+        port = free_port()
+        server = Server("compress", [sys.executable, "-m", "compress_app", "serve", str(bundle), "--port", str(port),
+                                     "--workers", str(args.workers)], port, "/readyz", args.out_dir / "compress-serve.log")
+        try:
+            time.sleep(1.0)  # /readyz answered from one worker: give the others their (sub-second) load
+            report["servers"]["compress"] = measure(server, "compress", user_ids, args, work)
+        finally:
+            server.stop()
+
+    if history is not None:
+        print(f"compress serve ({args.workers} workers) on the history bundle {history['path']}", flush=True)
+        port = free_port()
+        server = Server("compress-history", [sys.executable, "-m", "compress_app", "serve", history["path"], "--port",
+                                             str(port), "--workers", str(args.workers)],
+                        port, "/readyz", args.out_dir / "compress-serve-history.log")
+        try:
+            time.sleep(1.0)
+            report["servers"]["compress-history"] = measure(
+                server, "compress", history["user_ids"], args, work, kinds=("history", "single"),
+                scenarios=HISTORY_SCENARIOS, histories=history["histories"])
+        finally:
+            server.stop()
 
     if args.compare_fastapi:
         print("FastAPI baseline", flush=True)
@@ -576,7 +660,7 @@ def main() -> int:
     bad = [r for s in report["servers"].values() for r in s["runs"] if r["error_total"]]
     if bad:
         print(f"{len(bad)} run(s) had errors", file=sys.stderr)
-    return 1 if any(r["server"] == "compress" for r in bad) else 0
+    return 1 if any(r["server"].startswith("compress") for r in bad) else 0
 
 
 if __name__ == "__main__":

@@ -144,8 +144,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         m = cfg.model
         if self.dist.active and m.kind != "mf":
-            raise TrainingError(f"model.kind {m.kind} cannot train under torchrun: its propagation needs the whole "
-                                f"graph every step (docs/scaling.md); train it in one process")
+            why = {"lightgcn": "its propagation needs the whole graph every step (docs/scaling.md)"}.get(
+                m.kind, "only mf splits its users over ranks")
+            raise TrainingError(f"model.kind {m.kind} cannot train under torchrun: {why}; train it in one process")
         self.model = build_model(m.kind, num_users=data.num_users, num_items=data.num_items, **model_numbers(m))
         if self.model.needs_graph:
             self.model.set_graph(data.train.users, data.train.items)

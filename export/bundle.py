@@ -5,7 +5,8 @@ serving loader import. `write_bundle` puts everything in a temp dir beside `out_
 parity for every user, recall of approximate indexes, the serving loader's own checks, and for exact indexes
 the served top-k against the caller's reference), and only then renames it into place.
 
-The parts: `export.onnx_tower` (user tower at fp32/fp16/int8 + parity), `export.index_build` (explicit factories,
+The parts: `export.onnx_tower` (ID user tower at fp32/fp16/int8 + parity), `export.history_tower` (the history
+user tower of `model.kind: history` + parity), `export.index_build` (explicit factories,
 build, recall tuning), `export.index_auto` (`index_factory="auto"`: candidates measured, smallest kept),
 `export.served` (the serving recommender over a bundle being written), `export.quantize_check` (a quantized
 bundle's answers against fp32), `export.topk_check` (served top-k against a reference).
@@ -31,6 +32,7 @@ import onnx
 import onnxruntime as ort
 
 from export.errors import ExportError
+from export.history_tower import HistoryTower, build_history_tower, check_history_parity
 from export.index_auto import choose_index
 from export.index_build import RecallSample, build_item_index
 from export.onnx_tower import build_user_tower, check_parity, quantize_user_table
@@ -38,9 +40,10 @@ from export.quantize_check import check_quantized
 from export.served import ServedProbe
 from export.topk_check import check_served_topk, topk_mismatch
 from serving.bundle import BundleError, open_bundle, verify_bundle
-from serving.bundle_format import (FORMAT_VERSION, ID_ROLES, INDEX_FILE, MANIFEST_FILE, METRIC, MODEL_FILE, ONNX_INPUT,
-                                   ONNX_IR_VERSION, ONNX_OPSET, ONNX_OUTPUT, QUANTIZATIONS, SEEN_FILE, FormatError,
-                                   check_csr, check_ids, data_files, encode_ids, ids_file, smallest_int)
+from serving.bundle_format import (FORMAT_VERSION, ID_ROLES, INDEX_FILE, MANIFEST_FILE, METRIC, MODEL_FILE, ONNX_HISTORY,
+                                   ONNX_INPUT, ONNX_IR_VERSION, ONNX_OPSET, ONNX_OUTPUT, QUANTIZATIONS, SEEN_FILE,
+                                   FormatError, UserTower, check_csr, check_ids, data_files, encode_ids, ids_file,
+                                   smallest_int)
 
 __all__ = [
     "QUANTIZATIONS",
@@ -215,8 +218,15 @@ def write_bundle(
     test_indptr: np.ndarray | None = None,
     test_indices: np.ndarray | None = None,
     package_version: str,
+    history_tower: HistoryTower | None = None,
 ) -> dict[str, Any]:
     """Write, verify and atomically install a bundle at `out_dir`; returns the manifest.
+
+    With `history_tower` the bundle's user tower computes user vectors from item histories
+    (`export.history_tower`): `user_vectors` are then the reference model's vectors of the training users from
+    their histories, which are `seen_indptr`/`seen_indices` in split order (oldest first; written unsorted), and
+    ONNX parity is checked over every one of them and the tower's random probe histories. History towers are
+    fp32 only (`quantize` must be "fp32").
 
     `quantize` ("fp32", "fp16", "int8") stores the user table at that precision and, for `index_factory` "auto"
     or "Flat", the item vectors as that codec's exact scan; a quantized bundle is kept only when
@@ -246,6 +256,12 @@ def write_bundle(
         raise ExportError(f"recall_floor must be in [0, 1], got {recall_floor}")
     if quantize not in QUANTIZATIONS:
         raise ExportError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    if history_tower is not None:
+        if quantize != "fp32":
+            raise ExportError(f"quantize {quantize}: a history user tower is exported at fp32 only (its table and MLP "
+                              "are not quantized); export it without --quantize")
+        history_tower.check(num_items, dim)
+    tower = history_tower.spec if history_tower is not None else UserTower()
     ref_users, ref_items = _as_reference(reference_topk, num_users)
     test = _as_test(test_indptr, test_indices, num_users, num_items)
     k = min(int(k_max), num_items)
@@ -254,19 +270,23 @@ def write_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a serving user must be able to read it
-        # 1. ONNX user tower + parity for every user (against the rows it stores).
-        onnx.save_model(build_user_tower(users_f32, quantize=quantize, producer_version=package_version),
-                        str(tmp / MODEL_FILE))
-        _, stored_users = quantize_user_table(users_f32, quantize)
-        parity = check_parity(tmp / MODEL_FILE, stored_users)
-        logger.info("ONNX parity over %d users: max abs diff %.3g", num_users, parity)
+        # 1. ONNX user tower + parity for every user (against the rows it stores, or the reference's history vectors).
+        if history_tower is not None:
+            onnx.save_model(build_history_tower(history_tower, producer_version=package_version), str(tmp / MODEL_FILE))
+            parity, stored_users = check_history_parity(tmp / MODEL_FILE, history_tower, indptr, indices, users_f32)
+        else:
+            onnx.save_model(build_user_tower(users_f32, quantize=quantize, producer_version=package_version),
+                            str(tmp / MODEL_FILE))
+            _, stored_users = quantize_user_table(users_f32, quantize)
+            parity = check_parity(tmp / MODEL_FILE, stored_users)
+        logger.info("ONNX parity over %d users (%s tower): max abs diff %.3g", num_users, tower.kind, parity)
 
         # 2. Ids and seen CSR.
         ids_entry = {role: _write_ids(tmp, role, ids) for role, ids in zip(ID_ROLES, (uids, iids))}
         seen_entry = _write_seen(tmp, indptr, indices)
 
         # 3. Item index: chosen by measurement for auto, else the factory asked for (+ recall when approximate).
-        probe = ServedProbe(tmp / MODEL_FILE, uids, iids, indptr, indices, dim)
+        probe = ServedProbe(tmp / MODEL_FILE, uids, iids, indptr, indices, dim, tower)
         sample = RecallSample.draw(items_f32, users_f32, stored_users, k)
         if index_factory == "auto":
             item_index = choose_index(items_f32, sample, recall_floor, quantize, probe)
@@ -319,7 +339,9 @@ def write_bundle(
                 "forced": bool(check is not None and not check.passed),
                 "check": None if check is None else check.manifest_entry(),
             },
-            "onnx": {"opset": ONNX_OPSET, "ir_version": ONNX_IR_VERSION, "input": ONNX_INPUT, "output": ONNX_OUTPUT},
+            "onnx": {"opset": ONNX_OPSET, "ir_version": ONNX_IR_VERSION,
+                     "input": ONNX_HISTORY if tower.is_history else ONNX_INPUT, "output": ONNX_OUTPUT},
+            "user_tower": tower.manifest_entry(),
             "files": {},  # filled in by _write_manifest
             "lineage": dict(lineage),
             "metrics": dict(metrics),

@@ -1,7 +1,8 @@
 """Export a compressor checkpoint as a serving bundle (the one export module that imports torch).
 
 Vectors come from the checkpoint's own model (`Checkpoint.build_model().vectors()`, for
-LightGCN the propagated vectors) under `torch.no_grad()`. The checkpoint's own top-k
+LightGCN the propagated vectors) under `torch.no_grad()`. A history model (`model.kind: history`) is exported
+with its history tower (`history_tower`): its user vectors are `encode` of each training user's history. The checkpoint's own top-k
 for a sample of users (`compressor.evaluation.topk_excluding` in user blocks, training
 items masked) is handed to `write_bundle` as the reference that the exact bundle must
 reproduce.
@@ -21,12 +22,15 @@ import compressor
 from compressor.checkpoint import load_checkpoint
 from compressor.evaluation import topk_excluding
 from export.bundle import ExportError, write_bundle
+from export.history_tower import HistoryTower, probe_histories
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_USERS = 200
 REFERENCE_SEED = 0
 SCORE_BLOCK_USERS = 256  # block of users scored at once: 256 x I float32 stays small
+ENCODE_BLOCK_VALUES = 1 << 23  # history rows x max_len x dim embedded per torch encode call
+TRAINING_PATH_RTOL = 1e-5  # vectors() (the training path) vs encode() of the same histories, relative to max |v|
 
 
 def _package_version() -> str:
@@ -61,6 +65,40 @@ def reference_topk(
         block = users[start : start + SCORE_BLOCK_USERS]
         out[start : start + block.size] = topk_excluding(user_vecs, item_vecs, block, k, indptr, indices).cpu().numpy()
     return users, out
+
+
+def _encode(model: torch.nn.Module, history: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """`HistoryPool.encode` of padded histories, in blocks, as float32 numpy."""
+    block = max(1, ENCODE_BLOCK_VALUES // (max(history.shape[1], 1) * model.dim))
+    with torch.no_grad():
+        parts = [model.encode(torch.as_tensor(history[s : s + block]), torch.as_tensor(lengths[s : s + block]))
+                 for s in range(0, history.shape[0], block)]
+    return torch.cat(parts).float().numpy() if parts else np.empty((0, model.dim), dtype=np.float32)
+
+
+def history_tower(model: torch.nn.Module, indptr: np.ndarray, indices: np.ndarray,
+                  user_vectors: np.ndarray) -> tuple[HistoryTower, np.ndarray]:
+    """A history model's tower for export, and the reference vectors of every training user: `encode` (what the
+    ONNX graph computes) of its last max_len training items in split order (the checkpoint's train CSR).
+
+    ExportError when those differ from the training path's `vectors()` (`user_vectors`): the checkpoint's
+    histories would then not be the ones the model was trained and evaluated on."""
+    from compressor.models import padded_histories
+
+    encoded = _encode(model, *padded_histories(indptr, indices, model.max_len))
+    scale = max(1.0, float(np.abs(user_vectors).max(initial=0.0)))
+    diff = float(np.abs(encoded - user_vectors).max(initial=0.0))
+    if not diff <= TRAINING_PATH_RTOL * scale:
+        raise ExportError(f"history model: encode() of the checkpoint's training histories differs from its "
+                          f"vectors() by {diff:.3g} (> {TRAINING_PATH_RTOL * scale:.3g})")
+    probe, lengths = probe_histories(model.num_items, model.max_len)
+    weights = {name: t.detach().float().cpu().numpy().copy() for name, t in (
+        ("history_table", model.history_emb.weight), ("mlp_in_weight", model.mlp_in.weight),
+        ("mlp_in_bias", model.mlp_in.bias), ("mlp_out_weight", model.mlp_out.weight),
+        ("mlp_out_bias", model.mlp_out.bias))}
+    tower = HistoryTower(**weights, max_len=int(model.max_len), probe_history=probe, probe_lengths=lengths,
+                         probe_vectors=_encode(model, probe, lengths))
+    return tower, encoded
 
 
 def export_checkpoint(
@@ -99,6 +137,10 @@ def export_checkpoint(
             f"{checkpoint_path}: model has {user_vecs.shape[0]} users / {item_vecs.shape[0]} items but the checkpoint "
             f"lists {len(ckpt.user_ids)} / {len(ckpt.item_ids)} ids"
         )
+    tower = None
+    if getattr(model, "kind", None) == "history":
+        tower, user_vecs = history_tower(model, indptr, indices, user_vecs)
+        user_t = torch.from_numpy(user_vecs)
     k_ref = min(int(k_max), item_vecs.shape[0])
     reference = reference_topk(user_t, item_t, indptr, indices, k_ref)
     if reference is None:
@@ -141,4 +183,5 @@ def export_checkpoint(
         test_indptr=test_indptr,
         test_indices=test_indices,
         package_version=_package_version(),
+        history_tower=tower,
     )

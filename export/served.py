@@ -1,5 +1,5 @@
 """What a bundle being written will serve, asked before its files are final: the serving `Recommender` over an
-in-memory `Bundle` (the ONNX user tower already written, a candidate item index, the seen items).
+in-memory `Bundle` (the ONNX user tower already written, of either kind, a candidate item index, the seen items).
 
 The index choice (`export.index_auto`) times candidates through it and the quantization check
 (`export.quantize_check`) reads its answers, so both measure the code path the server runs: dense numpy scoring for
@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 
 from serving.bundle import Bundle, apply_search_params, is_hnsw_index, reconstruct_items
-from serving.bundle_format import ONNX_INPUT, ONNX_OUTPUT, ort_session
+from serving.bundle_format import ONNX_HISTORY, ONNX_INPUT, ONNX_OUTPUT, UserTower, ort_session
 from serving.recommender import Recommender
 from serving.schema import DEFAULT_K
 
@@ -28,10 +28,11 @@ class ServedProbe:
     """Recommenders over candidate indexes of one bundle (its user tower: a file or the model's bytes; ids, seen)."""
 
     def __init__(self, model: Path | bytes, user_ids: np.ndarray, item_ids: np.ndarray, indptr: np.ndarray,
-                 indices: np.ndarray, dim: int) -> None:
+                 indices: np.ndarray, dim: int, user_tower: UserTower = UserTower()) -> None:
         self._session = ort_session(model if isinstance(model, bytes) else str(model))
         self._user_ids, self._item_ids = user_ids, item_ids
         self._indptr, self._indices, self._dim = indptr, indices, dim
+        self._tower = user_tower
 
     @property
     def num_users(self) -> int:
@@ -44,7 +45,7 @@ class ServedProbe:
             path=Path("."),
             manifest={},
             session=self._session,
-            input_name=ONNX_INPUT,
+            input_name=ONNX_HISTORY if self._tower.is_history else ONNX_INPUT,
             output_name=ONNX_OUTPUT,
             index=index,
             item_vectors=reconstruct_items(index, self._item_ids.shape[0], self._dim),
@@ -57,6 +58,7 @@ class ServedProbe:
             query_transform=query_transform,
             search_params=dict(search_params),
             is_hnsw=is_hnsw_index(index),
+            user_tower=self._tower,
         )
         # blas_threads=None: a probe inside the exporting process must not change its BLAS thread pool.
         return Recommender(bundle, blas_threads=None)

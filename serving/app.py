@@ -6,10 +6,17 @@ Endpoints (JSON unless noted; every error is `{"error": "<one line>"}` with the 
                            -> 200 {"user_id": "u1", "items": [...], "scores": [...]}, best first,
                               exactly min(k, available) items; unknown user -> 404, or with
                               fallback="popular" 200 with the most popular items and "fallback": "popular"
-    POST /recommend/batch  {"user_ids": ["u1", ...], "k": 10, "exclude_seen": true}
-                           -> 200 {"results": [one entry per user id, in order]}; an unknown user's
-                              entry is {"user_id": ..., "error": "unknown user id", "status": 404}
-                              (or a fallback answer) and does not fail the batch
+                           {"history": ["i1", "i2", ...], "k": 10, "exclude_seen": true}  (history tower)
+                           -> 200 {"items": [...], "scores": [...], "unknown_items": n}: the user vector
+                              computed from the history's known items (oldest first, at most the bundle's
+                              max_len; unknown ids skipped and counted), the history's items left out; no
+                              known item -> 422, or with fallback="popular" the most popular items
+    POST /recommend/batch  {"user_ids": ["u1", ...], "k": 10, "exclude_seen": true}, or
+                           {"requests": [{"user_id": "u1"}, {"history": [...]}, ...], "k": 10, ...}
+                           -> 200 {"results": [one entry per user id / request, in order]}; an unknown
+                              user's entry is {"user_id": ..., "error": "unknown user id", "status": 404},
+                              a history with no known item's {"error": ..., "status": 422, "unknown_items": n}
+                              (or a fallback answer), and neither fails the batch
     GET  /healthz          200 while the process runs
     GET  /readyz           200 once the bundle is loaded and verified, 503 before (or if loading failed)
     GET  /metadata         the manifest's public part (lineage, dim, counts, index type and recall) and
@@ -29,8 +36,10 @@ Status codes: 400 malformed JSON, 401 missing or wrong token, 403 swap without a
 404 unknown user or path, 405 wrong method, 408 body not received within `body_timeout_s`, 413 body
 over `max_body_bytes` (refused from Content-Length before reading, or as soon as a streamed body
 passes the limit), 422 schema violations (see `serving.schema`) or a swap bundle that fails
-verification, 503 before the bundle is ready. User ids are looked up in the bundle's id map,
-so only valid indices ever reach ONNX Runtime.
+verification, 503 before the bundle is ready. User and item ids are looked up in the bundle's id
+maps, so only valid indices ever reach ONNX Runtime. For a history tower a user id request is answered
+from the user's stored history (its training items, the last max_len of them); an ID tower given a
+history answers 422 (`serving.schema.ID_TOWER`).
 
 Why a plain ASGI callable and not FastAPI: the recommender and uvicorn take a fixed share of each
 request, so the framework is the one part of the latency budget this layer controls, and FastAPI +
@@ -249,7 +258,13 @@ class App:
     async def _recommend(self, scope: dict, receive: Callable, reply: _Reply) -> Answer:
         body = await self._body(scope, receive)
         loaded = self._ready(reply)
-        req = recommend_request(parse_json(body), self.config.max_k)
+        req = recommend_request(parse_json(body), self.config.max_k, loaded.max_history)
+        if req.history is not None:
+            [entry] = loaded.history_answers([req.history], req.k, req.exclude_seen)
+            self._count_histories([entry])
+            if "error" in entry:
+                raise ApiError(422, entry["error"])
+            return 200, dumps(entry), JSON_TYPE
         user = loaded.user_index.get(req.user_id)
         if user is None:
             if self.config.fallback != "popular":
@@ -266,13 +281,15 @@ class App:
     async def _recommend_batch(self, scope: dict, receive: Callable, reply: _Reply) -> Answer:
         body = await self._body(scope, receive)
         loaded = self._ready(reply)
-        req = batch_request(parse_json(body), self.config.max_k, self.config.max_batch)
+        req = batch_request(parse_json(body), self.config.max_k, self.config.max_batch, loaded.max_history)
         lookup = loaded.user_index
         results: list[dict[str, Any]] = [{}] * len(req.user_ids)
         rows: list[int] = []
         users: list[int] = []
         unknown = 0
         for row, uid in enumerate(req.user_ids):
+            if uid is None:  # a history entry: answered below
+                continue
             user = lookup.get(uid)
             if user is None:
                 unknown += 1
@@ -300,7 +317,21 @@ class App:
             self.metrics.users("ok", len(users))
         if unknown:
             self.metrics.users("fallback" if self.config.fallback == "popular" else "unknown", unknown)
+        history_rows = [row for row, h in enumerate(req.histories or ()) if h is not None]
+        for start in range(0, len(history_rows), BATCH_CHUNK):
+            if start or users:
+                await asyncio.sleep(0)
+            part = history_rows[start : start + BATCH_CHUNK]
+            entries = loaded.history_answers([req.histories[row] for row in part], req.k, req.exclude_seen)
+            self._count_histories(entries)
+            for row, entry in zip(part, entries):
+                results[row] = entry
         return 200, dumps({"results": results}), JSON_TYPE
+
+    def _count_histories(self, entries: list[dict[str, Any]]) -> None:
+        """User outcomes of history answers: served, fallback, or refused (no known item)."""
+        for entry in entries:
+            self.metrics.users("unknown" if "error" in entry else "fallback" if "fallback" in entry else "ok")
 
     async def _healthz(self, scope: dict, receive: Callable, reply: _Reply) -> Answer:
         return 200, b'{"status":"ok"}', JSON_TYPE

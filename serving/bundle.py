@@ -1,7 +1,8 @@
 """Load and check a serving bundle written by `export.bundle.write_bundle`.
 
-The bundle format (files, manifest keys, the shared checks) is `serving.bundle_format`. This module imports
-only numpy, onnx, onnxruntime and faiss: never torch, `compressor` or mlflow, not even transitively.
+The bundle format (files, manifest keys, the shared checks) is `serving.bundle_format`; the checks of
+model.onnx, for either kind of user tower, are `serving.tower`. This module imports only numpy, onnx,
+onnxruntime and faiss: never torch, `compressor` or mlflow, not even transitively.
 
 Every check reads the bytes that were hashed (each file is read once, hashed, and
 parsed from memory), so a file swapped between the hash check and the parse cannot
@@ -16,13 +17,11 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import faiss
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx.external_data_helper import uses_external_data
 
 from serving.bundle_format import (
     FORMAT_VERSION,
@@ -31,19 +30,21 @@ from serving.bundle_format import (
     MANIFEST_FILE,
     METRIC,
     MODEL_FILE,
-    ONNX_TABLE,
     QUERY_TRANSFORMS,
     READABLE_FORMAT_VERSIONS,
     SEEN_FILE,
     USER_IDS_FILE,
     FormatError,
+    UserTower,
     check_csr,
     check_ids,
     check_inflated,
     data_files,
     decode_ids,
-    ort_session,
+    read_user_tower,
 )
+from serving.bundle_format import short_error as _short
+from serving.tower import load_tower
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class Bundle:
     # raises efSearch per call to the over-fetch size; only valid for a bare IndexHNSW.
     is_hnsw: bool = False
     checks: list[str] = field(default_factory=list)
+    # What model.onnx computes from (manifest `user_tower`): a user index, or a history of items.
+    user_tower: UserTower = field(default_factory=UserTower)
 
     @property
     def num_users(self) -> int:
@@ -101,11 +104,6 @@ def sha256_bytes(data: bytes) -> str:
 def _fail(name: str, what: str) -> BundleError:
     # Keep messages on one line whatever the underlying library printed.
     return BundleError(f"{name}: {' '.join(str(what).split())}")
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
@@ -148,6 +146,10 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     for key in ("input", "output"):
         if not isinstance(manifest["onnx"].get(key), str):
             raise _fail(MANIFEST_FILE, f"onnx.{key} missing or not a string")
+    try:
+        read_user_tower(manifest)
+    except FormatError as exc:
+        raise _fail(MANIFEST_FILE, str(exc)) from None
     return manifest
 
 
@@ -173,93 +175,6 @@ def _read_hashed(root: Path, manifest: dict[str, Any], checks: list[str]) -> dic
         blobs[name] = data
     checks.append("files: size and sha256 match manifest for " + ", ".join(names))
     return blobs
-
-
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Initializers and tensor attributes, recursing into subgraphs (If/Loop bodies)."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
-
-
-def _gathered_tables(model: onnx.ModelProto, input_name: str) -> dict[str, tuple[int, ...]]:
-    """Shapes of the initializers the graph gathers rows of by the user index (the user table, an int8 scale)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    return {
-        node.input[0]: tuple(int(d) for d in inits[node.input[0]].dims)
-        for node in model.graph.node
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == input_name and node.input[0] in inits
-    }
-
-
-def _load_model(
-    data: bytes, manifest: dict[str, Any], intra_op_num_threads: int, checks: list[str]
-) -> tuple[ort.InferenceSession, str, str]:
-    try:
-        model = onnx.load_model_from_string(data)
-    except Exception as exc:  # protobuf raises DecodeError and friends
-        raise _fail(MODEL_FILE, f"not a parseable ONNX model ({_short(exc)})") from exc
-    for tensor in _all_tensors(model.graph):
-        if uses_external_data(tensor) or tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise _fail(MODEL_FILE, f"tensor {tensor.name!r} uses external data (bundle models must be self-contained)")
-    checks.append(f"{MODEL_FILE}: no external data")
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:
-        raise _fail(MODEL_FILE, f"onnx.checker failed ({_short(exc)})") from exc
-    checks.append(f"{MODEL_FILE}: onnx.checker full_check passed")
-
-    try:
-        session = ort_session(data, intra_op_num_threads)
-    except Exception as exc:
-        raise _fail(MODEL_FILE, f"onnxruntime cannot load it ({_short(exc)})") from exc
-    checks.append(f"{MODEL_FILE}: loads in onnxruntime")
-
-    want_in, want_out = manifest["onnx"]["input"], manifest["onnx"]["output"]
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1 or inputs[0].name != want_in or inputs[0].type != "tensor(int64)":
-        got = [(i.name, i.type) for i in inputs]
-        raise _fail(MODEL_FILE, f"expected one int64 input {want_in!r}, model has {got}")
-    out = next((o for o in outputs if o.name == want_out), None)
-    if out is None or out.type != "tensor(float)":
-        got = [(o.name, o.type) for o in outputs]
-        raise _fail(MODEL_FILE, f"expected float32 output {want_out!r}, model has {got}")
-    dim, num_users = manifest["dim"], manifest["num_users"]
-    shape = list(out.shape)
-    if len(shape) != 2 or shape[1] != dim:
-        raise _fail(MODEL_FILE, f"output shape {shape} != [batch, manifest dim {dim}]")
-    tables = _gathered_tables(model, want_in)
-    # The user table by its name, else (a graph written by another tool) the first table gathered by user index.
-    table = tables.get(ONNX_TABLE, next(iter(tables.values()), None))
-    if table is not None and table != (num_users, dim):
-        raise _fail(MODEL_FILE, f"user table shape {list(table)} != [num_users {num_users}, dim {dim}]")
-    for name, shape in tables.items():
-        if not shape or shape[0] != num_users:
-            raise _fail(MODEL_FILE, f"initializer {name!r} gathered by user index has shape {list(shape)}, not {num_users} rows")
-    # Probe the first and last user (and, when the table is not a plain initializer,
-    # that one past the last is rejected) so the row count is checked either way.
-    try:
-        probe = session.run([want_out], {want_in: np.array([0, num_users - 1], dtype=np.int64)})[0]
-    except Exception as exc:
-        raise _fail(MODEL_FILE, f"probe of users 0 and {num_users - 1} failed ({_short(exc)})") from exc
-    if probe.shape != (2, dim) or probe.dtype != np.float32:
-        raise _fail(MODEL_FILE, f"probe output {probe.dtype}{list(probe.shape)} != float32[2, {dim}]")
-    if table is None:
-        try:
-            session.run([want_out], {want_in: np.array([num_users], dtype=np.int64)})
-        except Exception:
-            pass
-        else:
-            raise _fail(MODEL_FILE, f"accepts user index {num_users} = num_users (table has more rows than users)")
-    checks.append(f"{MODEL_FILE}: int64[batch] -> float32[batch, {dim}], {num_users} user rows")
-    return session, want_in, want_out
 
 
 def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
@@ -392,7 +307,11 @@ def _load(path: str | Path, intra_op_num_threads: int, faiss_threads: int | None
     manifest = _read_manifest(root)
     checks.append(f"{MANIFEST_FILE}: parsed, format_version {manifest['format_version']}")
     blobs = _read_hashed(root, manifest, checks)
-    session, input_name, output_name = _load_model(blobs[MODEL_FILE], manifest, intra_op_num_threads, checks)
+    tower = read_user_tower(manifest)
+    try:
+        session, input_name, output_name = load_tower(blobs[MODEL_FILE], manifest, tower, intra_op_num_threads, checks)
+    except FormatError as exc:
+        raise _fail(MODEL_FILE, str(exc)) from exc
     index, item_vectors, is_hnsw = _load_index(blobs[INDEX_FILE], manifest, checks)
     user_ids = _load_ids(manifest, "user", blobs, checks)
     item_ids = _load_ids(manifest, "item", blobs, checks)
@@ -416,6 +335,7 @@ def _load(path: str | Path, intra_op_num_threads: int, faiss_threads: int | None
         search_params=search_params,
         is_hnsw=is_hnsw,
         checks=checks,
+        user_tower=tower,
     )
     logger.info(
         "opened bundle %s: %d users, %d items, dim %d, index %s",

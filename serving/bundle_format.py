@@ -5,7 +5,10 @@ Bundle format (format_version 2; version 1 is still read)
 A bundle is a directory holding these files:
 
 ``model.onnx`` (``MODEL_FILE``)
-    The user tower: input ``user_index`` (``ONNX_INPUT``) int64 ``[batch]`` -> output ``user_vector``
+    The user tower, of one of two kinds (manifest ``user_tower.kind``, ``USER_TOWER_KINDS``; a manifest without
+    ``user_tower`` is an ID tower, as every bundle written before history towers is).
+
+    ID tower (``"id"``): input ``user_index`` (``ONNX_INPUT``) int64 ``[batch]`` -> output ``user_vector``
     (``ONNX_OUTPUT``) float32 ``[batch, dim]``. For our two-tower models the serving-time user tower is a
     lookup of the final user vectors (for LightGCN: already propagated): a ``Gather(axis=0)`` of the rows of
     an initializer ``user_table`` (``ONNX_TABLE``) ``[num_users, dim]`` embedded in the file (no external
@@ -15,6 +18,20 @@ A bundle is a directory holding these files:
     (``"int8"``: Gather, Cast, times the gathered scale: row = q * scale with q = round(v / scale) in
     [-127, 127], scale = max|v| / 127). It passes ``onnx.checker.check_model(full_check=True)``. ORT's
     Gather wraps negative indices, so callers range-check indices first (serving does).
+
+    History tower (``"history"``, from a ``model.kind: history`` checkpoint): the user vector is computed from
+    the user's items, so a user never seen in training is served from the history a request brings. Inputs
+    ``history`` (``ONNX_HISTORY``) int64 ``[batch, length]`` (item indices, oldest first, right-padded with any
+    valid item index; ``length`` is dynamic, at most ``user_tower.max_len``) and ``lengths``
+    (``ONNX_LENGTHS``) int64 ``[batch]`` (each row's count of real entries, ``0 <= lengths <= length``) ->
+    ``user_vector`` float32 ``[batch, dim]``. With ``E`` the float32 initializer ``history_table``
+    (``ONNX_HISTORY_TABLE``) ``[num_items, dim]``: ``mean = sum(E[h]) / max(len(h), 1)`` over each row's
+    real entries (an empty history pools to zeros), ``user = mean + W2 relu(W1 mean + b1) + b2`` (two
+    ``Gemm`` with ``transB=1`` over ``mlp_in_weight [hidden, dim]``, ``mlp_in_bias``, ``mlp_out_weight
+    [dim, hidden]``, ``mlp_out_bias``). Always float32 (``quantization.user_table: "fp32"``). The history of a
+    training user (its ``{"user_id": ...}`` requests) is its row of ``seen.npz``, which for a history bundle
+    holds the training items in split order, oldest first: the tower reads the last ``max_len`` of them
+    (``csr_histories``; a request's histories are padded by ``pad_histories``).
 ``items.faiss`` (``INDEX_FILE``)
     ``faiss.write_index`` of the item index. Exact scans (``query_transform: "none"``, metric inner product):
     ``IndexFlatIP`` (``Flat``) over the item vectors, or ``IndexScalarQuantizer`` codes (``SQfp16``, ``SQ8``:
@@ -38,7 +55,9 @@ User ids, item ids (``ids_file``: ``user_ids.npy`` or ``user_ids.npz``, ``item_i
 ``seen.npz`` (``SEEN_FILE``)
     CSR of each user's training items, ``np.savez_compressed``: ``indptr`` ``[num_users+1]`` and ``indices``,
     each int32 when its values fit, else int64 (``check_csr``); used to exclude seen items and for the
-    popularity fallback. (Version 1: both int64, not compressed; the loader reads either.)
+    popularity fallback. A row keeps the order the export was given (the writer never sorts it): for a history
+    tower that is the user's history, oldest first. (Version 1: both int64, not compressed; the loader reads
+    either.)
 ``manifest.json`` (``MANIFEST_FILE``)
     ``format_version``, ``dim``, ``metric: "inner_product"``, ``num_users``, ``num_items``,
     ``ids {user, item: {file, encoding}}`` (encoding ``int32``, ``int64`` or ``utf8``; version 2 only),
@@ -50,7 +69,9 @@ User ids, item ids (``ids_file``: ``user_ids.npy`` or ``user_ids.npz``, ``item_i
     ``index_dim`` is ``dim`` for "none" and ``dim + 1 + padding`` for "ip2l2": queries get zeros appended up
     to it), ``quantization {user_table, item_codes, user_max_abs_error, passed, forced, check}`` (``check``: the
     export's measured top-k agreement with the fp32 answers and, with test data, NDCG, null for fp32; ``forced``:
-    kept although it failed), ``onnx {opset, ir_version, input, output}``, ``files {name: {sha256, bytes}}`` for the five data files
+    kept although it failed), ``onnx {opset, ir_version, input, output}`` (a history tower's ``input`` is
+    ``history``), ``user_tower`` (``{kind: "id"}``, or ``{kind: "history", max_len, inputs: ["history",
+    "lengths"]}``; absent: an ID tower), ``files {name: {sha256, bytes}}`` for the five data files
     (``data_files``), ``lineage`` (caller's dict: checkpoint fingerprint, mlflow run id / model version when
     known), ``metrics`` (the student's test metrics), ``versions`` (package, python, numpy, onnx, onnxruntime,
     faiss), ``created_at`` (UTC ISO 8601), ``parity_max_abs_diff`` (ORT vs the vectors the graph stores, over
@@ -69,6 +90,7 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -94,6 +116,12 @@ ONNX_INPUT = "user_index"
 ONNX_OUTPUT = "user_vector"
 ONNX_TABLE = "user_table"
 ONNX_SCALE = "user_scale"
+# The history tower (``user_tower.kind: "history"``).
+USER_TOWER_KINDS = ("id", "history")
+ONNX_HISTORY = "history"
+ONNX_LENGTHS = "lengths"
+ONNX_HISTORY_TABLE = "history_table"
+HISTORY_INPUTS = (ONNX_HISTORY, ONNX_LENGTHS)
 ONNX_OPSET = 17  # Gather/Cast/Mul are unchanged since opset 13; 17 loads in every ORT >= 1.12.
 ONNX_IR_VERSION = 8  # the IR version that goes with opset 17
 
@@ -104,6 +132,12 @@ _I32, _I64 = np.iinfo(np.int32), np.iinfo(np.int64)
 
 class FormatError(ValueError):
     """A value breaks the bundle format; the message names the rule, the caller adds where it came from."""
+
+
+def short_error(exc: BaseException) -> str:
+    """An exception's message on one line, at most 200 characters (libraries print multi-line messages)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def check_ids(ids: np.ndarray, expected: int, count_name: str) -> np.ndarray:
@@ -237,6 +271,64 @@ def check_csr(indptr: np.ndarray, indices: np.ndarray, num_users: int, num_items
     if idx.size and (idx.min() < 0 or idx.max() >= num_items):
         raise FormatError(f"indices outside [0, num_items={num_items})")
     return ptr, idx
+
+
+@dataclass(frozen=True)
+class UserTower:
+    """What a bundle's ``model.onnx`` computes from: a user index (``"id"``) or a padded history (``"history"``,
+    reading at most ``max_len`` items)."""
+
+    kind: str = "id"
+    max_len: int = 0
+
+    @property
+    def is_history(self) -> bool:
+        return self.kind == "history"
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The manifest's ``user_tower`` object."""
+        if not self.is_history:
+            return {"kind": "id"}
+        return {"kind": "history", "max_len": self.max_len, "inputs": list(HISTORY_INPUTS)}
+
+
+def read_user_tower(manifest: dict[str, Any]) -> UserTower:
+    """The manifest's ``user_tower`` (absent: an ID tower, as in every bundle written before history towers)."""
+    entry = manifest.get("user_tower", {"kind": "id"})
+    if not isinstance(entry, dict) or entry.get("kind") not in USER_TOWER_KINDS:
+        kind = entry.get("kind") if isinstance(entry, dict) else entry
+        raise FormatError(f"user_tower.kind {kind!r} not in {USER_TOWER_KINDS}")
+    if entry["kind"] == "id":
+        return UserTower()
+    max_len = entry.get("max_len")
+    if type(max_len) is not int or max_len < 1:
+        raise FormatError(f"user_tower.max_len must be a positive integer, got {max_len!r}")
+    if entry.get("inputs") != list(HISTORY_INPUTS):
+        raise FormatError(f"user_tower.inputs {entry.get('inputs')!r} != {list(HISTORY_INPUTS)}")
+    return UserTower("history", max_len)
+
+
+def pad_histories(histories: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Item-index histories (oldest first) -> the history tower's inputs: ``history`` [n, L] int64 right-padded
+    with item 0 (L = the longest row, at least 1) and ``lengths`` [n] int64."""
+    if len(histories) == 1 and histories[0].size:  # one request: no padding at all
+        return np.asarray(histories[0], dtype=np.int64).reshape(1, -1), np.array([histories[0].size], dtype=np.int64)
+    lengths = np.fromiter((h.size for h in histories), dtype=np.int64, count=len(histories))
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.concatenate(histories).astype(np.int64) if histories else np.empty(0, dtype=np.int64)
+    return csr_histories(indptr, flat, np.arange(len(histories)), max(int(lengths.max(initial=0)), 1))
+
+
+def csr_histories(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The history tower's inputs for CSR rows ``rows`` (e.g. training users in ``seen.npz``): the last
+    ``max_len`` items of each row, order kept, padded as ``pad_histories`` pads."""
+    rows = np.asarray(rows, dtype=np.int64)
+    ends = indptr[rows + 1]
+    lengths = np.minimum(ends - indptr[rows], max_len).astype(np.int64)
+    out = np.zeros((rows.size, max(int(lengths.max(initial=0)), 1)), dtype=np.int64)
+    cols = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[np.repeat(np.arange(rows.size), lengths), cols] = indices[np.repeat(ends - lengths, lengths) + cols]
+    return out, lengths
 
 
 def ort_session(model: str | bytes, intra_op_num_threads: int = 1) -> ort.InferenceSession:

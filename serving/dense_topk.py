@@ -84,9 +84,9 @@ class DenseTopK:
         self._perm = np.argsort(-item_norms, kind="stable").astype(np.int64)
         self._neg_norms = -item_norms[self._perm]  # ascending, for searchsorted
         self._sorted_t = np.ascontiguousarray(items[self._perm].T)
-        inverse = np.empty(self._num_items, dtype=np.int32)
-        inverse[self._perm] = np.arange(self._num_items, dtype=np.int32)
-        self._seen_pos = inverse[seen_indices]  # seen CSR in norm-order positions
+        self._inverse = np.empty(self._num_items, dtype=np.int32)  # item index -> norm-order position
+        self._inverse[self._perm] = np.arange(self._num_items, dtype=np.int32)
+        self._seen_pos = self._inverse[seen_indices]  # seen CSR in norm-order positions
         max_norm = float(item_norms.max()) if item_norms.size else 0.0
         # |float32 score - true score| <= this x |user vector|, any BLAS summation order.
         self._err_per_norm = SAFETY * (items.shape[1] + 2) * F32_EPS * max_norm
@@ -105,6 +105,30 @@ class DenseTopK:
         step = self._block_users
         for start in range(0, users.size, step):
             out.extend(self._block_topk(vecs[start : start + step], users[start : start + step], k, exclude_seen))
+        return out
+
+    def topk_excluding(self, vecs: np.ndarray, excluded: list[np.ndarray] | None, k: int) -> list[Result]:
+        """Per row of `vecs` (query vectors of no stored user, e.g. computed from a request's history): (items,
+        float32 scores), best first, leaving out the item indices `excluded[row]` (None: nothing); k >= 1.
+
+        The same computation as `topk`, with the exclusions given instead of read from the seen CSR.
+        """
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        n, b = self._num_items, vecs.shape[0]
+        if excluded is None:
+            excluded = [np.empty(0, dtype=np.int64)] * b
+        if b == 1:
+            ex = np.asarray(excluded[0], dtype=np.int64)
+            return [self._one_excluding(vecs, self._inverse[ex], n - np.unique(ex).size, k)]
+        out: list[Result] = []
+        step = self._block_users
+        for start in range(0, b, step):
+            part = [np.asarray(e, dtype=np.int64) for e in excluded[start : start + step]]
+            lens = np.fromiter((e.size for e in part), dtype=np.int64, count=len(part))
+            flat = np.concatenate(part) if part else np.empty(0, dtype=np.int64)
+            avail = n - _unique_seen_counts(np.concatenate([[0], np.cumsum(lens)]), flat, n)
+            rows = np.repeat(np.arange(len(part)), lens)
+            out.extend(self._block(vecs[start : start + step], rows, self._inverse[flat], avail, k))
         return out
 
     def _stride(self, k: int, width: int) -> int:
@@ -162,14 +186,15 @@ class DenseTopK:
         return np.einsum("ij,ij->i", self._items[items].astype(np.float64), vec_rows.astype(np.float64))
 
     def _one(self, vecs: np.ndarray, user: int, k: int, exclude_seen: bool) -> Result:
-        """`_dense_block` for one user with scalar bookkeeping (the /recommend hot path)."""
-        n = self._num_items
+        """`_block` for one user with scalar bookkeeping (the /recommend hot path)."""
         if exclude_seen:
-            seen = self._seen_pos[self._indptr[user] : self._indptr[user + 1]]
-            avail = int(self._unseen[user])
-        else:
-            seen = self._seen_pos[:0]
-            avail = n
+            return self._one_excluding(vecs, self._seen_pos[self._indptr[user] : self._indptr[user + 1]],
+                                       int(self._unseen[user]), k)
+        return self._one_excluding(vecs, self._seen_pos[:0], self._num_items, k)
+
+    def _one_excluding(self, vecs: np.ndarray, seen: np.ndarray, avail: int, k: int) -> Result:
+        """One query's top-k: `seen` the norm-order positions left out, `avail` the items not left out."""
+        n = self._num_items
         kk = min(k, avail)
         if kk == 0:
             return empty_result()
@@ -226,17 +251,21 @@ class DenseTopK:
         scores[rows[keep], pos[keep]] = -np.inf
 
     def _block_topk(self, vecs: np.ndarray, users: np.ndarray, k: int, exclude_seen: bool) -> list[Result]:
+        if exclude_seen:
+            seen_rows, seen_pos = self._seen_entries(users)
+            return self._block(vecs, seen_rows, seen_pos, self._unseen[users], k)
+        none = np.empty(0, dtype=np.int64)
+        return self._block(vecs, none, none, np.full(users.size, self._num_items, dtype=np.int64), k)
+
+    def _block(self, vecs: np.ndarray, seen_rows: np.ndarray, seen_pos: np.ndarray, avail: np.ndarray,
+               k: int) -> list[Result]:
+        """Top-k of a block of queries: (seen_rows, seen_pos) the (row, norm-order position) pairs left out,
+        `avail` each row's count of items not left out."""
         n = self._num_items
-        b = users.size
+        b = vecs.shape[0]
         vec64 = vecs.astype(np.float64)
         norms = np.sqrt(np.einsum("ij,ij->i", vec64, vec64))
         errs = self._err_per_norm * norms
-        if exclude_seen:
-            seen_rows, seen_pos = self._seen_entries(users)
-            avail = self._unseen[users]
-        else:
-            seen_rows = seen_pos = np.empty(0, dtype=np.int64)
-            avail = np.full(b, n, dtype=np.int64)
         kk = np.minimum(k, avail)  # answer sizes
         full = kk == k  # rows with fewer than k unseen items take all of them
         # k-th best unseen score of each row over the prefix -> how far each row must be scored.

@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 
 from serving.bundle import open_bundle
-from serving.bundle_format import MANIFEST_FILE
+from serving.bundle_format import MANIFEST_FILE, FormatError, read_user_tower
 from serving.config import ServeConfig
 from serving.recommender import Recommender
 from serving.schema import version_problem
@@ -72,11 +72,25 @@ def public_metadata(
             key: index.get(key)
             for key in ("factory", "requested", "exact", "query_transform", "search_params", "recall_at_k", "k")
         },
+        "user_tower": _user_tower(manifest),
         "lineage": lineage,
         "metrics": manifest.get("metrics"),
         "versions": manifest.get("versions"),
         "serving": {"max_k": config.max_k, "max_batch": config.max_batch, "fallback": config.fallback},
     }
+
+
+def _user_tower(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        return read_user_tower(manifest).manifest_entry()
+    except FormatError:  # a manifest the loader refuses; metadata is only ever built for loaded ones
+        return None
+
+
+def no_known_item(given: int, unknown: int) -> str:
+    """Why a history got no answer (no item id in it is the bundle's, and the server has no fallback)."""
+    return (f"no known item in history ({given} item id(s), {unknown} unknown to this bundle); send at least one "
+            "item id the bundle knows, or start the server with --fallback popular")
 
 
 class LoadedBundle:
@@ -96,6 +110,9 @@ class LoadedBundle:
         self.version_header = self.version.encode("ascii")
         self.metadata = dumps(public_metadata(bundle.manifest, digest, config, self.version))
         self._popular: dict[int, tuple[list[str], np.ndarray]] = {}
+        # The longest history a request may send; None: the user tower is looked up by user id.
+        self.max_history = bundle.user_tower.max_len if bundle.user_tower.is_history else None
+        self._fallback = config.fallback
 
     def serves(self, bundle: str, version: str | None) -> bool:
         """Whether a request for (bundle, version) is what this already is (version None: the default)."""
@@ -112,6 +129,29 @@ class LoadedBundle:
                 self._popular.clear()
             hit = self._popular[k] = self.answer(*self.recommender.popular(k))
         return hit
+
+
+    def history_answers(self, histories: list[list[str]], k: int, exclude_history: bool) -> list[dict[str, Any]]:
+        """Per history (external item ids, oldest first): its answer, with ``unknown_items`` (ids skipped as not
+        the bundle's). One with no known item gets the popular fallback if the server has one, else an entry
+        ``{"error": no_known_item(...), "status": 422, "unknown_items": n}``. One ORT call for all of them."""
+        rec = self.recommender
+        looked_up = [rec.history_indices(h) for h in histories]
+        known = [row for row, (items, _) in enumerate(looked_up) if items.size]
+        out: list[dict[str, Any]] = [{}] * len(histories)
+        answers = rec.recommend_histories([looked_up[row][0] for row in known], k, exclude_history) if known else []
+        for row, (items, scores) in zip(known, answers):
+            ids, values = self.answer(items, scores)
+            out[row] = {"items": ids, "scores": values, "unknown_items": looked_up[row][1]}
+        for row, (items, unknown) in enumerate(looked_up):
+            if items.size:
+                continue
+            if self._fallback == "popular":
+                ids, values = self.popular(k)
+                out[row] = {"items": ids, "scores": values, "unknown_items": unknown, "fallback": "popular"}
+            else:
+                out[row] = {"error": no_known_item(len(histories[row]), unknown), "status": 422, "unknown_items": unknown}
+        return out
 
 
 def load(bundle_path: str, version: str | None, config: ServeConfig) -> LoadedBundle:

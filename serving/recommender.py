@@ -15,7 +15,12 @@ Two paths, chosen once per bundle:
 User vectors: the user tower maps each user index to its vector on its own, so when the
 table is small (USER_TABLE_MAX_BYTES) ONNX Runtime computes it for every user once at load
 and requests look rows up; otherwise ORT runs per call. (A per-request ORT call, and the cache
-misses in the numpy work after it, are a sizeable part of a one-user recommendation.)
+misses in the numpy work after it, are a sizeable part of a one-user recommendation.) A history
+tower (`Bundle.user_tower`) computes a training user's vector from its stored history (the last
+max_len items of its seen row) the same way, and a request's own history (`recommend_histories`:
+item indices, from `history_indices`) with one ORT call on the [histories, longest] padded batch;
+its answer leaves out the history's items (`DenseTopK.topk_excluding`, or the FAISS path with the
+history as what is excluded), by the same rules as a user's seen items below.
 
 Correctness rules (why they exist):
 - indices are range-checked before ORT: ORT's Gather accepts negative indices and
@@ -45,12 +50,13 @@ or `compressor`).
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import faiss
 import numpy as np
 
 from serving.bundle import Bundle
-from serving.bundle_format import ip2l2_queries
+from serving.bundle_format import ONNX_HISTORY, ONNX_LENGTHS, csr_histories, ip2l2_queries, pad_histories
 from serving.dense_topk import DenseTopK, Result, empty_result
 
 logger = logging.getLogger(__name__)
@@ -63,6 +69,12 @@ EXACT_FETCH_FRACTION = 0.5
 # rows are looked up per request. Larger tables: ORT per call.
 USER_TABLE_MAX_BYTES = 64 << 20
 USER_TABLE_CHUNK = 4096
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"k must be a non-negative int, got {k!r}")
+    return int(k)
 
 
 def _rank(items: np.ndarray, scores: np.ndarray, k: int) -> Result:
@@ -119,6 +131,9 @@ class Recommender:
         self._exact = DenseTopK(self._items, self._indptr, self._indices)
         if blas_threads is not None:
             _limit_blas_threads(blas_threads)
+        self.tower = bundle.user_tower
+        # A history tower reads request histories by item id; an ID tower never needs this map.
+        self._item_lookup = {iid: i for i, iid in enumerate(bundle.item_ids.tolist())} if self.tower.is_history else {}
         self._user_table: np.ndarray | None = None
         if self._num_users * bundle.dim * 4 <= USER_TABLE_MAX_BYTES:
             self._user_table = np.concatenate([
@@ -134,6 +149,15 @@ class Recommender:
             return np.fromiter((lookup[str(u)] for u in external_ids), dtype=np.int64)
         except KeyError as exc:
             raise KeyError(f"unknown user id {exc.args[0]!r}") from None
+
+    def history_indices(self, external_ids: list[str]) -> tuple[np.ndarray, int]:
+        """A history's external item ids -> (the known ones' item indices int64, order kept; how many are unknown).
+        Only a history tower reads histories (ValueError otherwise)."""
+        if not self.tower.is_history:
+            raise ValueError("this bundle's user tower is looked up by user id; it reads no item history")
+        lookup = self._item_lookup
+        known = [i for i in map(lookup.get, external_ids) if i is not None]
+        return np.array(known, dtype=np.int64), len(external_ids) - len(known)
 
     def item_external_ids(self, item_indices: np.ndarray) -> np.ndarray:
         """Item indices -> external item ids (numpy unicode array)."""
@@ -170,7 +194,31 @@ class Recommender:
 
     def _run_tower(self, users: np.ndarray) -> np.ndarray:
         b = self.bundle
+        if self.tower.is_history:  # a training user's vector comes from its stored history (its seen row)
+            return self._run_histories(*csr_histories(self._indptr, self._indices, users, self.tower.max_len))
         return np.ascontiguousarray(b.session.run([b.output_name], {b.input_name: users})[0], dtype=np.float32)
+
+    def _run_histories(self, history: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        b = self.bundle
+        out = b.session.run([b.output_name], {ONNX_HISTORY: history, ONNX_LENGTHS: lengths})[0]
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def history_vectors(self, histories: list[np.ndarray]) -> np.ndarray:
+        """The history tower's output float32 (B, d) for item-index histories (oldest first, each at most
+        max_len items; one ORT call). Indices are range-checked first: ORT's Gather would wrap -1."""
+        if not self.tower.is_history:
+            raise ValueError("this bundle's user tower is looked up by user id; it reads no item history")
+        hs = [np.asarray(h) for h in histories]
+        for row, h in enumerate(hs):
+            if h.ndim != 1 or (h.size and h.dtype.kind not in "iu"):
+                raise TypeError(f"history {row} must be a 1-D integer array, got {h.dtype}{list(h.shape)}")
+            if h.size > self.tower.max_len:
+                raise ValueError(f"history {row} has {h.size} items, more than the tower's max_len {self.tower.max_len}")
+            if h.size and (int(h.min()) < 0 or int(h.max()) >= self._num_items):
+                raise IndexError(f"history {row}: item index out of range [0, {self._num_items})")
+        if not hs:
+            return np.empty((0, self.bundle.dim), dtype=np.float32)
+        return self._run_histories(*pad_histories(hs))
 
     def _tower(self, users: np.ndarray) -> np.ndarray:
         """User vectors of range-checked, non-empty int64 user indices."""
@@ -184,9 +232,7 @@ class Recommender:
 
         Each answer has exactly min(k, items not excluded) entries.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"k must be a non-negative int, got {k!r}")
-        k = int(k)
+        k = _check_k(k)
         users = self._check_users(user_indices)
         if users.size == 0:
             return []
@@ -195,15 +241,34 @@ class Recommender:
         vecs = self._tower(users)
         if self.dense:
             return self._exact.topk(vecs, users, k, exclude_seen)
+        excluded = [self.seen(u) for u in users.tolist()] if exclude_seen else None
+        return self._search_excluding(
+            vecs, excluded, k, lambda rows: self._exact.topk(vecs[rows], users[rows], k, exclude_seen))
 
+    def recommend_histories(self, histories: list[np.ndarray], k: int, exclude_history: bool = True) -> list[Result]:
+        """Per item-index history (oldest first, at most max_len items; a history tower only): (item indices,
+        scores), best first, the history's own items left out unless `exclude_history` is false. Exactly
+        min(k, items not excluded) entries each, as `recommend`."""
+        k = _check_k(k)
+        vecs = self.history_vectors(histories)
+        if k == 0 or not histories:
+            return [empty_result() for _ in histories]
+        excluded = [np.asarray(h, dtype=np.int64) for h in histories] if exclude_history else None
+        if self.dense:
+            return self._exact.topk_excluding(vecs, excluded, k)
+        return self._search_excluding(vecs, excluded, k, lambda rows: self._exact.topk_excluding(
+            vecs[rows], None if excluded is None else [excluded[r] for r in rows.tolist()], k))
+
+    def _search_excluding(self, vecs: np.ndarray, excluded: list[np.ndarray] | None, k: int,
+                          exact: Callable[[np.ndarray], list[Result]]) -> list[Result]:
+        """The approximate path: FAISS candidates minus `excluded[row]`; rows it cannot fill go to `exact(rows)`."""
         n = self._num_items
-        if exclude_seen:
-            seen_len = self._indptr[users + 1] - self._indptr[users]
-        else:
-            seen_len = np.zeros(users.size, dtype=np.int64)
-        need = np.minimum(k + seen_len, n)
+        b = vecs.shape[0]
+        excluded_len = (np.fromiter((e.size for e in excluded), dtype=np.int64, count=b) if excluded is not None
+                        else np.zeros(b, dtype=np.int64))
+        need = np.minimum(k + excluded_len, n)
         use_exact = need > EXACT_FETCH_FRACTION * n
-        results: list[Result | None] = [None] * users.size
+        results: list[Result | None] = [None] * b
 
         approx_rows = np.flatnonzero(~use_exact)
         # HNSW searches as deep as it fetches (efSearch >= fetch), so a row's answer would depend on the other
@@ -214,11 +279,11 @@ class Recommender:
             fetch = int(need[rows].max())
             scores_idx = self._search(vecs[rows], fetch)
             for row, cand in zip(rows.tolist(), scores_idx):
-                results[row] = self._finish(vecs[row], cand, users[row], k, exclude_seen)
+                results[row] = self._finish(vecs[row], cand, None if excluded is None else excluded[row], k)
 
-        exact_rows = np.array([row for row in range(users.size) if results[row] is None], dtype=np.int64)
+        exact_rows = np.array([row for row in range(b) if results[row] is None], dtype=np.int64)
         if exact_rows.size:
-            for row, answer in zip(exact_rows.tolist(), self._exact.topk(vecs[exact_rows], users[exact_rows], k, exclude_seen)):
+            for row, answer in zip(exact_rows.tolist(), exact(exact_rows)):
                 results[row] = answer
         return results  # type: ignore[return-value]
 
@@ -233,20 +298,16 @@ class Recommender:
             _, ids = self.bundle.index.search(queries, fetch)
         return ids
 
-    def _finish(self, vec: np.ndarray, cand: np.ndarray, user: int, k: int, exclude_seen: bool) -> Result | None:
-        """Filter one user's FAISS candidates; None when they cannot fill the answer."""
+    def _finish(self, vec: np.ndarray, cand: np.ndarray, excluded: np.ndarray | None, k: int) -> Result | None:
+        """Filter one query's FAISS candidates; None when they cannot fill the answer."""
         cand = cand[cand >= 0]
-        if exclude_seen:
-            seen = self.seen(user)
-            if seen.size:
-                cand = cand[~np.isin(cand, seen)]
-                expected = min(k, self._num_items - np.unique(seen).size)
-            else:
-                expected = min(k, self._num_items)
+        if excluded is not None and excluded.size:
+            cand = cand[~np.isin(cand, excluded)]
+            expected = min(k, self._num_items - np.unique(excluded).size)
         else:
             expected = min(k, self._num_items)
         if cand.size < expected:
-            logger.debug("user %d: %d candidates < %d needed, exact fallback", user, cand.size, expected)
+            logger.debug("%d candidates < %d needed, exact fallback", cand.size, expected)
             return None
         scores = self._items[cand] @ vec
         return _rank(cand, scores, expected)
@@ -254,9 +315,7 @@ class Recommender:
     # ---------------------------------------------------------------- popularity
     def popular(self, k: int, exclude: np.ndarray | None = None) -> Result:
         """Most-trained-on items (count of users, as float32 scores), best first, minus `exclude`."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"k must be a non-negative int, got {k!r}")
-        k = int(k)
+        k = _check_k(k)
         n_ex = 0 if exclude is None else int(np.asarray(exclude).size)
         cand = self._popular_order[: k + n_ex]
         if n_ex:

@@ -128,3 +128,25 @@ class Server:
         text = self.log.read_text()
         assert "Traceback" not in text, text[-3000:]
         return text
+
+
+# ------------------------------------------------------------------ a history-tower checkpoint and its bundle
+HISTORY_MAX_LEN = 20  # the history checkpoint's model.max_len: short enough that many slice users overflow it
+
+
+@pytest.fixture(scope="session")
+def history_run(tmp_path_factory, slice_data) -> Path:
+    """A 2-epoch `model.kind: history` run (dim 8, max_len HISTORY_MAX_LEN, hidden 16) on the test slice."""
+    run = tmp_path_factory.mktemp("history") / "run"
+    run_cli("train", "--out", run, "--set", f"data.path={slice_data}", "--set", "model.kind=history",
+            "--set", "model.dim=8", "--set", f"model.max_len={HISTORY_MAX_LEN}", "--set", "model.hidden=16",
+            "--epochs", 2, *TINY_TRAIN)
+    return run
+
+
+@pytest.fixture(scope="session")
+def history_bundle(history_run) -> Path:
+    """`compress export` of `history_run` (a history user tower bundle)."""
+    bundle = history_run.parent / "bundle"
+    run_cli("export", history_run, "--out", bundle)
+    return bundle
