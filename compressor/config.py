@@ -106,6 +106,10 @@ class RRDConfig:
     top_m: int = _f(500, "M: depth of the teacher ranking the interesting items come from.", min=1)
     temperature: float = _f(10.0, "T: sampling probability of rank r is proportional to exp(-r/T).", gt=0)
     uninteresting: int = _f(200, "L2: uniformly sampled items pushed below the interesting ones.", min=1)
+    distinct_uninteresting: bool = _f(False, "Draw the L2 uninteresting items without replacement, as the "
+                                             "authors' public code does (DE-RRD's paper: with replacement). With "
+                                             "distill.exclude_seen the top-M also leaves the training positives "
+                                             "out, their code's other difference.")
 
 
 @dataclass

@@ -104,6 +104,7 @@ def sample_rrd_sets(
     block: int = 8192,
     max_rounds: int = 100,
     positive_keys: Tensor | None = None,
+    distinct_uninteresting: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """DE-RRD's per-epoch sets for every user.
 
@@ -111,8 +112,9 @@ def sample_rrd_sets(
     CSR (indptr [n_users + 1], indices [nnz]) -> (interesting [n_users, L1] long in teacher
     order, uninteresting [n_users, L2] long).
     Interesting: L1 distinct positions ∝ exp(-rank / T) (rank 1-based), sorted by rank.
-    Uninteresting: L2 independent uniform draws (with replacement, as in DE-RRD) from the
-    items outside the teacher's top-M and the user's positives, by vectorised rejection.
+    Uninteresting: L2 independent uniform draws (with replacement, as in DE-RRD; without it,
+    as the authors' public code draws them, with ``distinct_uninteresting``) from the items
+    outside the teacher's top-M and the user's positives, by vectorised rejection.
     """
     n, m = teacher_topm.shape
     if L1 > m:
@@ -123,7 +125,7 @@ def sample_rrd_sets(
     # Fixed for a whole run (the teacher's top-M and the positives do not move): callers that sample every epoch
     # build them once with ``rrd_positive_keys`` and pass them in.
     pos_keys = positive_keys if positive_keys is not None else rrd_positive_keys(
-        teacher_topm, n_items, indptr, indices, L2)
+        teacher_topm, n_items, indptr, indices, L2, distinct_uninteresting)
 
     ranks = torch.arange(1, m + 1, dtype=torch.float64, device=device)
     log_w = (-ranks / T).expand(n, m)
@@ -138,15 +140,16 @@ def sample_rrd_sets(
         if L2 > 0:
             user_ids = torch.arange(start, start + nb, device=device)
             uninteresting[start : start + nb] = _sample_outside(
-                tb, user_ids, n_items, pos_keys, L2, generator, max_rounds
+                tb, user_ids, n_items, pos_keys, L2, generator, max_rounds, distinct_uninteresting
             )
     return interesting, uninteresting
 
 
 def rrd_positive_keys(teacher_topm: Tensor, n_items: int, indptr: np.ndarray, indices: np.ndarray,
-                      L2: int) -> Tensor:
+                      L2: int, distinct: bool = False) -> Tensor:
     """Sorted keys ``user * n_items + item`` of every training positive (on the top-M's device), for
-    ``sample_rrd_sets``; refuses a user with no item left to sample as uninteresting."""
+    ``sample_rrd_sets``; refuses a user with no item left to sample as uninteresting (with ``distinct``: fewer
+    than L2 such items)."""
     n, m = teacher_topm.shape
     if len(indptr) != n + 1:
         raise ValueError(f"indptr has {len(indptr)} entries, expected n_users + 1 = {n + 1}")
@@ -156,9 +159,11 @@ def rrd_positive_keys(teacher_topm: Tensor, n_items: int, indptr: np.ndarray, in
     if L2 > 0:
         n_pos_outside = _count_positives_outside(teacher_topm.cpu(), indptr_np, indices_np)
         allowed = n_items - m - n_pos_outside
-        if (allowed <= 0).any():
-            bad = int(np.flatnonzero(allowed <= 0)[0])
-            raise ValueError(f"user {bad} has no item outside its teacher top-M and positives")
+        need = L2 if distinct else 1
+        if (allowed < need).any():
+            bad = int(np.flatnonzero(allowed < need)[0])
+            raise ValueError(f"user {bad} has {int(allowed[bad])} item(s) outside its teacher top-M and positives, "
+                             f"needs {need}")
     rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr_np))
     return torch.from_numpy(np.sort(rows * n_items + indices_np)).to(teacher_topm.device)
 
@@ -184,8 +189,10 @@ def _sample_outside(
     n_draw: int,
     generator: torch.Generator | None,
     max_rounds: int,
+    distinct: bool = False,
 ) -> Tensor:
-    """Uniform items per row outside ``topm[row]`` and the row's positives, by rejection."""
+    """Uniform items per row outside ``topm[row]`` and the row's positives, by rejection; ``distinct``: no item
+    twice in a row (draws without replacement)."""
     nb, m = topm.shape
     out = torch.full((nb, n_draw), -1, dtype=torch.long, device=topm.device)
     filled = torch.zeros(nb, dtype=torch.long, device=topm.device)
@@ -204,6 +211,12 @@ def _sample_outside(
             keys = user_ids[todo].unsqueeze(1) * n_items + cand
             idx = torch.searchsorted(pos_keys, keys).clamp_(max=pos_keys.numel() - 1)
             bad |= pos_keys[idx] == keys
+        if distinct:  # reject what the row already holds, and every repeat of a candidate within the draw
+            bad |= rowwise_isin(cand, out[todo])
+            ordered, where = torch.sort(cand, dim=1)
+            repeat = torch.zeros_like(bad)
+            repeat.scatter_(1, where[:, 1:], ordered[:, 1:] == ordered[:, :-1])
+            bad |= repeat
         ok = ~bad
         # Place accepted candidates after what each row already holds, in draw order.
         slot = filled[todo].unsqueeze(1) + ok.cumsum(1) - 1

@@ -138,10 +138,10 @@ class RRDTerm:
     name = "rrd"
 
     def __init__(self, retrieval: KDRetrieval, *, top_m: int, interesting: int, uninteresting: int,
-                 temperature: float):
+                 temperature: float, distinct_uninteresting: bool = False):
         self.retrieval = retrieval
         self.top_m, self.n_interesting, self.n_uninteresting = top_m, interesting, uninteresting
-        self.temperature = temperature
+        self.temperature, self.distinct_uninteresting = temperature, distinct_uninteresting
         self.topm: Tensor | None = None  # teacher top-M [U, M], fixed for the run
         self.train_indptr: np.ndarray | None = None  # the training positives as CSR (never sampled as uninteresting)
         self.train_indices: np.ndarray | None = None
@@ -154,7 +154,7 @@ class RRDTerm:
     def from_config(cls, d, retrieval: KDRetrieval) -> RRDTerm:
         r = d.rrd
         return cls(retrieval, top_m=r.top_m, interesting=r.interesting, uninteresting=r.uninteresting,
-                   temperature=r.temperature)
+                   temperature=r.temperature, distinct_uninteresting=r.distinct_uninteresting)
 
     def setup(self, data: Dataset) -> None:
         self.topm = self.retrieval.teacher_topk(self.top_m)
@@ -162,13 +162,14 @@ class RRDTerm:
         self.train_indices = data.train.items
         self.n_items = data.num_items
         self.positive_keys = rrd_positive_keys(self.topm, self.n_items, self.train_indptr, self.train_indices,
-                                               self.n_uninteresting)
+                                               self.n_uninteresting, self.distinct_uninteresting)
 
     def on_epoch_start(self, model, epoch: int, gen: torch.Generator) -> dict:
         t0 = time.perf_counter()
         self.interesting, self.uninteresting = sample_rrd_sets(
             self.topm, self.n_items, self.train_indptr, self.train_indices, self.n_interesting,
-            self.n_uninteresting, self.temperature, generator=gen, positive_keys=self.positive_keys)
+            self.n_uninteresting, self.temperature, generator=gen, positive_keys=self.positive_keys,
+            distinct_uninteresting=self.distinct_uninteresting)
         return {"time_kd_sampling_s": time.perf_counter() - t0}
 
     def loss(self, user_vecs: Tensor, item_vecs: Tensor, users: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -56,6 +56,8 @@ def test_rcekd_end_to_end_improves_over_first_epoch_and_logs_diagnostics(teacher
 
 @pytest.mark.parametrize("method,extra", [("ce", []), ("ce", ["--set", "distill.ce_target=teacher"]),
                                           ("rrd", []), ("scratch", []),
+                                          ("rrd", ["--set", "distill.rrd.distinct_uninteresting=true",
+                                                   "--set", "distill.exclude_seen=true"]),
                                           ("rcekd", ["--set", "distill.use_loss_s=false"]),
                                           ("rcekd", ["--set", "distill.constant_alpha=0.5"]),
                                           ("rcekd", ["--set", "distill.kd_users=once_per_epoch"]),

@@ -551,6 +551,22 @@ def test_rrd_uninteresting_uniform_over_allowed():
     assert _chi2_ok(counts[allowed], np.full(len(allowed), 1 / len(allowed)))
 
 
+def test_rrd_distinct_uninteresting_are_distinct_allowed_and_uniform():
+    n_items, M, L2 = 40, 6, 10
+    topm = torch.arange(M).repeat(3000, 1)  # items 0-5 are every user's top-M
+    indptr, indices = _csr([[10, 11]] * 3000)
+    g = torch.Generator().manual_seed(4)
+    _, unint = sample_rrd_sets(topm, n_items, indptr, indices, 2, L2, 1.0, g, distinct_uninteresting=True)
+    allowed = [i for i in range(n_items) if i >= M and i not in (10, 11)]
+    for row in unint.tolist():
+        assert len(set(row)) == L2 and set(row) <= set(allowed)
+    counts = np.bincount(unint.flatten().numpy(), minlength=n_items)
+    assert _chi2_ok(counts[allowed], np.full(len(allowed), 1 / len(allowed)))
+    # a user with fewer allowed items than L2 cannot get L2 distinct ones: refused, not an endless loop
+    with pytest.raises(ValueError, match="needs 10"):
+        sample_rrd_sets(topm[:1], 14, *_csr([[10, 11]]), 2, L2, 1.0, g, distinct_uninteresting=True)
+
+
 def test_rrd_sets_reject_impossible_user():
     topm = torch.tensor([[0, 1, 2]])
     indptr, indices = _csr([[3]])
