@@ -86,8 +86,7 @@ def evaluate_runs(out: Path, datasets, seeds) -> dict:
 
     from compressor import api
     from compressor.checkpoint import load_checkpoint
-    from compressor.cold import (EASE_LAMBDAS, EASE_MAX_ITEMS, ease_vectors, evaluate_cold, history_model_vectors,
-                                 item_knn_vectors, popular_vectors)
+    from compressor.cold import BASELINES, baseline_vectors, cold_user_vectors
     from compressor.config import from_dict
 
     torch.set_num_threads(1)
@@ -116,11 +115,8 @@ def evaluate_runs(out: Path, datasets, seeds) -> dict:
                 with torch.no_grad():
                     u, i = model.vectors()
                     warm = _per_user(u, i, (d.train.indptr, d.train.items), d.test)
-                    if model.kind == "history":
-                        cu, ci = history_model_vectors(model, d.cold)
-                    else:  # an ID model has no row for a user it never saw: serving answers with the popular list
-                        cu, ci = popular_vectors(d, len(d.cold.users))
-                    cold = _per_user(cu, ci, (d.cold.history.indptr, d.cold.history.items), d.cold.test)
+                    cold = _per_user(*cold_user_vectors(model, d), (d.cold.history.indptr, d.cold.history.items),
+                                     d.cold.test)
                 result = json.loads((run / "result.json").read_text())
                 res = {"warm": warm, "cold": cold, "best_epoch": result["best_epoch"],
                        "wall_time_s": result["wall_time_s"]}
@@ -131,13 +127,13 @@ def evaluate_runs(out: Path, datasets, seeds) -> dict:
             results[f"{ds}-baselines"] = json.loads(base_file.read_text())
         elif (out / f"{ds}-teacher" / "result.json").exists():
             d = load(out / f"{ds}-teacher")
-            cold, exclude = d.cold, (d.cold.history.indptr, d.cold.history.items)
-            base = {"popular": {"cold": _per_user(*popular_vectors(d, len(cold.users)), exclude, cold.test)},
-                    "item_knn": {"cold": _per_user(*item_knn_vectors(d, cold), exclude, cold.test)}}
-            if d.num_items <= EASE_MAX_ITEMS:  # lambda chosen on the cold users' validation part
-                lam = max(EASE_LAMBDAS, key=lambda v: evaluate_cold(*ease_vectors(d, cold, v), cold, "valid")[
-                    "ndcg@20"])
-                base["ease"] = {"cold": _per_user(*ease_vectors(d, cold, lam), exclude, cold.test), "lambda": lam}
+            exclude = (d.cold.history.indptr, d.cold.history.items)
+            base = {}
+            for baseline in BASELINES:
+                made = baseline_vectors(baseline, d)  # EASE: lambda chosen on the cold users' validation part
+                if made is not None:
+                    u, i, settings = made
+                    base[baseline] = {"cold": _per_user(u, i, exclude, d.cold.test), **settings}
             base_file.write_text(json.dumps(base))
             results[f"{ds}-baselines"] = base
     return results
@@ -206,7 +202,7 @@ def summarise(out: Path, datasets, seeds, results: dict, resamples: int = 1000) 
                     if other not in pooled or side not in pooled[other]:
                         continue
                     a, b = np.array(ours[side][1]["ndcg@20"]), np.array(pooled[other][side][1]["ndcg@20"])
-                    ci = paired_bootstrap({"d": a - b, "ratio_base": b}, resamples)["d"]
+                    ci = paired_bootstrap({"d": a - b}, resamples)["d"]
                     rel = f"{100 * ci['value'] / b.mean():+.1f}%" if b.mean() else "—"
                     lines.append(f"- {side}: minus {other}: {ci['value']:+.4f} [{ci['lo']:+.4f}, {ci['hi']:+.4f}] "
                                  f"({rel} of {other}'s {b.mean():.4f})")

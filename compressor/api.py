@@ -22,7 +22,7 @@ import yaml
 
 from . import distributed
 from .checkpoint import load_checkpoint
-from .cold import EVAL_USERS, cold_targets, history_model_vectors, popular_vectors
+from .cold import EVAL_USERS, cold_targets, cold_user_vectors
 from .config import Config, ConfigError, check_distill, from_dict, load_config, to_dict
 from .data import Dataset, load_dataset
 from .device import configure_threads, resolve_device
@@ -228,9 +228,7 @@ def evaluate_per_user(checkpoints, split: str = "test", data_path: str | None = 
                         "include interactions it trained on", ckpt.path, label, ckpt.meta.get("data_fingerprint"),
                         fingerprint, split)
         if users == "cold":
-            model = ckpt.build_model(dev)
-            u, i = (history_model_vectors(model, data.cold) if hasattr(model, "encode")
-                    else popular_vectors(data, len(data.cold.users)))
+            u, i = cold_user_vectors(ckpt.build_model(dev), data)
             history, held = data.cold.history, cold_targets(data.cold, split)
             results.append(evaluate_split(u, i, history.indptr, history.items, held.indptr, held.items,
                                           ks=ks or cfg.train.eval_ks, block=cfg.train.eval_block,

@@ -29,6 +29,7 @@ EVAL_USERS = ("warm", "cold")  # whom `compress evaluate --users` ranks: users s
 EASE_MAX_ITEMS = 10_000  # the dense items x items inverse: 10k^2 float64 is 800 MB
 EASE_LAMBDAS = (100.0, 300.0, 1000.0, 3000.0)  # chosen on the cold users' validation part
 ENCODE_BLOCK = 4096  # cold users per call of a history model's encode
+KNN_MAX_CELLS = 500_000_000  # item-kNN's dense item factor [I, U]: 2 GB of float32
 
 
 def _matrix(split: Split, num_items: int) -> sp.csr_matrix:
@@ -67,6 +68,10 @@ def popular_vectors(data: Dataset, num_cold: int) -> tuple[torch.Tensor, torch.T
 
 
 def item_knn_vectors(data: Dataset, cold: ColdUsers) -> tuple[torch.Tensor, torch.Tensor]:
+    cells = data.num_items * data.num_users
+    if cells > KNN_MAX_CELLS:
+        raise ValueError(f"item_knn: {data.num_items:,} items x {data.num_users:,} users is beyond the dense "
+                         f"[items, users] factor this baseline builds ({KNN_MAX_CELLS:,} cells)")
     x = _matrix(data.train, data.num_items)
     counts = np.asarray(x.sum(axis=0)).ravel()
     dn = sp.diags(np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0).astype(np.float32))
@@ -92,25 +97,45 @@ def ease_vectors(data: Dataset, cold: ColdUsers, lam: float) -> tuple[torch.Tens
     return torch.from_numpy(h), torch.from_numpy(np.ascontiguousarray(ease_weights(data, lam).T))
 
 
-def evaluate_baselines(data: Dataset, split: str = "test", ks=(10, 20), names=BASELINES) -> dict[str, dict]:
-    """{baseline: metrics} of the cold users; EASE's lambda is chosen on their validation part (and recorded
-    as ``lambda``), and EASE is skipped beyond ``EASE_MAX_ITEMS`` items."""
+def cold_user_vectors(model, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """How a trained model scores the held-out users: a history model encodes their histories; an ID model has
+    no vector for a user it never saw, and serving answers such a user with the popular list (the bundle
+    leaves held-out users out), so that is its score."""
+    if hasattr(model, "encode"):
+        return history_model_vectors(model, data.cold)
+    return popular_vectors(data, len(data.cold.users))
+
+
+def ease_lambda(data: Dataset, ks=(10, 20)) -> float:
+    """EASE's lambda from ``EASE_LAMBDAS`` with the best NDCG@max(ks) on the cold users' validation part."""
+    return max(EASE_LAMBDAS, key=lambda lam: evaluate_cold(*ease_vectors(data, data.cold, lam), data.cold, "valid",
+                                                           ks)[f"ndcg@{max(ks)}"])
+
+
+def baseline_vectors(name: str, data: Dataset, ks=(10, 20)) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
+    """(cold user vectors, item vectors, settings) of a baseline; None for EASE beyond ``EASE_MAX_ITEMS``."""
     cold = data.cold
     if cold is None:
         raise ValueError("the data has no cold users (data.cold_users is 0)")
+    if name == "popular":
+        return (*popular_vectors(data, len(cold.users)), {})
+    if name == "item_knn":
+        return (*item_knn_vectors(data, cold), {})
+    if name == "ease":
+        if data.num_items > EASE_MAX_ITEMS:
+            return None
+        lam = ease_lambda(data, ks)
+        return (*ease_vectors(data, cold, lam), {"lambda": lam})
+    raise ValueError(f"baseline {name!r}; expected one of {', '.join(BASELINES)}")
+
+
+def evaluate_baselines(data: Dataset, split: str = "test", ks=(10, 20), names=BASELINES) -> dict[str, dict]:
+    """{baseline: metrics (and settings: EASE's ``lambda``, chosen on validation)} of the cold users; EASE is
+    skipped beyond ``EASE_MAX_ITEMS`` items."""
     out: dict[str, dict] = {}
     for name in names:
-        if name == "popular":
-            out[name] = evaluate_cold(*popular_vectors(data, len(cold.users)), cold, split, ks)
-        elif name == "item_knn":
-            out[name] = evaluate_cold(*item_knn_vectors(data, cold), cold, split, ks)
-        elif name == "ease":
-            if data.num_items > EASE_MAX_ITEMS:
-                continue
-            metric = f"ndcg@{max(ks)}"
-            best = max(EASE_LAMBDAS, key=lambda lam: evaluate_cold(*ease_vectors(data, cold, lam), cold, "valid",
-                                                                   ks)[metric])
-            out[name] = evaluate_cold(*ease_vectors(data, cold, best), cold, split, ks) | {"lambda": best}
-        else:
-            raise ValueError(f"baseline {name!r}; expected one of {', '.join(BASELINES)}")
+        made = baseline_vectors(name, data, ks)
+        if made is not None:
+            u, i, settings = made
+            out[name] = evaluate_cold(u, i, data.cold, split, ks) | settings
     return out

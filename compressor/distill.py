@@ -91,6 +91,13 @@ def load_teacher(source: str | Path, data: Dataset) -> Teacher:
         info = {"kind": ckpt.meta["model"]["kind"], "dim": ckpt.meta["model"]["dim"],
                 "metrics": ckpt.meta.get("metrics", {}), "mlflow_run_id": ckpt.meta.get("mlflow_run_id"),
                 "data_fingerprint": ckpt.meta.get("data_fingerprint")}
+    trained_on = info.get("data_fingerprint")
+    if data.cold is not None and trained_on is not None and trained_on != data.fingerprint():
+        # a teacher that trained on the held-out users' interactions would hand their item geometry to the
+        # student, and the cold-user evaluation would no longer measure users never seen in training
+        raise TeacherError(f"{source}: was trained on other data (fingerprint {trained_on}, this run's "
+                           f"{data.fingerprint()}); with data.cold_users the teacher must hold out the same users: "
+                           f"train it with the same data settings (--set data.cold_users=...)")
     urow = _align(uids, data.user_ids, "user", source)
     irow = _align(iids, data.item_ids, "item", source)
     uv = np.ascontiguousarray(uv[urow], dtype=np.float32)

@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 class MF(nn.Module):
@@ -132,12 +133,15 @@ class HistoryPool(nn.Module):
         nn.init.normal_(self.item_emb.weight, std=init_std)
         self.mlp_in = nn.Linear(dim, hidden)
         self.mlp_out = nn.Linear(hidden, dim)
-        for layer in (self.mlp_in, self.mlp_out):  # zero biases: at init every user vector is its mean history
+        for layer in (self.mlp_in, self.mlp_out):  # zero biases: an empty history starts at the zero vector
             nn.init.zeros_(layer.bias)
-        # the training histories (set_graph): a [U, I] CSR of ones over each user's window, and its row counts
+        # the training histories (set_graph): a [U, I] CSR of ones over each user's window (every user at once),
+        # the same windows as flat (indptr, items) for a batch's users, and the sorted keys user * I + item
         self.window: torch.Tensor | None = None
         self.window_counts: torch.Tensor | None = None
-        self.window_keys: torch.Tensor | None = None  # sorted user * num_items + item of every window entry
+        self.window_indptr: torch.Tensor | None = None
+        self.window_items: torch.Tensor | None = None
+        self.window_keys: torch.Tensor | None = None
 
     def constructor_args(self) -> dict:
         return {"num_users": self.num_users, "num_items": self.num_items, "dim": self.dim,
@@ -155,12 +159,15 @@ class HistoryPool(nn.Module):
         with warnings.catch_warnings():  # CSR is "beta" in torch, but it is the fast layout for spmm on CPU
             warnings.simplefilter("ignore", UserWarning)
             self.window = coo.to_sparse_csr().to(device)
-        self.window_counts = torch.bincount(u, minlength=self.num_users).to(device)
+        counts = torch.bincount(u, minlength=self.num_users)
+        self.window_counts = counts.to(device)
+        self.window_indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(device)
+        self.window_items = i.to(device)
         self.window_keys = torch.sort(u * self.num_items + i).values.to(device)
 
     def _apply(self, fn, *args, **kwargs):  # keep the (non-parameter) histories on the model's device
         super()._apply(fn, *args, **kwargs)
-        for name in ("window", "window_counts", "window_keys"):
+        for name in ("window", "window_counts", "window_indptr", "window_items", "window_keys"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
         return self
@@ -195,8 +202,12 @@ class HistoryPool(nn.Module):
         keys = users * self.num_items + pos
         where = torch.searchsorted(self.window_keys, keys).clamp(max=max(len(self.window_keys) - 1, 0))
         inside = (self.window_keys[where] == keys).to(self.history_emb.weight.dtype)
-        # only the batch's rows of the [U, I] window: a CSR row slice, then the pooled sums of those rows
-        sums = torch.sparse.mm(self.window, self.history_emb.weight)[users]
+        # the pooled sums of the batch's users' windows alone (one bag per pair), then the positive taken out
+        counts = self.window_counts[users]
+        offsets = torch.cumsum(counts, 0) - counts
+        flat = (torch.repeat_interleave(self.window_indptr[users] - offsets, counts)
+                + torch.arange(int(counts.sum()), device=counts.device))
+        sums = F.embedding_bag(self.window_items[flat], self.history_emb.weight, offsets, mode="sum")
         sums = sums - inside.unsqueeze(1) * self.history_emb(pos)
         return self.user_from_pooled(sums, self.window_counts[users] - inside.long())
 
@@ -229,6 +240,8 @@ def padded_histories(indptr: np.ndarray, items: np.ndarray, max_len: int) -> tup
 
 MODELS: dict[str, type[nn.Module]] = {"mf": MF, "lightgcn": LightGCN, "history": HistoryPool}
 MODEL_KINDS = tuple(MODELS)  # model.kind's choices
+# every constructor number of every kind: build_model takes any of them (each kind its own) and refuses others
+MODEL_NUMBERS = {name for cls in MODELS.values() for name in inspect.signature(cls).parameters}
 
 
 def build_model(kind: str, **args) -> nn.Module:
@@ -236,5 +249,8 @@ def build_model(kind: str, **args) -> nn.Module:
     ``max_len`` the history tower's ...) are ignored."""
     if kind not in MODELS:
         raise ValueError(f"model.kind: unknown model {kind!r} (expected one of {', '.join(MODEL_KINDS)})")
+    unknown = set(args) - MODEL_NUMBERS
+    if unknown:
+        raise TypeError(f"build_model: unknown model number(s) {sorted(unknown)} (known: {sorted(MODEL_NUMBERS)})")
     accepted = inspect.signature(MODELS[kind]).parameters
     return MODELS[kind](**{k: v for k, v in args.items() if k in accepted})

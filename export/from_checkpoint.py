@@ -141,6 +141,19 @@ def export_checkpoint(
     if getattr(model, "kind", None) == "history":
         tower, user_vecs = history_tower(model, indptr, indices, user_vecs)
         user_t = torch.from_numpy(user_vecs)
+    user_ids = np.asarray(ckpt.user_ids)
+    held_out = 0
+    if ((meta.get("config") or {}).get("data") or {}).get("cold_users", 0) > 0:
+        # Users held out of training (data.cold_users) keep an index in the checkpoint but have no trained row
+        # (an ID tower) or no history (a history tower): left out, so serving answers them as unknown users.
+        keep = np.flatnonzero(np.diff(indptr) > 0)
+        held_out = len(user_ids) - len(keep)
+        user_vecs, user_ids = np.ascontiguousarray(user_vecs[keep]), user_ids[keep]
+        user_t = torch.from_numpy(user_vecs)
+        indptr = np.concatenate([[0], np.cumsum(np.diff(indptr)[keep])]).astype(np.int64)  # empty rows only
+        if test_indptr is not None:
+            test_indptr = np.concatenate([[0], np.cumsum(np.diff(test_indptr)[keep])]).astype(np.int64)
+        logger.info("%d users held out of training (data.cold_users) left out of the bundle", held_out)
     k_ref = min(int(k_max), item_vecs.shape[0])
     reference = reference_topk(user_t, item_t, indptr, indices, k_ref)
     if reference is None:
@@ -156,6 +169,7 @@ def export_checkpoint(
         "data_fingerprint": meta.get("data_fingerprint"),
         "mlflow_run_id": meta.get("mlflow_run_id"),
         "mlflow_model_version": meta.get("mlflow_model_version"),
+        "held_out_users": held_out,
     }
     lineage.update(lineage_extra or {})
     metrics = (meta.get("metrics") or {}).get("test") or {}
@@ -167,7 +181,7 @@ def export_checkpoint(
         out_dir,
         user_vectors=user_vecs,
         item_vectors=item_vecs,
-        user_ids=np.asarray(ckpt.user_ids),
+        user_ids=user_ids,
         item_ids=np.asarray(ckpt.item_ids),
         seen_indptr=indptr,
         seen_indices=indices,

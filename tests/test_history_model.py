@@ -17,6 +17,8 @@ from compressor.cold import ease_weights, evaluate_baselines, history_model_vect
 from compressor.data import Dataset, Split, cold_user_mask, hold_out_cold_users
 from compressor.kd_retrieval import masked_topk
 from compressor.models import HistoryPool, padded_histories, window_pairs
+from export.from_checkpoint import export_checkpoint
+from serving.bundle import open_bundle
 
 from .conftest import ROOT, TINY_TRAIN, assert_one_line_error, cli_command, run_cli
 
@@ -190,6 +192,20 @@ def test_history_student_distills_with_rcekd_and_serves_cold_users(tmp_path, sli
     assert data.cold is not None and len(data.cold.users) > 50
     u, i = history_model_vectors(ck.build_model(), data.cold)
     assert u.shape == (len(data.cold.users), 8) and torch.isfinite(u).all()
+    # the bundle leaves the held-out users out: serving answers them as unknown users (fallback or 404)
+    export_checkpoint(out, tmp_path / "bundle", index_factory="Flat")
+    bundle = open_bundle(tmp_path / "bundle")
+    assert len(bundle.user_ids) == data.num_users - len(data.cold.users)
+    assert not set(bundle.user_ids.tolist()) & set(data.user_ids[data.cold.users].tolist())
+    assert bundle.manifest["lineage"]["held_out_users"] == len(data.cold.users)
+    # a teacher that trained on the held-out users' interactions is refused: it would leak them to the student
+    leaky = tmp_path / "leaky-teacher"
+    run_cli("train", "--out", leaky, "--set", f"data.path={slice_data}", "--set", "model.dim=16", "--epochs", 1,
+            *TINY_TRAIN)
+    refused = run_cli("distill", "--teacher", leaky, "--out", tmp_path / "leak", "--epochs", 1, *data_set, *HISTORY,
+                      *kd, "--set", "distill.exclude_seen=true", *TINY_TRAIN, check=False)
+    assert_one_line_error(refused, "hold out the same users")
+    assert not (tmp_path / "leak" / "model.safetensors").exists()
 
 
 def test_sigkill_then_resume_of_a_history_rcekd_student_matches_the_uninterrupted_run(tmp_path, slice_data):

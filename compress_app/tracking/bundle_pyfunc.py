@@ -79,8 +79,13 @@ def _missing(value) -> bool:
 
 
 def _history(value, row: int) -> list[str]:
-    if not isinstance(value, (list, tuple, np.ndarray)) or np.ndim(value) != 1:
+    # element by element, not np.ndim: a ragged list would make numpy raise (a 500 instead of a 400)
+    if isinstance(value, np.ndarray):
+        value = value.tolist() if value.ndim == 1 else None
+    if not isinstance(value, (list, tuple)):
         raise _bad_input(f"history of row {row} must be a list of item ids, got {type(value).__name__}")
+    if any(isinstance(v, (list, tuple, dict, np.ndarray)) for v in value):
+        raise _bad_input(f"history of row {row} must be a flat list of item ids (it holds a list)")
     if any(_missing(v) for v in value):
         raise _bad_input(f"history of row {row} holds a null item id")
     return [str(v) for v in value]
@@ -106,7 +111,8 @@ def _requests(model_input) -> tuple[list[str | None], list[list[str] | None] | N
     ids: list[str | None] = []
     histories: list[list[str] | None] = []
     for row, (user, cell) in enumerate(zip(users, cells)):
-        has_user, has_history = not _missing(user), not (cell is None or (np.ndim(cell) == 0 and _missing(cell)))
+        has_user = not _missing(user)
+        has_history = not (cell is None or (not isinstance(cell, (list, tuple, np.ndarray)) and _missing(cell)))
         if has_user == has_history:
             raise _bad_input(f"row {row}: give exactly one of '{USER_COLUMN}' or '{HISTORY_COLUMN}'")
         ids.append(str(user) if has_user else None)
