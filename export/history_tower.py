@@ -20,9 +20,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export.errors import ExportError
-from export.onnx_tower import ONNX_MAX_TABLE_BYTES, PARITY_ATOL
-from serving.bundle_format import (MODEL_FILE, ONNX_HISTORY, ONNX_HISTORY_TABLE, ONNX_IR_VERSION, ONNX_LENGTHS,
-                                   ONNX_OPSET, ONNX_OUTPUT, UserTower, csr_histories, ort_session)
+from export.onnx_tower import ONNX_MAX_TABLE_BYTES, PARITY_ATOL, checked_model
+from serving.bundle_format import (MODEL_FILE, ONNX_HISTORY, ONNX_HISTORY_TABLE, ONNX_LENGTHS, ONNX_OUTPUT,
+                                   UserTower, csr_histories, ort_session)
 
 PARITY_BLOCK_VALUES = 1 << 23  # history rows x max_len x dim gathered per ORT call of the parity check (32 MiB)
 PROBE_HISTORIES = 64  # random histories checked besides every training user's
@@ -128,19 +128,8 @@ def build_history_tower(tower: HistoryTower, *, producer_version: str = "") -> o
         [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, ["batch", dim])],
         initializer=[numpy_helper.from_array(array, name=name) for name, array in arrays.items()],
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
-        producer_name="compress",
-        producer_version=producer_version,
-        doc_string=f"User tower: mean of the last {tower.max_len} history items' embeddings plus a residual MLP.",
-    )
-    model.ir_version = ONNX_IR_VERSION
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:
-        raise ExportError(f"{MODEL_FILE}: onnx.checker rejected the history tower ({' '.join(str(exc).split())})") from exc
-    return model
+    return checked_model(graph, producer_version, f"User tower: mean of the last {tower.max_len} history items' "
+                                                  f"embeddings plus a residual MLP.", "the history tower")
 
 
 def check_history_parity(model: Path | bytes, tower: HistoryTower, indptr: np.ndarray, indices: np.ndarray,

@@ -82,18 +82,25 @@ def build_user_tower(user_vectors: np.ndarray, *, quantize: str = "fp32", produc
         [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, ["batch", dim])],
         initializer=[numpy_helper.from_array(array, name=name) for name, array in tables.items()],
     )
+    return checked_model(graph, producer_version, f"User tower: final user vectors ({quantize}) looked up by user "
+                                                  f"index.", "the user tower")
+
+
+def checked_model(graph: onnx.GraphProto, producer_version: str, doc_string: str, what: str) -> onnx.ModelProto:
+    """`graph` as a model at the bundle's opset and IR version, passed through onnx.checker (full_check);
+    ExportError naming `what` when the checker rejects it."""
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
         producer_name="compress",
         producer_version=producer_version,
-        doc_string=f"User tower: final user vectors ({quantize}) looked up by user index.",
+        doc_string=doc_string,
     )
     model.ir_version = ONNX_IR_VERSION
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
-        raise ExportError(f"{MODEL_FILE}: onnx.checker rejected the user tower ({' '.join(str(exc).split())})") from exc
+        raise ExportError(f"{MODEL_FILE}: onnx.checker rejected {what} ({' '.join(str(exc).split())})") from exc
     return model
 
 
