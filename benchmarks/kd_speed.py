@@ -539,10 +539,10 @@ def part_batch(spec: dict) -> dict:
 
     def kd_subsample(n):
         def loss(model, users, pos, neg):
-            base, u, i = bpr_base_loss(model, users, pos, neg)
+            base, user_vectors_of, i = bpr_base_loss(model, users, pos, neg)
             bu = torch.unique(users)
             sub = bu[torch.randperm(len(bu))[:n]]
-            kd, _ = losses.rcekd_loss_on_sets(u[sub], i, term.sets.rows(sub), term.t_scores[sub], tau=d.tau,
+            kd, _ = losses.rcekd_loss_on_sets(user_vectors_of(sub), i, term.sets.rows(sub), term.t_scores[sub], tau=d.tau,
                                               beta=d.beta)
             return base + d.lambda_kd * kd * (len(bu) / len(sub)), {}
         return loss

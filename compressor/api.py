@@ -173,15 +173,14 @@ def _evaluation_data(ckpt, data_path: str | None) -> tuple[Config, Dataset]:
     return cfg, load_data(cfg)
 
 
-def _vectors_on(ckpt, data: Dataset, dev: torch.device, data_label: str = "the data"):
-    """The model's user and item vectors, once its ids are checked against ``data``'s."""
+def _model_on(ckpt, data: Dataset, dev: torch.device, data_label: str = "the data"):
+    """The checkpoint's model on ``dev``, once its ids are checked against ``data``'s."""
     if len(ckpt.user_ids) != data.num_users or len(ckpt.item_ids) != data.num_items:
         raise MismatchError(f"{ckpt.path}: model has {len(ckpt.user_ids):,} users x {len(ckpt.item_ids):,} items, "
                             f"{data_label} has {data.num_users:,} x {data.num_items:,}")
     if not (ckpt.user_ids == data.user_ids).all() or not (ckpt.item_ids == data.item_ids).all():
         raise MismatchError(f"{ckpt.path}: model's user/item ids differ from those of {data_label}")
-    with torch.no_grad():
-        return ckpt.build_model(dev).vectors()
+    return ckpt.build_model(dev)
 
 
 def evaluate(checkpoint: str | Path, split: str = "test", data_path: str | None = None, ks=None,
@@ -190,7 +189,8 @@ def evaluate(checkpoint: str | Path, split: str = "test", data_path: str | None 
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     cfg, data = _evaluation_data(ckpt, data_path)
-    u, i = _vectors_on(ckpt, data, dev)
+    with torch.no_grad():
+        u, i = _model_on(ckpt, data, dev).vectors()
     target = data.valid if split == "valid" else data.test
     return run_eval(u, i, data.train.indptr, data.train.items, target.indptr, target.items,
                     ks=ks or cfg.train.eval_ks, block=cfg.train.eval_block)
@@ -220,7 +220,7 @@ def evaluate_per_user(checkpoints, split: str = "test", data_path: str | None = 
         ckpt = first if n == 0 else load_checkpoint(source)
         label = "the data" if n == 0 else f"the data of {first.path}"
         try:
-            u, i = _vectors_on(ckpt, data, dev, label)
+            model = _model_on(ckpt, data, dev, label)
         except MismatchError as e:
             raise MismatchError(f"{e}; paired results need every model on the same users" if n else str(e)) from None
         if ckpt.meta.get("data_fingerprint") not in (None, fingerprint):  # same ids, other splits (or --data)
@@ -228,12 +228,14 @@ def evaluate_per_user(checkpoints, split: str = "test", data_path: str | None = 
                         "include interactions it trained on", ckpt.path, label, ckpt.meta.get("data_fingerprint"),
                         fingerprint, split)
         if users == "cold":
-            u, i = cold_user_vectors(ckpt.build_model(dev), data)
+            u, i = cold_user_vectors(model, data)
             history, held = data.cold.history, cold_targets(data.cold, split)
             results.append(evaluate_split(u, i, history.indptr, history.items, held.indptr, held.items,
                                           ks=ks or cfg.train.eval_ks, block=cfg.train.eval_block,
                                           trained_items=data.train.items))
             continue
+        with torch.no_grad():
+            u, i = model.vectors()
         results.append(evaluate_split(u, i, data.train.indptr, data.train.items, target.indptr, target.items,
                                       ks=ks or cfg.train.eval_ks, block=cfg.train.eval_block))
     return results

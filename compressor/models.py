@@ -135,10 +135,8 @@ class HistoryPool(nn.Module):
         self.mlp_out = nn.Linear(hidden, dim)
         for layer in (self.mlp_in, self.mlp_out):  # zero biases: an empty history starts at the zero vector
             nn.init.zeros_(layer.bias)
-        # the training histories (set_graph): a [U, I] CSR of ones over each user's window (every user at once),
-        # the same windows as flat (indptr, items) for a batch's users, and the sorted keys user * I + item
-        self.window: torch.Tensor | None = None
-        self.window_counts: torch.Tensor | None = None
+        # the training histories (set_graph): every user's window as flat (indptr [U + 1], items) in split order,
+        # and the sorted keys user * I + item of its entries (to find a BPR positive in its own window)
         self.window_indptr: torch.Tensor | None = None
         self.window_items: torch.Tensor | None = None
         self.window_keys: torch.Tensor | None = None
@@ -153,21 +151,14 @@ class HistoryPool(nn.Module):
         users, items = window_pairs(np.asarray(train_users), np.asarray(train_items), self.num_users, self.max_len)
         device = self.item_emb.weight.device
         u, i = torch.as_tensor(users, dtype=torch.long), torch.as_tensor(items, dtype=torch.long)
-        ones = torch.ones(len(users), dtype=self.item_emb.weight.dtype)
-        coo = torch.sparse_coo_tensor(torch.stack([u, i]), ones, (self.num_users, self.num_items),
-                                      check_invariants=False).coalesce()
-        with warnings.catch_warnings():  # CSR is "beta" in torch, but it is the fast layout for spmm on CPU
-            warnings.simplefilter("ignore", UserWarning)
-            self.window = coo.to_sparse_csr().to(device)
         counts = torch.bincount(u, minlength=self.num_users)
-        self.window_counts = counts.to(device)
         self.window_indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(device)
         self.window_items = i.to(device)
         self.window_keys = torch.sort(u * self.num_items + i).values.to(device)
 
     def _apply(self, fn, *args, **kwargs):  # keep the (non-parameter) histories on the model's device
         super()._apply(fn, *args, **kwargs)
-        for name in ("window", "window_counts", "window_indptr", "window_items", "window_keys"):
+        for name in ("window_indptr", "window_items", "window_keys"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
         return self
@@ -185,31 +176,37 @@ class HistoryPool(nn.Module):
         sums = (self.history_emb(history) * mask.unsqueeze(2).to(self.history_emb.weight.dtype)).sum(1)
         return self.user_from_pooled(sums, lengths)
 
-    def _require_graph(self) -> None:
-        if self.window is None:
+    def _window_sums(self, users: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums [n, d] of the history embeddings of each user's window, window lengths [n]) for ``users``
+        (None: every user), one bag per user."""
+        if self.window_indptr is None:
             raise RuntimeError("HistoryPool.set_graph(train_users, train_items) must be called before vectors()")
+        indptr, items = self.window_indptr, self.window_items
+        if users is None:
+            starts, counts = indptr[:-1], indptr[1:] - indptr[:-1]
+            return F.embedding_bag(items, self.history_emb.weight, starts, mode="sum"), counts
+        starts, counts = indptr[users], indptr[users + 1] - indptr[users]
+        offsets = torch.cumsum(counts, 0) - counts
+        flat = torch.repeat_interleave(starts - offsets, counts) + torch.arange(int(counts.sum()), device=counts.device)
+        return F.embedding_bag(items[flat], self.history_emb.weight, offsets, mode="sum"), counts
 
     def vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every training user's vector from its whole (windowed) history [U, d], and the item vectors [I, d]."""
-        self._require_graph()
-        sums = torch.sparse.mm(self.window, self.history_emb.weight)
-        return self.user_from_pooled(sums, self.window_counts), self.item_emb.weight
+        return self.user_from_pooled(*self._window_sums(None)), self.item_emb.weight
+
+    def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
+        """The vectors [b, d] of ``users`` from their whole windows (only those users are computed)."""
+        return self.user_from_pooled(*self._window_sums(users))
 
     def bpr_user_vectors(self, users: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The vectors [b] of ``users`` computed from their histories with the positive ``pos`` [b] left out
         (when it is in the window): the item a pair predicts is never part of its own input."""
-        self._require_graph()
+        sums, counts = self._window_sums(users)
         keys = users * self.num_items + pos
         where = torch.searchsorted(self.window_keys, keys).clamp(max=max(len(self.window_keys) - 1, 0))
-        inside = (self.window_keys[where] == keys).to(self.history_emb.weight.dtype)
-        # the pooled sums of the batch's users' windows alone (one bag per pair), then the positive taken out
-        counts = self.window_counts[users]
-        offsets = torch.cumsum(counts, 0) - counts
-        flat = (torch.repeat_interleave(self.window_indptr[users] - offsets, counts)
-                + torch.arange(int(counts.sum()), device=counts.device))
-        sums = F.embedding_bag(self.window_items[flat], self.history_emb.weight, offsets, mode="sum")
-        sums = sums - inside.unsqueeze(1) * self.history_emb(pos)
-        return self.user_from_pooled(sums, self.window_counts[users] - inside.long())
+        inside = self.window_keys[where] == keys
+        sums = sums - inside.to(sums.dtype).unsqueeze(1) * self.history_emb(pos)
+        return self.user_from_pooled(sums, counts - inside.long())
 
     def batch_vectors(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u, i = self.vectors()

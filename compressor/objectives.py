@@ -67,19 +67,21 @@ class Objective(Protocol):
 
 
 def bpr_base_loss(model, users: Tensor, pos: Tensor, neg: Tensor, sparse_grads: bool = False):
-    """The BPR loss of a batch and the model's full user/item vectors it was computed from (the KD terms reuse
-    them): -> (loss, user vectors [U, d], item vectors [I, d])."""
+    """The BPR loss of a batch, the user vectors of the model it was computed from (a function: user indices
+    [b] -> [b, d]; the KD terms reuse it) and its item vectors [I, d]: -> (loss, user_vectors_of, items)."""
+    leave_out = getattr(model, "bpr_user_vectors", None)
+    if leave_out is not None:  # a user tower over the history: the batch's users only, the positive left out
+        i = model.item_emb.weight
+        uu = leave_out(users, pos)
+        return bpr_loss((uu * i[pos]).sum(-1), (uu * i[neg]).sum(-1)), model.user_vectors, i
     u, i = model.vectors()
     if sparse_grads:
         uu = F.embedding(users, u, sparse=True)
         ip, ineg = F.embedding(pos, i, sparse=True), F.embedding(neg, i, sparse=True)
     else:
         uu, ip, ineg = u[users], i[pos], i[neg]
-    leave_out = getattr(model, "bpr_user_vectors", None)
-    if leave_out is not None:  # a user tower over the history: the positive is left out of its own input
-        uu = leave_out(users, pos)
     loss = bpr_loss((uu * ip).sum(-1), (uu * ineg).sum(-1))
-    return loss, u, i
+    return loss, (lambda rows: u[rows]), i
 
 
 class Scratch:
@@ -145,9 +147,9 @@ class Distillation:
         return self.term.on_epoch_start(model, epoch, gen)
 
     def batch_loss(self, model, users: Tensor, pos: Tensor, neg: Tensor):
-        base, u, i = bpr_base_loss(model, users, pos, neg, self.sparse_grads)
+        base, user_vectors_of, i = bpr_base_loss(model, users, pos, neg, self.sparse_grads)
         bu = self.kd_users.select(users)
-        kd, parts = self.term.loss(u[bu], i, bu)
+        kd, parts = self.term.loss(user_vectors_of(bu), i, bu)
         loss = base + self.lambda_kd * kd
         return loss, {"loss": loss.detach(), "loss_base": base.detach(), "loss_kd": kd.detach(), **parts}
 

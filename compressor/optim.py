@@ -60,7 +60,27 @@ def _adam_state(state: dict, p: torch.Tensor) -> dict:
     return state
 
 
-class LazyAdam(torch.optim.Optimizer):
+class _RowSparseAdam(torch.optim.Optimizer):
+    """The step both row-sparse optimizers share: each parameter with a gradient, with its Adam state and its
+    group, goes to the subclass's ``_update``."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(group, p, _adam_state(self.state[p], p))
+        return loss
+
+    def _update(self, group: dict, p: torch.Tensor, state: dict) -> None:
+        raise NotImplementedError
+
+
+class LazyAdam(_RowSparseAdam):
     """Adam with L2 weight decay; sparse gradients update only their rows (see the module docstring)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -70,42 +90,31 @@ class LazyAdam(torch.optim.Optimizer):
                              f"weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = _adam_state(self.state[p], p)
-                state["step"] += 1
-                step = float(state["step"])
-                bc1, bc2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                if p.grad.is_sparse:
-                    g = p.grad.coalesce()  # duplicate rows (a user twice in a batch) are summed, as dense would
-                    rows, vals = g.indices()[0], g.values()
-                    if wd:
-                        vals = vals + wd * p[rows]
-                    m_rows = m[rows].mul_(b1).add_(vals, alpha=1 - b1)
-                    v_rows = v[rows].mul_(b2).addcmul_(vals, vals, value=1 - b2)
-                    m[rows], v[rows] = m_rows, v_rows
-                    denom = (v_rows.sqrt() / bc2_sqrt).add_(eps)
-                    p.index_add_(0, rows, m_rows / denom, alpha=-lr / bc1)
-                else:
-                    g = p.grad if not wd else p.grad.add(p, alpha=wd)
-                    m.mul_(b1).add_(g, alpha=1 - b1)
-                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    denom = (v.sqrt() / bc2_sqrt).add_(eps)
-                    p.addcdiv_(m, denom, value=-lr / bc1)
-        return loss
+    def _update(self, group: dict, p: torch.Tensor, state: dict) -> None:
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        state["step"] += 1
+        step = float(state["step"])
+        bc1, bc2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if p.grad.is_sparse:
+            g = p.grad.coalesce()  # duplicate rows (a user twice in a batch) are summed, as dense would
+            rows, vals = g.indices()[0], g.values()
+            if wd:
+                vals = vals + wd * p[rows]
+            m_rows = m[rows].mul_(b1).add_(vals, alpha=1 - b1)
+            v_rows = v[rows].mul_(b2).addcmul_(vals, vals, value=1 - b2)
+            m[rows], v[rows] = m_rows, v_rows
+            denom = (v_rows.sqrt() / bc2_sqrt).add_(eps)
+            p.index_add_(0, rows, m_rows / denom, alpha=-lr / bc1)
+        else:
+            g = p.grad if not wd else p.grad.add(p, alpha=wd)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / bc2_sqrt).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / bc1)
 
 
-class SparseAdamW(torch.optim.Optimizer):
+class SparseAdamW(_RowSparseAdam):
     """AdamW whose untouched rows are brought up to date when next touched (see the module docstring)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -124,45 +133,34 @@ class SparseAdamW(torch.optim.Optimizer):
         (b1, b2), decay = group["betas"], 1.0 - group["lr"] * group["weight_decay"]
         return tuple(torch.pow(base, k).to(like.dtype) for base in (b1, b2, decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = _adam_state(self.state[p], p)
-                if "row_step" not in state:
-                    state["row_step"] = torch.zeros(p.shape[:1], dtype=torch.int64, device=p.device)
-                state["step"] += 1
-                t = int(state["step"])
-                step_size, bc2_sqrt = lr / (1 - b1 ** t), math.sqrt(1 - b2 ** t)
-                m, v, row_step = state["exp_avg"], state["exp_avg_sq"], state["row_step"]
-                if p.grad.is_sparse:
-                    g = p.grad.coalesce()  # duplicate rows (a user twice in a batch) are summed, as dense would
-                    rows, vals = g.indices()[0], g.values()
-                    # rows are unique: index_select / index_copy_ (much faster on CPU than tensor[rows])
-                    fm, fv, fp = self._decays(group, t - row_step.index_select(0, rows), vals)
-                    m_rows = m.index_select(0, rows).mul_(fm).add_(vals, alpha=1 - b1)
-                    v_rows = v.index_select(0, rows).mul_(fv).addcmul_(vals, vals, value=1 - b2)
-                    denom = (v_rows.sqrt() / bc2_sqrt).add_(eps)
-                    m.index_copy_(0, rows, m_rows)
-                    v.index_copy_(0, rows, v_rows)
-                    p.index_copy_(0, rows, p.index_select(0, rows).mul_(fp).addcdiv_(m_rows, denom, value=-step_size))
-                    row_step.index_fill_(0, rows, t)
-                else:  # every row touched: bring each up to date, then AdamW's step over all of them
-                    g = p.grad
-                    fm, fv, fp = self._decays(group, t - row_step, p)
-                    m.mul_(fm).add_(g, alpha=1 - b1)
-                    v.mul_(fv).addcmul_(g, g, value=1 - b2)
-                    denom = (v.sqrt() / bc2_sqrt).add_(eps)
-                    p.mul_(fp).addcdiv_(m, denom, value=-step_size)
-                    row_step.fill_(t)
-        return loss
+    def _update(self, group: dict, p: torch.Tensor, state: dict) -> None:
+        lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
+        if "row_step" not in state:
+            state["row_step"] = torch.zeros(p.shape[:1], dtype=torch.int64, device=p.device)
+        state["step"] += 1
+        t = int(state["step"])
+        step_size, bc2_sqrt = lr / (1 - b1 ** t), math.sqrt(1 - b2 ** t)
+        m, v, row_step = state["exp_avg"], state["exp_avg_sq"], state["row_step"]
+        if p.grad.is_sparse:
+            g = p.grad.coalesce()  # duplicate rows (a user twice in a batch) are summed, as dense would
+            rows, vals = g.indices()[0], g.values()
+            # rows are unique: index_select / index_copy_ (much faster on CPU than tensor[rows])
+            fm, fv, fp = self._decays(group, t - row_step.index_select(0, rows), vals)
+            m_rows = m.index_select(0, rows).mul_(fm).add_(vals, alpha=1 - b1)
+            v_rows = v.index_select(0, rows).mul_(fv).addcmul_(vals, vals, value=1 - b2)
+            denom = (v_rows.sqrt() / bc2_sqrt).add_(eps)
+            m.index_copy_(0, rows, m_rows)
+            v.index_copy_(0, rows, v_rows)
+            p.index_copy_(0, rows, p.index_select(0, rows).mul_(fp).addcdiv_(m_rows, denom, value=-step_size))
+            row_step.index_fill_(0, rows, t)
+        else:  # every row touched: bring each up to date, then AdamW's step over all of them
+            g = p.grad
+            fm, fv, fp = self._decays(group, t - row_step, p)
+            m.mul_(fm).add_(g, alpha=1 - b1)
+            v.mul_(fv).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / bc2_sqrt).add_(eps)
+            p.mul_(fp).addcdiv_(m, denom, value=-step_size)
+            row_step.fill_(t)
 
     @torch.no_grad()
     def catch_up(self) -> None:
