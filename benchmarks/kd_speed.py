@@ -497,20 +497,21 @@ def part_batch(spec: dict) -> dict:
     obj.on_epoch_start(tr.model, 1, np.random.default_rng(0), torch.Generator().manual_seed(0))
     term = obj.term  # the rcekd term: the epoch's sets
     score = term.retrieval.teacher_scores
+    all_sets = term.batch_sets(torch.arange(data.num_users))[0]
+    qt, qs, a = term.qt.long(), all_sets.items[:, :d.K], all_sets.items[:, d.K:d.K + d.L]
     # the steps of on_epoch_start after retrieval, timed one by one (median of 3), plus cheaper alternatives
-    p_ids = term.qs  # M == K in the Gowalla recipe, so P = QS
+    p_ids = qs  # M == K in the Gowalla recipe, so P = QS
     steps = {
         "sample_interesting_positions (step 4)": lambda: kd_sets.sample_interesting_positions(
-            p_ids, term.qt, d.L, d.T, generator=torch.Generator().manual_seed(0)),
-        "rcekd_sets [U, K+L+K]": lambda: losses.rcekd_sets(term.qt, term.qs, term.a),
-        "teacher scores of [QS|A|QT] (every column per epoch)": lambda: score(term.sets.items),
-        "teacher scores of [QS|A] only (as implemented: QT scored once at setup)": lambda: score(
-            torch.cat([term.qs, term.a], 1)),
-        "teacher scores of QS only (A is a subset of P = QS when M == K)": lambda: score(term.qs),
+            p_ids, qt, d.L, d.T, generator=torch.Generator().manual_seed(0)),
+        "rcekd_sets [U, K+L+K]": lambda: losses.rcekd_sets(qt, qs, a),
+        "teacher scores of [QS|A|QT] (every column per epoch)": lambda: score(all_sets.items),
+        "teacher scores of [QS|A] only": lambda: score(torch.cat([qs, a], 1)),
+        "teacher scores of QS only (A is a subset of P = QS when M == K: as implemented)": lambda: score(qs),
         "topk_overlap diagnostic ([U,K,K] bool)": lambda: float(
-            (term.qs.unsqueeze(2) == term.qt.unsqueeze(1)).any(2).float().mean()),
+            (qs.unsqueeze(2) == qt.unsqueeze(1)).any(2).float().mean()),
         "topk_overlap via losses.rowwise_isin (as implemented)": lambda: float(
-            losses.rowwise_isin(term.qs, term.qt).float().mean()),
+            losses.rowwise_isin(qs, qt).float().mean()),
     }
     step_s = {}
     for n, f in steps.items():
@@ -542,8 +543,8 @@ def part_batch(spec: dict) -> dict:
             base, user_vectors_of, i = bpr_base_loss(model, users, pos, neg)
             bu = torch.unique(users)
             sub = bu[torch.randperm(len(bu))[:n]]
-            kd, _ = losses.rcekd_loss_on_sets(user_vectors_of(sub), i, term.sets.rows(sub), term.t_scores[sub], tau=d.tau,
-                                              beta=d.beta)
+            sets, t_scores = term.batch_sets(sub)
+            kd, _ = losses.rcekd_loss_on_sets(user_vectors_of(sub), i, sets, t_scores, tau=d.tau, beta=d.beta)
             return base + d.lambda_kd * kd * (len(bu) / len(sub)), {}
         return loss
 
@@ -713,8 +714,10 @@ def part_scale(spec: dict) -> dict:
     teacher = Teacher(t_u, t_i, f"synthetic-{spec['users']}-{spec['items']}-{spec['seed']}", "synthetic",
                       {"kind": "synthetic", "dim": spec["teacher_dim"]})
     cfg = from_dict({"model": {"kind": "mf", "dim": spec["dim"], "init_std": 0.01},
-                     "train": {"batch_size": 2048, "lr": 0.001, "weight_decay": 1e-5, "threads": threads},
+                     "train": {"batch_size": 2048, "lr": 0.001, "weight_decay": 1e-5, "threads": threads,
+                               "optimizer": spec.get("optimizer", "adam")},
                      "distill": {"method": "rcekd", "tau": 1.0, "K": spec["K"], "L": spec["L"], "T": 10.0,
+                                 "kd_users": spec.get("kd_users", "every_batch"),
                                  "M": spec["M"], "beta": 5.0, "lambda_kd": 10.0, "index": spec["index"],
                                  "index_params": spec["index_params"]}})
     work = Path(spec["work"])
@@ -725,7 +728,7 @@ def part_scale(spec: dict) -> dict:
     term = RCEKDTerm.from_config(cfg.distill, retrieval)
     marks = {}
     obj = PeakAfterEpochStart(Distillation(term, KDUsers(cfg.distill.kd_users, retrieval.num_users, dev),
-                                           cfg.distill.lambda_kd), marks)
+                                           cfg.distill.lambda_kd, retrieval), marks)
     tr = Trainer(cfg, data, obj, work / f"scale-{spec['users']}", dev, progress=False)
     with torch.no_grad():
         tr.model.user_emb.weight.copy_(torch.from_numpy(s_u))
@@ -750,9 +753,9 @@ def part_scale(spec: dict) -> dict:
     res["kd_epoch"]["cpu_s"] = cpu_s() - cpu0  # CPU time of the process: unaffected by a SIGSTOP / time-slicing
     res["kd_epoch"]["retrieval_recall"] = row.get("diag_retrieval_recall")
     res["per_epoch_tensors_mb"] = {
-        "qt [U,K] teacher top-K": _nbytes(term.qt), "qs [U,K]": _nbytes(term.qs), "a [U,L]": _nbytes(term.a),
-        "sets.items [U,K+L+K]": _nbytes(term.sets.items), "sets.mask_t [U,L+K]": _nbytes(term.sets.mask_t),
-        "t_scores [U,K+L+K]": _nbytes(term.t_scores),
+        "qt [U,K] teacher top-K": _nbytes(term.qt), "its teacher scores [U,K]": _nbytes(term.t_scores_qt),
+        "scored lists [U,W] (P, or [QS|A])": _nbytes(term.lists), "their teacher scores [U,W]": _nbytes(term.scores),
+        "columns of A [U,L]": _nbytes(term.a_cols),
         "P [U,M] ids + scores in retrieval (transient)": spec["users"] * spec["M"] * (8 + 4) / MB,
         "teacher vectors": (t_u.nbytes + t_i.nbytes) / MB,
         "train pairs (users+items int64)": (data.train.users.nbytes + data.train.items.nbytes) / MB}
@@ -896,6 +899,7 @@ def markdown(res: dict) -> str:
         for s in sc:
             # session 1 also stored "what-if" rows with the overlap diagnostic fixed; the fix is now the code itself
             variant = "overlap diag fixed (what-if)" if s.get("spec", {}).get("overlap_fix") else "as implemented"
+            variant += f", {s.get('spec', {}).get('optimizer', 'adam')}, {s.get('spec', {}).get('kd_users', 'every_batch')}"
             if "kd_epoch" not in s:
                 L.append(f"| {s.get('spec', {}).get('users')} | {variant} | | | | | FAILED: {s.get('error')} "
                          "| | | | | | | | | | | "
@@ -985,6 +989,8 @@ def main():
                          "(hours at 1M users here); the exact cost is extrapolated from 2,000 users either way")
     ap.add_argument("--scale-teacher-index-params", nargs="*", default=["nprobe=64"])
     ap.add_argument("--scale-scratch", action="store_true", help="also time one scratch epoch per size")
+    ap.add_argument("--scale-optimizer", default="adam", help="train.optimizer of the scale runs")
+    ap.add_argument("--scale-kd-users", default="every_batch", help="distill.kd_users of the scale runs")
     ap.add_argument("--scale-timeout", type=float, default=3600.0, help="seconds per size before it is killed")
     ap.add_argument("--scale-rss-cap-gb", type=float, default=20.0,
                     help="kill a size's process above this resident memory (the machine is shared)")
@@ -1067,7 +1073,7 @@ def main():
                     "teacher_dim": 64, "dim": 20, "K": 100, "L": 50, "M": 100, "seed": 0, "index": a.scale_index,
                     "index_params": parse_params(a.scale_index_params), "teacher_index": a.scale_teacher_index,
                     "teacher_index_params": parse_params(a.scale_teacher_index_params), "work": str(out),
-                    "scratch": a.scale_scratch}
+                    "scratch": a.scale_scratch, "optimizer": a.scale_optimizer, "kd_users": a.scale_kd_users}
             name = f"scale-{users}"
             r = child("scale", spec, out, name, timeout=a.scale_timeout,
                       rss_cap_mb=a.scale_rss_cap_gb * 1024)

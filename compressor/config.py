@@ -77,16 +77,19 @@ class TrainConfig:
     epochs: int = _f(1000, "Maximum number of epochs.", min=1)
     batch_size: int = _f(2048, "Training interactions per BPR batch.", min=1)
     lr: float = _f(1e-3, "Adam learning rate.", min=0)
-    weight_decay: float = _f(0.0, "Weight decay: L2 for adam and lazy_adam; decoupled (AdamW) for sparse_adamw, "
-                                  "where a value tuned as L2 does not carry over.", min=0)
+    weight_decay: float = _f(0.0, "Weight decay: L2 for adam, lazy_adam and sparse_adam (on the rows a batch "
+                                  "touches); decoupled (AdamW) for sparse_adamw, where a value tuned as L2 does not "
+                                  "carry over.", min=0)
     optimizer: str = _f("adam", "adam: torch Adam over every row each step (the paper's recipe). "
-                                "lazy_adam: for MF, update only the rows a batch touches (much faster epochs for "
-                                "wide MF teachers; untouched rows keep their moments, which costs some teacher "
-                                "quality: docs/benchmarks.md section 3); other models get the dense update. "
-                                "sparse_adamw: for MF, row-sparse like lazy_adam, but AdamW: every row's moments "
-                                "and weights decay every step (applied in closed form when the row is next "
-                                "touched), only touched rows get the Adam update (compressor/optim.py). Experimental: at the recipes' "
-                                "lr 1e-3 it under-trains (docs/benchmarks.md section 3b).",
+                                "sparse_adam: for MF, torch Adam on the rows a batch touches, and the rows it skips "
+                                "keep moving along their momentum, applied in closed form when next touched "
+                                "(compressor/optim.py; a fraction of adam's epoch time for wide tables: "
+                                "docs/benchmarks.md section 3c). "
+                                "lazy_adam: for MF, update only the rows a batch touches; untouched rows stand "
+                                "still, which costs some teacher quality (docs/benchmarks.md section 3). "
+                                "sparse_adamw: row-sparse AdamW whose untouched rows only decay; at the recipes' "
+                                "lr 1e-3 it under-trains (section 3b). Other models than MF get each one's dense "
+                                "update.",
                         choices=OPTIMIZER_NAMES)
     eval_every: int = _f(1, "Validate every N epochs.", min=1)
     patience: int = _f(30, "Stop after this many validations without a better validation metric.", min=1)

@@ -70,16 +70,19 @@ def sample_interesting_positions(
     T: float,
     generator: torch.Generator | None = None,
     block: int = 8192,
-) -> Tensor:
+    with_positions: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Step 4: sample ``A_u``, L distinct positions of P_u with probability ∝ w_u(j).
 
     p [n_users, M] long (student top-M, best first), qt [n_users, K] long ->
-    a [n_users, L] long item ids, listed in the student's order. Requires L <= M.
+    a [n_users, L] long item ids, listed in the student's order; with ``with_positions`` also their columns of p
+    [n_users, L] (so values known for P's columns can be gathered for A). Requires L <= M.
     """
     n, m = p.shape
     if L > m:
         raise ValueError(f"cannot sample L={L} distinct positions from M={m}")
     out = torch.empty((n, L), dtype=p.dtype, device=p.device)
+    positions = torch.empty((n, L), dtype=torch.long, device=p.device)
     for start in range(0, n, block):
         pb, qb = p[start : start + block], qt[start : start + block]
         c = interesting_position_counts(pb, qb)
@@ -87,8 +90,9 @@ def sample_interesting_positions(
         log_w = (c.to(torch.float64) + 1.0) / T
         pos = _gumbel_topk(log_w, L, generator)
         pos, _ = torch.sort(pos, dim=1)
+        positions[start : start + block] = pos
         out[start : start + block] = pb.gather(1, pos)
-    return out
+    return (out, positions) if with_positions else out
 
 
 @torch.no_grad()

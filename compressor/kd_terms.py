@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .data import Dataset
@@ -29,8 +30,10 @@ class KDTerm(Protocol):
 
     name: str
 
-    def setup(self, data: Dataset) -> None:
-        """Once before the first epoch: the sets that stay fixed for the whole run (the teacher's top-K ...)."""
+    def setup(self, data: Dataset, sparse_grads: bool = False) -> None:
+        """Once before the first epoch: the sets that stay fixed for the whole run (the teacher's top-K ...).
+        ``sparse_grads``: the loss gathers the student's item rows it reads as row-sparse gradients (for a
+        row-sparse optimizer: a batch then touches only those rows, see ``gather_items``)."""
 
     def on_epoch_start(self, model, epoch: int, gen: torch.Generator) -> dict:
         """The epoch's sets (student top-M, sampled items, their teacher scores); returns diagnostics. Every
@@ -42,7 +45,14 @@ class KDTerm(Protocol):
 
 
 class RCEKDTerm:
-    """RCE-KD (rcekd.md steps 1-7): CE over the student's closed top-K plus CE over sampled + teacher-top items."""
+    """RCE-KD (rcekd.md steps 1-7): CE over the student's closed top-K plus CE over sampled + teacher-top items.
+
+    The epoch's state is kept compact (it is most of a large run's memory: docs/benchmarks.md section 4): the
+    scored lists ``lists`` [U, W] int32 with their teacher scores [U, W], and the columns of A in them; QS is
+    their first K columns. With M <= K + L the lists are P itself (QS and A are columns of P, so P's M columns
+    are scored instead of QS's K and A's L); otherwise [QS | A]. A batch's [QS | A | QT] sets and their teacher
+    scores are assembled from these rows (``batch_sets``), not stored for every user.
+    """
 
     name = "rcekd"
 
@@ -52,12 +62,12 @@ class RCEKDTerm:
         self.K, self.M, self.L, self.T = K, M, L, T
         self.weighting = {"tau": tau, "beta": beta, "use_loss_s": use_loss_s, "use_loss_t": use_loss_t,
                           "constant_alpha": constant_alpha}
-        self.qt: Tensor | None = None  # teacher top-K [U, K] (step 1), fixed for the run
+        self.qt: Tensor | None = None  # teacher top-K [U, K] int32 (step 1), fixed for the run
         self.t_scores_qt: Tensor | None = None  # its teacher scores [U, K]
-        self.qs: Tensor | None = None  # the epoch's student top-K [U, K] (step 3)
-        self.a: Tensor | None = None  # the epoch's sampled interesting items [U, L] (step 4)
-        self.sets: RCEKDSets | None = None  # the epoch's [QS | A | QT] sets
-        self.t_scores: Tensor | None = None  # their teacher scores [U, K + L + K]
+        self.lists: Tensor | None = None  # the epoch's scored lists [U, W] int32: P, or [QS | A]
+        self.scores: Tensor | None = None  # their teacher scores [U, W]
+        self.a_cols: Tensor | None = None  # the columns of A (step 4) in ``lists`` [U, L] int16/int32
+        self.sparse_grads = False  # gather the item rows the loss reads as row-sparse gradients (setup)
 
     @classmethod
     def from_config(cls, d, retrieval: KDRetrieval) -> RCEKDTerm:
@@ -65,32 +75,67 @@ class RCEKDTerm:
         return cls(retrieval, K=d.K, M=d.M, L=d.L, T=d.T, tau=d.tau, beta=d.beta, use_loss_s=d.use_loss_s,
                    use_loss_t=d.use_loss_t, constant_alpha=d.constant_alpha)
 
-    def setup(self, data: Dataset) -> None:
-        self.qt = self.retrieval.teacher_topk(self.K)  # step 1, once
-        # The sets' layout is [QS | A | QT] and QT never changes: its teacher scores are computed once, here.
-        self.t_scores_qt = self.retrieval.teacher_scores(self.qt)
+    def setup(self, data: Dataset, sparse_grads: bool = False) -> None:
+        self.sparse_grads = sparse_grads
+        qt = self.retrieval.teacher_topk(self.K)  # step 1, once
+        # QT never changes: its teacher scores are computed once, here.
+        self.t_scores_qt = self.retrieval.teacher_scores(qt)
+        self.qt = compact_ids(qt)
 
     def on_epoch_start(self, model, epoch: int, gen: torch.Generator) -> dict:
         p, diag = self.retrieval.student_topm(model, self.M)  # step 2
         t0 = time.perf_counter()
-        self.qs = p[:, : self.K].contiguous()  # step 3
-        self.a = sample_interesting_positions(p, self.qt, self.L, self.T, generator=gen)  # step 4
-        # The sets are fixed for the epoch, so score them with the (wide, frozen) teacher once here instead of
-        # gathering teacher vectors in every batch: [U, K+L] floats instead of batches x [b, K+L+K, dT].
-        self.sets = rcekd_sets(self.qt, self.qs, self.a)
-        moving = self.sets.items.shape[1] - self.qt.shape[1]  # the [QS | A] columns
-        self.t_scores = torch.cat([self.retrieval.teacher_scores(self.sets.items[:, :moving]), self.t_scores_qt],
-                                  dim=1)
+        qt = self.qt.long()
+        a_cols = sample_interesting_positions(p, qt, self.L, self.T, generator=gen, with_positions=True)[1]  # 4
+        previous = None if self.lists is None else (self.lists, self.scores)
+        self.a_cols = None  # last epoch's state goes before this one's is built (only what is reused stays)
+        if self.M <= self.K + self.L:
+            lists = p
+        else:
+            lists = torch.cat([p[:, : self.K], p.gather(1, a_cols)], dim=1)
+            a_cols = torch.arange(self.K, self.K + self.L, device=p.device).expand(p.shape[0], -1)
+        # each pair's score is the same bits whether reused from last epoch or computed afresh
+        scores = self.retrieval.teacher_scores(lists, previous=previous)
+        self.lists, self.scores, previous = compact_ids(lists), scores, None
+        self.a_cols = a_cols.to(torch.int16 if lists.shape[1] < 2 ** 15 else torch.int32).contiguous()
         diag["time_kd_sampling_s"] = time.perf_counter() - t0
-        # closure gap: how much of the teacher's top-K the student's own top-K already holds
-        diag["topk_overlap"] = float(rowwise_isin(self.qs, self.qt).float().mean())
+        # closure gap: how much of the teacher's top-K the student's own top-K (step 3) already holds
+        diag["topk_overlap"] = float(rowwise_isin(p[:, : self.K], qt).float().mean())
         return diag
 
+    def batch_sets(self, users: Tensor) -> tuple[RCEKDSets, Tensor]:
+        """The [QS | A | QT] sets of ``users`` [b] and their teacher scores [b, K + L + K], from the epoch's state."""
+        rows, scores, cols = self.lists[users].long(), self.scores[users], self.a_cols[users].long()
+        qs, a = rows[:, : self.K], rows.gather(1, cols)
+        sets = rcekd_sets(self.qt[users].long(), qs, a)
+        return sets, torch.cat([scores[:, : self.K], scores.gather(1, cols), self.t_scores_qt[users]], dim=1)
+
     def loss(self, user_vecs: Tensor, item_vecs: Tensor, users: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        kd, parts = rcekd_loss_on_sets(user_vecs, item_vecs, self.sets.rows(users), self.t_scores[users],
+        sets, t_scores = self.batch_sets(users)
+        item_vecs, local = gather_items(item_vecs, sets.items, self.sparse_grads)
+        kd, parts = rcekd_loss_on_sets(user_vecs, item_vecs, sets._replace(items=local), t_scores,
                                        **self.weighting)
         return kd, {"kd_loss_s": parts["loss_s"], "kd_loss_t": parts["loss_t"], "kd_alpha": parts["alpha"],
                     "kd_overlap": parts["overlap"]}
+
+
+def gather_items(item_vecs: Tensor, items: Tensor, sparse: bool) -> tuple[Tensor, Tensor]:
+    """(table, indices into it) for a loss that reads rows ``items`` [b, k] of ``item_vecs`` [n_items, d]: the
+    table itself, or with ``sparse`` only the distinct rows, gathered with a row-sparse gradient, and ``items``
+    renumbered into them. The loss's value is the same; a row-sparse optimizer then updates the rows the KD
+    term read instead of every row of the table (a dense gradient touches every row)."""
+    if not sparse:
+        return item_vecs, items
+    rows, local = torch.unique(items, return_inverse=True)
+    return F.embedding(rows, item_vecs, sparse=True), local
+
+
+def compact_ids(ids: Tensor) -> Tensor:
+    """Item ids [U, k] stored as int32 (half of int64's memory for the per-user lists a run keeps); a batch's rows
+    are read back as int64."""
+    if ids.numel() and int(ids.max()) >= 2 ** 31:
+        return ids
+    return ids.to(torch.int32)
 
 
 class CETerm:
@@ -106,12 +151,14 @@ class CETerm:
         self.qt: Tensor | None = None  # teacher top-K [U, K], fixed for the run
         self.items: Tensor | None = None  # the item lists the CE runs over [U, K]
         self.t_scores: Tensor | None = None  # their teacher scores [U, K]
+        self.sparse_grads = False
 
     @classmethod
     def from_config(cls, d, retrieval: KDRetrieval) -> CETerm:
         return cls(retrieval, K=d.K, tau=d.tau, target=d.ce_target)
 
-    def setup(self, data: Dataset) -> None:
+    def setup(self, data: Dataset, sparse_grads: bool = False) -> None:
+        self.sparse_grads = sparse_grads
         self.qt = self.retrieval.teacher_topk(self.K)
         if self.target == "teacher":  # the lists never move: scored once for the run
             self.items = self.qt
@@ -120,14 +167,15 @@ class CETerm:
     def on_epoch_start(self, model, epoch: int, gen: torch.Generator) -> dict:
         if self.target == "teacher":
             return {}
+        previous = None if self.items is None else (self.items, self.t_scores)  # last epoch's, to reuse
         self.items, diag = self.retrieval.student_topm(model, self.K)
-        self.t_scores = self.retrieval.teacher_scores(self.items)
+        self.t_scores = self.retrieval.teacher_scores(self.items, previous=previous)
         diag["topk_overlap"] = float(rowwise_isin(self.items, self.qt).float().mean())
         return diag
 
     def loss(self, user_vecs: Tensor, item_vecs: Tensor, users: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        kd = ce_kd_loss(user_vecs, item_vecs, None, None, self.items[users], tau=self.tau,
-                        teacher_scores=self.t_scores[users])
+        item_vecs, local = gather_items(item_vecs, self.items[users], self.sparse_grads)
+        kd = ce_kd_loss(user_vecs, item_vecs, None, None, local, tau=self.tau, teacher_scores=self.t_scores[users])
         return kd, {}
 
 
@@ -143,6 +191,7 @@ class RRDTerm:
         self.top_m, self.n_interesting, self.n_uninteresting = top_m, interesting, uninteresting
         self.temperature, self.distinct_uninteresting = temperature, distinct_uninteresting
         self.topm: Tensor | None = None  # teacher top-M [U, M], fixed for the run
+        self.sparse_grads = False
         self.train_indptr: np.ndarray | None = None  # the training positives as CSR (never sampled as uninteresting)
         self.train_indices: np.ndarray | None = None
         self.n_items = 0
@@ -156,7 +205,8 @@ class RRDTerm:
         return cls(retrieval, top_m=r.top_m, interesting=r.interesting, uninteresting=r.uninteresting,
                    temperature=r.temperature, distinct_uninteresting=r.distinct_uninteresting)
 
-    def setup(self, data: Dataset) -> None:
+    def setup(self, data: Dataset, sparse_grads: bool = False) -> None:
+        self.sparse_grads = sparse_grads
         self.topm = self.retrieval.teacher_topk(self.top_m)
         self.train_indptr = data.train.indptr
         self.train_indices = data.train.items
@@ -173,4 +223,7 @@ class RRDTerm:
         return {"time_kd_sampling_s": time.perf_counter() - t0}
 
     def loss(self, user_vecs: Tensor, item_vecs: Tensor, users: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return rrd_loss(user_vecs, item_vecs, self.interesting[users], self.uninteresting[users]), {}
+        interesting, uninteresting = self.interesting[users], self.uninteresting[users]
+        item_vecs, local = gather_items(item_vecs, torch.cat([interesting, uninteresting], dim=1), self.sparse_grads)
+        n = interesting.shape[1]
+        return rrd_loss(user_vecs, item_vecs, local[:, :n], local[:, n:]), {}

@@ -81,6 +81,8 @@ def bpr_base_loss(model, users: Tensor, pos: Tensor, neg: Tensor, sparse_grads: 
     else:
         uu, ip, ineg = u[users], i[pos], i[neg]
     loss = bpr_loss((uu * ip).sum(-1), (uu * ineg).sum(-1))
+    if sparse_grads:  # the KD terms' user rows as row-sparse gradients too (their item rows: kd_terms.gather_items)
+        return loss, (lambda rows: F.embedding(rows, u, sparse=True)), i
     return loss, (lambda rows: u[rows]), i
 
 
@@ -140,7 +142,7 @@ class Distillation:
     def setup(self, ctx: SetupContext) -> None:
         self.sparse_grads = ctx.sparse_grads
         self.retrieval.setup(ctx.data)
-        self.term.setup(ctx.data)
+        self.term.setup(ctx.data, sparse_grads=ctx.sparse_grads)
 
     def on_epoch_start(self, model, epoch, rng, gen) -> dict:
         self.kd_users.start_epoch()

@@ -1,5 +1,5 @@
-"""Optimisers: torch's Adam (the paper's recipe), and two row-sparse ones for wide MF tables: a "lazy" Adam
-and a sparse AdamW.
+"""Optimisers: torch's Adam (the paper's recipe), and three row-sparse ones for MF tables: a "lazy" Adam, a
+sparse AdamW and a sparse Adam whose untouched rows are caught up along their momentum.
 
 Why lazy Adam: a BPR batch of 2,048 interactions touches at most 6,144 embedding rows, but dense Adam reads and
 writes every row of every table on every step (parameters, two moments, the gradient). For a wide MF teacher on a
@@ -39,6 +39,24 @@ saved with the moments, so a resumed run continues bit for bit. The weights of r
 (evaluation, saving; the trainer does). A dense gradient (LightGCN's propagation, a KD term over whole tables)
 touches every row: catch-up then AdamW's update over all of them. The closed form assumes lr, betas and wd stay
 fixed between a row's catch-ups: call ``catch_up()`` before changing them.
+
+Sparse Adam with momentum catch-up (``sparse_adam``): dense Adam's quality at lazy Adam's cost. The one effect of
+dense Adam that lazy Adam and sparse AdamW drop is the biggest one: a gradient keeps moving its row on every later
+step, along the decaying momentum, lr * mhat / (sqrt(vhat) + eps), and only about (1 - b1) of that movement happens
+in the step that saw the gradient. Its formulation, one step t for each row:
+
+- a touched row (data gradient g): exactly torch Adam's update, L2 weight decay included (g += wd * p): m <- b1 m +
+  (1-b1) g, v <- b2 v + (1-b2) g^2, p <- p - lr/bc1(t) * m / (sqrt(v)/sqrt(bc2(t)) + eps);
+- an untouched row: m <- b1 m, v <- b2 v, p <- p - lr * c(tau) * m / sqrt(v) (0 where v = 0), with c(tau) =
+  sqrt(bc2(tau)) / bc1(tau) the bias correction of the row's last touched step tau.
+
+Dense Adam does the same to an untouched row but with c(t) and eps in the denominator, and it feeds the L2 term
+wd * p through the moments. Those three are what make its steps impossible to defer; holding them fixed is all that
+differs here (c(tau) tends to 1 within a few hundred steps; eps = 1e-8 against sqrt(v) ~ 1e-4..1e-2; the L2 term
+of an untouched row at the recipes' wd 1e-5 is ~1e-3 of a gradient). Then a row untouched for k steps after its
+state (m, v) is brought up to date in closed form: with r = b1 / sqrt(b2), step j multiplies m / sqrt(v) by r^j, so
+the k steps move it by lr * c(tau) * (m / sqrt(v)) * r (1 - r^k) / (1 - r), and m *= b1^k, v *= b2^k. Per-row
+state: ``row_step`` (as sparse AdamW) and ``row_touch`` (tau); ``catch_up()`` as above.
 """
 
 from __future__ import annotations
@@ -60,6 +78,9 @@ def _adam_state(state: dict, p: torch.Tensor) -> dict:
     return state
 
 
+_ROW_COUNTERS = ("row_step", "row_touch")  # per-row int64 step counters of the deferring optimizers
+
+
 class _RowSparseAdam(torch.optim.Optimizer):
     """The step both row-sparse optimizers share: each parameter with a gradient, with its Adam state and its
     group, goes to the subclass's ``_update``."""
@@ -78,6 +99,15 @@ class _RowSparseAdam(torch.optim.Optimizer):
 
     def _update(self, group: dict, p: torch.Tensor, state: dict) -> None:
         raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every saved state tensor but "step" to its parameter's dtype: the row counters stay int64
+        counters = {(pid, key): s[key] for pid, s in state_dict["state"].items() for key in _ROW_COUNTERS if key in s}
+        super().load_state_dict(state_dict)
+        params = dict(zip((pid for g in state_dict["param_groups"] for pid in g["params"]),
+                          (p for g in self.param_groups for p in g["params"])))
+        for (pid, key), c in counters.items():
+            self.state[params[pid]][key] = c.to(device=params[pid].device, dtype=torch.int64, copy=True)
 
 
 class LazyAdam(_RowSparseAdam):
@@ -180,14 +210,82 @@ class SparseAdamW(_RowSparseAdam):
                 p.mul_(fp)
                 row_step.fill_(t)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts every saved state tensor but "step" to its parameter's dtype: the row counters stay int64
-        counters = {pid: s["row_step"] for pid, s in state_dict["state"].items() if "row_step" in s}
-        super().load_state_dict(state_dict)
-        params = dict(zip((pid for g in state_dict["param_groups"] for pid in g["params"]),
-                          (p for g in self.param_groups for p in g["params"])))
-        for pid, c in counters.items():
-            self.state[params[pid]]["row_step"] = c.to(device=params[pid].device, dtype=torch.int64, copy=True)
+
+class SparseAdam(_RowSparseAdam):
+    """Adam whose untouched rows keep moving along their momentum, caught up in closed form when next touched (see
+    the module docstring)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 < betas[1] < 1):
+            raise ValueError(f"invalid SparseAdam settings: lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @staticmethod
+    def _catch_up_rows(group: dict, k: torch.Tensor, touch: torch.Tensor, p_rows: torch.Tensor,
+                       m_rows: torch.Tensor, v_rows: torch.Tensor) -> None:
+        """Apply k untouched steps (per row, k >= 0) in place to rows whose last touched step was ``touch``."""
+        (b1, b2), lr = group["betas"], group["lr"]
+        shape = k.shape + (1,) * (p_rows.dim() - 1)
+        k64, tau = k.to(torch.float64), touch.to(torch.float64)
+        r = b1 / math.sqrt(b2)
+        geometric = k64 if r == 1 else r * (1 - torch.pow(r, k64)) / (1 - r)  # sum of r^j, j = 1..k
+        held = torch.where(tau > 0, torch.sqrt(1 - torch.pow(b2, tau)) / (1 - torch.pow(b1, tau)), 0.0)
+        coef = (lr * held * geometric).to(p_rows.dtype).reshape(shape)
+        ratio = torch.where(v_rows > 0, m_rows / v_rows.sqrt(), 0.0)  # m = 0 wherever v = 0 (no gradient yet)
+        p_rows.sub_(ratio.mul_(coef))
+        m_rows.mul_(torch.pow(b1, k64).to(m_rows.dtype).reshape(shape))
+        v_rows.mul_(torch.pow(b2, k64).to(v_rows.dtype).reshape(shape))
+
+    def _update(self, group: dict, p: torch.Tensor, state: dict) -> None:
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for key in _ROW_COUNTERS:
+            if key not in state:
+                state[key] = torch.zeros(p.shape[:1], dtype=torch.int64, device=p.device)
+        state["step"] += 1
+        t = int(state["step"])
+        step_size, bc2_sqrt = lr / (1 - b1 ** t), math.sqrt(1 - b2 ** t)
+        m, v, row_step, row_touch = state["exp_avg"], state["exp_avg_sq"], state["row_step"], state["row_touch"]
+        if p.grad.is_sparse:
+            g = p.grad.coalesce()  # duplicate rows (a user twice in a batch) are summed, as dense would
+            rows, vals = g.indices()[0], g.values()
+            # rows are unique: index_select / index_copy_ (much faster on CPU than tensor[rows])
+            p_rows, m_rows, v_rows = (x.index_select(0, rows) for x in (p, m, v))
+            self._catch_up_rows(group, (t - 1) - row_step.index_select(0, rows), row_touch.index_select(0, rows),
+                                p_rows, m_rows, v_rows)
+        else:  # every row touched: bring each up to step t - 1, then Adam's step over all of them
+            rows, vals, p_rows, m_rows, v_rows = None, p.grad, p, m, v
+            self._catch_up_rows(group, (t - 1) - row_step, row_touch, p, m, v)
+        if wd:
+            vals = vals.add(p_rows, alpha=wd)
+        m_rows.mul_(b1).add_(vals, alpha=1 - b1)
+        v_rows.mul_(b2).addcmul_(vals, vals, value=1 - b2)
+        p_rows.addcdiv_(m_rows, (v_rows.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
+        if rows is None:
+            row_step.fill_(t)
+            row_touch.fill_(t)
+        else:
+            for full, part in ((p, p_rows), (m, m_rows), (v, v_rows)):
+                full.index_copy_(0, rows, part)
+            row_step.index_fill_(0, rows, t)
+            row_touch.index_fill_(0, rows, t)
+
+    @torch.no_grad()
+    def catch_up(self) -> None:
+        """Bring every row (weights and moments) to the current step without taking one: the weights then equal
+        those of a step-by-step run of the same formulation."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                t, row_step = int(state["step"]), state["row_step"]
+                if bool((row_step == t).all()):
+                    continue
+                self._catch_up_rows(group, t - row_step, state["row_touch"], p, state["exp_avg"],
+                                    state["exp_avg_sq"])
+                row_step.fill_(t)
 
 
 @dataclass(frozen=True)
@@ -200,6 +298,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adam": OptimizerSpec(torch.optim.Adam, row_sparse=False),
     "lazy_adam": OptimizerSpec(LazyAdam, row_sparse=True),
     "sparse_adamw": OptimizerSpec(SparseAdamW, row_sparse=True),
+    "sparse_adam": OptimizerSpec(SparseAdam, row_sparse=True),
 }
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)  # train.optimizer's choices
 

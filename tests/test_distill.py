@@ -7,7 +7,7 @@ import torch
 from compressor import api
 from compressor.checkpoint import load_checkpoint
 from compressor.distill import load_teacher
-from compressor.losses import teacher_pair_scores
+from compressor.losses import rowwise_isin, teacher_pair_scores
 from compressor.models import build_model
 from compressor.objectives import METHOD_NAMES, SetupContext, build_objective
 from compressor.trainer import Trainer
@@ -126,11 +126,13 @@ def test_teacher_data_mismatch_is_a_clear_error_before_training(teacher, slice_d
     assert p.returncode == 1 and "needs --teacher" in p.stderr
 
 
-def test_rcekd_teacher_scores_of_the_epoch_sets_are_exact(teacher, slice_data, tmp_path):
-    """The epoch's teacher scores (QT part cached at setup, [QS | A] scored per epoch) equal the teacher's
-    inner products over every column of the [QS | A | QT] sets."""
+@pytest.mark.parametrize("M", [30, 20])  # M > K + L: [QS | A] scored; M <= K + L: P scored once, QS and A gathered
+def test_rcekd_teacher_scores_of_the_epoch_sets_are_exact(teacher, slice_data, tmp_path, M):
+    """The epoch's teacher scores (QT part cached at setup, the moving part scored per epoch, reusing last epoch's
+    scores of pairs still listed) equal the teacher's inner products over every column of the [QS | A | QT] sets,
+    bit for bit with a fresh scoring of the same pairs."""
     cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8",
-                                 "distill.method=rcekd", "distill.K=10", "distill.M=30", "distill.L=10"])
+                                 "distill.method=rcekd", "distill.K=10", f"distill.M={M}", "distill.L=10"])
     data = api.load_data(cfg)
     t = load_teacher(teacher, data)
     obj = build_objective(cfg, t, torch.device("cpu"), tmp_path / "run")
@@ -138,13 +140,38 @@ def test_rcekd_teacher_scores_of_the_epoch_sets_are_exact(teacher, slice_data, t
     term = obj.term
     torch.manual_seed(0)
     model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=8, init_std=0.1)
-    for epoch in (1, 2):
+    t_user, t_item = torch.from_numpy(t.user_vectors), torch.from_numpy(t.item_vectors)
+    for epoch in (1, 2, 3):
         obj.on_epoch_start(model, epoch, np.random.default_rng(epoch), torch.Generator().manual_seed(epoch))
-        want = teacher_pair_scores(torch.from_numpy(t.user_vectors), torch.from_numpy(t.item_vectors),
-                                   term.sets.items)
-        assert term.t_scores.shape == term.sets.items.shape == (data.num_users, 10 + 10 + 10)
-        torch.testing.assert_close(term.t_scores, want)
-        assert torch.equal(term.sets.items[:, -10:], term.qt)
+        sets, t_scores = term.batch_sets(torch.arange(data.num_users))
+        want = teacher_pair_scores(t_user, t_item, sets.items)
+        assert t_scores.shape == sets.items.shape == (data.num_users, 10 + 10 + 10)
+        torch.testing.assert_close(t_scores, want)
+        assert torch.equal(t_scores, term.retrieval.teacher_scores(sets.items))  # same bits, no reuse
+        assert torch.equal(sets.items[:, -10:], term.qt.long())
+        p = term.retrieval.student_topm(model, M)[0]  # QS is the student's top-K, A distinct columns of its top-M
+        assert torch.equal(sets.items[:, :10], p[:, :10])
+        a = sets.items[:, 10:20]
+        assert rowwise_isin(a, p).all() and all(len(set(r.tolist())) == 10 for r in a)
+        rows = torch.tensor([3, 0, 3])  # a batch's rows are the same rows
+        assert torch.equal(term.batch_sets(rows)[0].items, sets.items[rows])
+        with torch.no_grad():  # the student moves, so the next epoch's lists differ from this one's
+            model.user_emb.weight.add_(torch.randn_like(model.user_emb.weight) * 0.05)
+
+
+def test_teacher_scores_reuse_the_scores_of_pairs_listed_before(teacher, slice_data, tmp_path):
+    cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "distill.method=ce"])
+    data = api.load_data(cfg)
+    retrieval = build_objective(cfg, load_teacher(teacher, data), torch.device("cpu"), tmp_path / "r").term.retrieval
+    gen = torch.Generator().manual_seed(1)
+    items = torch.stack([torch.randperm(data.num_items, generator=gen)[:12] for _ in range(data.num_users)])
+    fresh = retrieval.teacher_scores(items)
+    old_items = torch.cat([items[:, 4:].flip(1), torch.randint(0, data.num_items, (data.num_users, 3))], dim=1)
+    marked = torch.full(old_items.shape, 42.0)  # a reused score is recognisable
+    got = retrieval.teacher_scores(items, previous=(old_items, marked))
+    listed = (items[:, :, None] == old_items[:, None, :]).any(dim=2)
+    assert listed[:, 4:].all() and (got[listed] == 42.0).all()
+    assert torch.equal(got[~listed], fresh[~listed])
 
 
 @pytest.mark.parametrize("method", ["rcekd", "ce", "rrd"])
@@ -208,3 +235,35 @@ def test_objectives_create_all_their_state_in_the_constructor(teacher, slice_dat
     assert _attributes(obj) == before
     assert obj.sparse_grads == trainer.sparse_grads
     assert load_checkpoint(tmp_path / "run").meta["method"] == method
+
+
+@pytest.mark.parametrize("method", ["rcekd", "ce", "rrd"])
+def test_kd_terms_hand_a_row_sparse_optimizer_sparse_gradients_of_the_same_loss(teacher, slice_data, tmp_path, method):
+    """With train.optimizer sparse_adam the KD term gathers the rows it reads as row-sparse gradients: the same loss
+    and the same gradient as the dense gather, so the optimizer updates the rows the batch read, not every row."""
+    cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8",
+                                 f"distill.method={method}", "distill.K=10", "distill.M=30", "distill.L=10",
+                                 "distill.rrd.top_m=40", "distill.rrd.interesting=10",
+                                 "distill.rrd.uninteresting=20"])
+    data = api.load_data(cfg)
+    t = load_teacher(teacher, data)
+    torch.manual_seed(0)
+    model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=8, init_std=0.1)
+    users, pos = torch.as_tensor(data.train.users[:64]), torch.as_tensor(data.train.items[:64])
+    neg = torch.randint(0, data.num_items, (64,), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for sparse in (False, True):
+        obj = build_objective(cfg, t, torch.device("cpu"), tmp_path / f"run-{sparse}")
+        obj.setup(SetupContext(data, sparse_grads=sparse))
+        obj.on_epoch_start(model, 1, np.random.default_rng(1), torch.Generator().manual_seed(1))
+        model.zero_grad(set_to_none=True)
+        loss, parts = obj.batch_loss(model, users, pos, neg)
+        loss.backward()
+        grads = [p.grad for p in (model.user_emb.weight, model.item_emb.weight)]
+        assert all(g.is_sparse == sparse for g in grads)
+        out[sparse] = loss.detach(), [g.to_dense() if sparse else g for g in grads], grads
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    for g_sparse, g_dense in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-6)
+    item_rows = out[True][2][1].coalesce().indices()[0]
+    assert 0 < len(item_rows) < data.num_items  # only the rows the batch read

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from compressor.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from compressor.models import build_model
-from compressor.optim import LazyAdam, SparseAdamW
+from compressor.optim import LazyAdam, SparseAdam, SparseAdamW
 from compressor.run_dir import MODEL_FILE, RESUME_FILE
 
 from .conftest import ROOT, TINY_TRAIN, cli_command, run_cli
@@ -109,7 +109,7 @@ def test_lazy_adam_trains_mf_and_resumes_only_with_the_same_optimizer(tmp_path, 
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
 
 
-@pytest.mark.parametrize("optimizer", ["lazy_adam", "sparse_adamw"])
+@pytest.mark.parametrize("optimizer", ["lazy_adam", "sparse_adamw", "sparse_adam"])
 def test_row_sparse_optimizers_with_a_distillation_objective_mix_sparse_and_dense_gradients(tmp_path, slice_data,
                                                                                           optimizer):
     teacher = tmp_path / "t"
@@ -239,10 +239,11 @@ def test_sparse_adamw_dense_gradients_touch_every_row_and_equal_torch_adamw():
     torch.testing.assert_close(opt.state[table]["exp_avg_sq"], v, rtol=1e-12, atol=1e-18)
 
 
-def test_sparse_adamw_state_survives_a_checkpoint_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("opt_cls", [SparseAdamW, SparseAdam])
+def test_deferring_optimizer_state_survives_a_checkpoint_bit_for_bit(tmp_path, opt_cls):
     """Rows behind by different counts, saved without catching up, continue exactly as the live optimizer."""
     model = build_model("mf", num_users=7, num_items=5, dim=3)
-    opt = SparseAdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+    opt = opt_cls(model.parameters(), lr=0.01, weight_decay=0.05)
     gen = torch.Generator().manual_seed(6)
 
     def steps(m, o, n):
@@ -260,10 +261,11 @@ def test_sparse_adamw_state_survives_a_checkpoint_bit_for_bit(tmp_path):
                     optimizer=opt)
     ckpt = load_checkpoint(tmp_path / "r.safetensors", with_training_state=True)
     again = ckpt.build_model().train()
-    opt2 = SparseAdamW(again.parameters(), lr=0.01, weight_decay=0.05)
+    opt2 = opt_cls(again.parameters(), lr=0.01, weight_decay=0.05)
     restore_optimizer(opt2, ckpt)
-    counters = opt2.state[again.user_emb.weight]["row_step"]
-    assert counters.dtype == torch.int64 and len(counters.unique()) > 1
+    for key in ("row_step", "row_touch") if opt_cls is SparseAdam else ("row_step",):
+        counters = opt2.state[again.user_emb.weight][key]
+        assert counters.dtype == torch.int64 and len(counters.unique()) > 1
     gen_state = gen.get_state()
     steps(model, opt, 5)
     gen.set_state(gen_state)
@@ -281,9 +283,10 @@ def _assert_caught_up(ckpt):
         assert row_step.dtype == torch.int64 and (row_step == int(ckpt.optim_state[f"optim.{pid}.step"])).all()
 
 
-def test_sparse_adamw_resumed_mf_run_ends_bit_equal_to_the_uninterrupted_one(tmp_path, slice_data):
+@pytest.mark.parametrize("optimizer", ["sparse_adamw", "sparse_adam"])
+def test_deferring_optimizer_resumed_mf_run_ends_bit_equal_to_the_uninterrupted_one(tmp_path, slice_data, optimizer):
     epochs = 8  # saves at even epochs and validations every third: a save catches rows up without an evaluation
-    args = ["--set", f"data.path={slice_data}", "--set", "model.dim=16", "--set", "train.optimizer=sparse_adamw",
+    args = ["--set", f"data.path={slice_data}", "--set", "model.dim=16", "--set", f"train.optimizer={optimizer}",
             "--set", "train.lr=0.01", "--set", "train.weight_decay=0.01", "--set", "train.patience=100",
             "--set", "train.eval_every=3", "--set", "train.checkpoint_every=2", "--epochs", epochs, *TINY_TRAIN]
     run_cli("train", "--out", tmp_path / "full", *args)
