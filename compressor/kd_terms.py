@@ -22,7 +22,8 @@ from .kd_retrieval import KDRetrieval
 from .kd_sets import rrd_positive_keys, sample_interesting_positions, sample_rrd_sets
 from .losses import RCEKDSets, ce_kd_loss, rcekd_loss_on_sets, rcekd_sets, rowwise_isin, rrd_loss
 
-CE_TARGETS = ("student", "teacher")  # distill.ce_target: whose top-K the vanilla CE baseline reads
+CE_TARGETS = ("student", "teacher")
+SETS_BLOCK = 65536  # users per block when the epoch's RCE-KD set masks are computed  # distill.ce_target: whose top-K the vanilla CE baseline reads
 
 
 class KDTerm(Protocol):
@@ -67,6 +68,8 @@ class RCEKDTerm:
         self.lists: Tensor | None = None  # the epoch's scored lists [U, W] int32: P, or [QS | A]
         self.scores: Tensor | None = None  # their teacher scores [U, W]
         self.a_cols: Tensor | None = None  # the columns of A (step 4) in ``lists`` [U, L] int16/int32
+        self.mask_t: Tensor | None = None  # the epoch's B_u inside [A | QT] [U, L + K] bool (losses.RCEKDSets)
+        self.overlap_count: Tensor | None = None  # the epoch's |QT ∩ A| [U]
         self.sparse_grads = False  # gather the item rows the loss reads as row-sparse gradients (setup)
 
     @classmethod
@@ -98,17 +101,32 @@ class RCEKDTerm:
         scores = self.retrieval.teacher_scores(lists, previous=previous)
         self.lists, self.scores, previous = compact_ids(lists), scores, None
         self.a_cols = a_cols.to(torch.int16 if lists.shape[1] < 2 ** 15 else torch.int32).contiguous()
+        # B_u's mask and |QT ∩ A| need row-wise set tests (sorts): once per epoch here, in user blocks, not in
+        # every batch a user is in (22 per epoch on Gowalla under kd_users every_batch)
+        self.mask_t = torch.empty((p.shape[0], self.L + self.K), dtype=torch.bool, device=p.device)
+        self.overlap_count = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
+        for s in range(0, p.shape[0], SETS_BLOCK):
+            block = torch.arange(s, min(s + SETS_BLOCK, p.shape[0]), device=p.device)
+            sets = rcekd_sets(*self._columns(block))
+            self.mask_t[block], self.overlap_count[block] = sets.mask_t, sets.overlap_count
         diag["time_kd_sampling_s"] = time.perf_counter() - t0
         # closure gap: how much of the teacher's top-K the student's own top-K (step 3) already holds
         diag["topk_overlap"] = float(rowwise_isin(p[:, : self.K], qt).float().mean())
         return diag
 
+    def _columns(self, users: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(QT, QS, A) rows of ``users`` as int64."""
+        rows = self.lists[users].long()
+        return self.qt[users].long(), rows[:, : self.K], rows.gather(1, self.a_cols[users].long())
+
     def batch_sets(self, users: Tensor) -> tuple[RCEKDSets, Tensor]:
         """The [QS | A | QT] sets of ``users`` [b] and their teacher scores [b, K + L + K], from the epoch's state."""
-        rows, scores, cols = self.lists[users].long(), self.scores[users], self.a_cols[users].long()
-        qs, a = rows[:, : self.K], rows.gather(1, cols)
-        sets = rcekd_sets(self.qt[users].long(), qs, a)
-        return sets, torch.cat([scores[:, : self.K], scores.gather(1, cols), self.t_scores_qt[users]], dim=1)
+        qt, qs, a = self._columns(users)
+        scores = self.scores[users]
+        sets = RCEKDSets(torch.cat([qs, a, qt], dim=1), self.mask_t[users], self.overlap_count[users], self.K,
+                         self.K)
+        return sets, torch.cat([scores[:, : self.K], scores.gather(1, self.a_cols[users].long()),
+                                self.t_scores_qt[users]], dim=1)
 
     def loss(self, user_vecs: Tensor, item_vecs: Tensor, users: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         sets, t_scores = self.batch_sets(users)

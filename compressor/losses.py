@@ -68,16 +68,34 @@ def _teacher_scores(user: Tensor, item_table: Tensor, idx: Tensor) -> Tensor:
     )
 
 
+ISIN_BITMAP_BITS = 1 << 24  # bitmap cells (bytes) of one block of rowwise_isin: 16 MiB
+
+
 def rowwise_isin(x: Tensor, y: Tensor) -> Tensor:
     """``out[r, i] = x[r, i] in set(y[r])``.  x [b, k], y [b, m] -> bool [b, k].
 
-    Sort + searchsorted costs O(b (k + m) log m) instead of the O(b k m) of broadcasting.
+    For non-negative ids (item ids): a bitmap over a block of rows, set at y's entries and read at x's, O(b (k +
+    m)); 4-5x faster on CPU than sort + searchsorted (O(b (k + m) log m), the fallback for negative ids or a
+    catalogue too large for a block of rows), and neither costs the O(b k m) of broadcasting.
     """
-    if y.shape[1] == 0:
+    if y.shape[1] == 0 or x.shape[1] == 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    y_sorted, _ = torch.sort(y, dim=1)
-    pos = torch.searchsorted(y_sorted, x.contiguous()).clamp_(max=y.shape[1] - 1)
-    return y_sorted.gather(1, pos) == x
+    n = int(torch.maximum(x.max(), y.max())) + 1
+    rows_per_block = ISIN_BITMAP_BITS // max(n, 1)
+    if int(torch.minimum(x.min(), y.min())) < 0 or rows_per_block < 64:
+        y_sorted, _ = torch.sort(y, dim=1)
+        pos = torch.searchsorted(y_sorted, x.contiguous()).clamp_(max=y.shape[1] - 1)
+        return y_sorted.gather(1, pos) == x
+    out = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+    bitmap = torch.zeros(min(rows_per_block, x.shape[0]) * n, dtype=torch.bool, device=x.device)
+    for s in range(0, x.shape[0], rows_per_block):
+        xb, yb = x[s:s + rows_per_block], y[s:s + rows_per_block]
+        offset = (torch.arange(xb.shape[0], device=x.device) * n).unsqueeze(1)
+        flat_y = (yb + offset).reshape(-1)
+        bitmap.index_fill_(0, flat_y, True)
+        out[s:s + rows_per_block] = bitmap.index_select(0, (xb + offset).reshape(-1)).view(xb.shape)
+        bitmap.index_fill_(0, flat_y, False)  # cleared where set: the next block starts from zeros
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -592,3 +592,17 @@ def test_pipeline_float32_matches_reference():
     ref, _ = ref_rcekd(su.double().numpy(), si.double().numpy(), tu.double().numpy(), ti.double().numpy(),
                        qt, qs, a, 1.0, 3.0)
     assert loss.item() == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("bits", [1 << 24, 64 * 50, 10])  # one block; blocks of 64 rows; too small: sort fallback
+def test_rowwise_isin_equals_broadcast_membership(monkeypatch, bits):
+    import compressor.losses as losses_mod
+
+    monkeypatch.setattr(losses_mod, "ISIN_BITMAP_BITS", bits)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50, (300, 12), generator=gen)
+    y = torch.randint(0, 50, (300, 7), generator=gen)  # duplicates within a row included
+    want = (x.unsqueeze(2) == y.unsqueeze(1)).any(dim=2)
+    assert torch.equal(losses_mod.rowwise_isin(x, y), want) and want.any() and not want.all()
+    assert torch.equal(losses_mod.rowwise_isin(x - 3, y - 3), want)  # negative ids: the sort path
+    assert not losses_mod.rowwise_isin(x, y[:, :0]).any()
