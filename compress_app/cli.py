@@ -411,9 +411,10 @@ def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_byte
               help="Student recipe with RCE-KD settings.")
 @options.EPOCHS
 @click.option("--patience", type=int, default=10, show_default=True,
-              help="Early-stopping patience of the teacher and RCE-KD stages (overrides train.patience). 10 keeps "
-                   "the first run short on 2 cores; the recipes (and the paper) use 30, which the cheap scratch "
-                   "baseline always keeps.")
+              help="Early-stopping patience of the RCE-KD stage (overrides its train.patience). 10 keeps the "
+                   "first run short on 2 cores; the recipes (and the paper) use 30. The teacher and the scratch "
+                   "baseline always train to their recipes' patience, so the student is compared with a fully "
+                   "trained teacher.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every stage.")
 @options.DEVICE
 @options.THREADS

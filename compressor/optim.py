@@ -223,9 +223,13 @@ class SparseAdam(_RowSparseAdam):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
     @staticmethod
-    def _catch_up_rows(group: dict, k: torch.Tensor, touch: torch.Tensor, p_rows: torch.Tensor,
-                       m_rows: torch.Tensor, v_rows: torch.Tensor) -> None:
-        """Apply k untouched steps (per row, k >= 0) in place to rows whose last touched step was ``touch``."""
+    def _drift(group: dict, k: torch.Tensor, touch: torch.Tensor, p_rows: torch.Tensor, m_rows: torch.Tensor,
+               v_rows: torch.Tensor, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Move ``p_rows`` in place by k untouched steps (per row, k >= 0) of rows last touched at step ``touch``;
+        returns the moments' decay factors (b1^k, b2^k), shaped to broadcast over the rows, for the caller to
+        fold into its own pass over them (None: no row is behind). ``buffer``: scratch space like ``p_rows``."""
+        if not bool(k.any()):
+            return None
         (b1, b2), lr = group["betas"], group["lr"]
         shape = k.shape + (1,) * (p_rows.dim() - 1)
         k64, tau = k.to(torch.float64), touch.to(torch.float64)
@@ -233,10 +237,13 @@ class SparseAdam(_RowSparseAdam):
         geometric = k64 if r == 1 else r * (1 - torch.pow(r, k64)) / (1 - r)  # sum of r^j, j = 1..k
         held = torch.where(tau > 0, torch.sqrt(1 - torch.pow(b2, tau)) / (1 - torch.pow(b1, tau)), 0.0)
         coef = (lr * held * geometric).to(p_rows.dtype).reshape(shape)
-        ratio = torch.where(v_rows > 0, m_rows / v_rows.sqrt(), 0.0)  # m = 0 wherever v = 0 (no gradient yet)
-        p_rows.sub_(ratio.mul_(coef))
-        m_rows.mul_(torch.pow(b1, k64).to(m_rows.dtype).reshape(shape))
-        v_rows.mul_(torch.pow(b2, k64).to(v_rows.dtype).reshape(shape))
+        # m / sqrt(v), 0 where v = 0 (then m = 0 too: no gradient yet); a positive float32 v has sqrt >= 1e-23,
+        # so the clamp changes nothing else
+        torch.sqrt(v_rows, out=buffer).clamp_min_(torch.finfo(buffer.dtype).tiny)
+        torch.div(m_rows, buffer, out=buffer)
+        p_rows.sub_(buffer.mul_(coef))
+        return (torch.pow(b1, k64).to(m_rows.dtype).reshape(shape),
+                torch.pow(b2, k64).to(v_rows.dtype).reshape(shape))
 
     def _update(self, group: dict, p: torch.Tensor, state: dict) -> None:
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -252,22 +259,25 @@ class SparseAdam(_RowSparseAdam):
             rows, vals = g.indices()[0], g.values()
             # rows are unique: index_select / index_copy_ (much faster on CPU than tensor[rows])
             p_rows, m_rows, v_rows = (x.index_select(0, rows) for x in (p, m, v))
-            self._catch_up_rows(group, (t - 1) - row_step.index_select(0, rows), row_touch.index_select(0, rows),
-                                p_rows, m_rows, v_rows)
+            behind, touch = (t - 1) - row_step.index_select(0, rows), row_touch.index_select(0, rows)
         else:  # every row touched: bring each up to step t - 1, then Adam's step over all of them
             rows, vals, p_rows, m_rows, v_rows = None, p.grad, p, m, v
-            self._catch_up_rows(group, (t - 1) - row_step, row_touch, p, m, v)
-        if wd:
-            vals = vals.add(p_rows, alpha=wd)
-        m_rows.mul_(b1).add_(vals, alpha=1 - b1)
-        v_rows.mul_(b2).addcmul_(vals, vals, value=1 - b2)
-        p_rows.addcdiv_(m_rows, (v_rows.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
+            behind, touch = (t - 1) - row_step, row_touch
+        buffer = torch.empty_like(p_rows)
+        decay = self._drift(group, behind, touch, p_rows, m_rows, v_rows, buffer)
+        if wd:  # L2, as torch Adam: in place for a sparse gradient (its coalesced values are this step's own)
+            vals = vals.add_(p_rows, alpha=wd) if rows is not None else vals.add(p_rows, alpha=wd)
+        # the k untouched steps' decay and this step's in one pass over each moment
+        m_rows.mul_(b1 if decay is None else decay[0] * b1).add_(vals, alpha=1 - b1)
+        v_rows.mul_(b2 if decay is None else decay[1] * b2).addcmul_(vals, vals, value=1 - b2)
+        torch.sqrt(v_rows, out=buffer).div_(bc2_sqrt).add_(eps)
+        p_rows.addcdiv_(m_rows, buffer, value=-step_size)
         if rows is None:
             row_step.fill_(t)
             row_touch.fill_(t)
         else:
             for full, part in ((p, p_rows), (m, m_rows), (v, v_rows)):
-                full.index_copy_(0, rows, part)
+                full.index_put_((rows,), part)  # unique rows; faster than index_copy_ on CPU
             row_step.index_fill_(0, rows, t)
             row_touch.index_fill_(0, rows, t)
 
@@ -283,8 +293,11 @@ class SparseAdam(_RowSparseAdam):
                 t, row_step = int(state["step"]), state["row_step"]
                 if bool((row_step == t).all()):
                     continue
-                self._catch_up_rows(group, t - row_step, state["row_touch"], p, state["exp_avg"],
-                                    state["exp_avg_sq"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                decay = self._drift(group, t - row_step, state["row_touch"], p, m, v, torch.empty_like(p))
+                if decay is not None:
+                    m.mul_(decay[0])
+                    v.mul_(decay[1])
                 row_step.fill_(t)
 
 

@@ -39,6 +39,12 @@ def test_pipeline_runs_reuses_and_reports(recipes, tmp_path):
     report = (out / "report" / "report.md").read_text()
     for label in ("teacher", "scratch student", "RCE-KD student"):
         assert f"| {label} |" in report
+    # how each model was trained, from its checkpoint: the teacher at its recipe's patience (5), not --patience
+    teacher_line = next(x for x in report.splitlines() if x.startswith("- Teacher: trained here"))
+    assert "train.optimizer adam" in teacher_line and "patience 5;" in teacher_line and "of 4 (" in teacher_line
+    assert "- RCE-KD student: trained here" in report
+    patience = {st: read_meta(out / st)["config"]["train"]["patience"] for st in ("teacher", "scratch", "rcekd")}
+    assert patience == {"teacher": 5, "scratch": 5, "rcekd": 10}  # --patience (default 10): the RCE-KD stage only
     assert (out / "report" / "valid_ndcg10.png").stat().st_size > 1000
     for stage in ("teacher", "scratch", "rcekd"):  # each stage keeps its own log, epochs included
         assert "epoch 1 " in (out / stage / "train.log").read_text()
@@ -89,7 +95,7 @@ def test_scratch_trains_beside_teacher_and_dies_with_a_killed_pipeline(recipes, 
     # library) trains epochs while the teacher is still at it, even on a loaded 2-core box.
     slow = recipes / "teacher-slow.yaml"
     slow.write_text((recipes / "teacher.yaml").read_text().replace("dim: 32", "dim: 1024"))
-    cmd = cli_command(*_args(recipes, out, "--epochs", 60, "--patience", 60, "--teacher-config", slow))
+    cmd = cli_command(*_args(recipes, out, "--epochs", 60, "--set", "train.patience=60", "--teacher-config", slow))
     env = dict(os.environ, COMPRESS_NO_MLFLOW="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     scratch_log, teacher_log = out / "scratch" / "metrics.jsonl", out / "teacher" / "metrics.jsonl"
@@ -104,7 +110,7 @@ def test_scratch_trains_beside_teacher_and_dies_with_a_killed_pipeline(recipes, 
     size = scratch_log.stat().st_size
     time.sleep(2.0)
     assert scratch_log.stat().st_size == size, "the scratch process outlived the killed pipeline"
-    p = run_cli(*_args(recipes, out, "--epochs", 60, "--patience", 60, "--teacher-config", slow),
+    p = run_cli(*_args(recipes, out, "--epochs", 60, "--set", "train.patience=60", "--teacher-config", slow),
                 env={"COMPRESS_NO_MLFLOW": "1"})
     assert json.loads(p.stdout.strip().splitlines()[-1])["stages"]["scratch"] == "resumed"
     for stage in ("teacher", "scratch"):

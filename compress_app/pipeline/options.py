@@ -46,15 +46,16 @@ def recipe(path: str) -> str:
     return path
 
 
-def stage_overrides(o: PipelineOptions, baseline: bool = False, threads: int | None = None) -> list[str]:
-    """Overrides of a stage. The scratch baseline keeps its recipe's patience: it is cheap, and a short patience
-    would stop it on the plateau of its early validation curve, making the comparison flatter the student."""
+def stage_overrides(o: PipelineOptions, stage: str, threads: int | None = None) -> list[str]:
+    """Overrides of a stage ("teacher", "scratch" or "rcekd"). ``--patience`` shortens the RCE-KD stage only: the
+    teacher and the scratch baseline keep their recipes' patience, so the report never compares the student with
+    a teacher (or a baseline) stopped on the plateau of its early validation curve."""
     ov = list(o.overrides)
     if o.data:
         ov.append(f"data.path={o.data}")
     if o.epochs is not None:
         ov.append(f"train.epochs={o.epochs}")
-    if o.patience is not None and not baseline:
+    if o.patience is not None and stage == "rcekd":
         ov.append(f"train.patience={o.patience}")
     threads = o.threads if threads is None else threads
     if threads is not None:
@@ -66,10 +67,10 @@ def stage_overrides(o: PipelineOptions, baseline: bool = False, threads: int | N
 def stage_configs(o: PipelineOptions) -> dict[str, Config]:
     """Every stage's validated config, built before anything trains: a mistake in any recipe or override, or a
     recipe the report cannot compare, is refused before the first epoch."""
-    configs = {"scratch": api.make_config(recipe(o.student_config), stage_overrides(o, baseline=True)),
-               "rcekd": api.make_config(recipe(o.kd_config), stage_overrides(o))}
+    configs = {"scratch": api.make_config(recipe(o.student_config), stage_overrides(o, "scratch")),
+               "rcekd": api.make_config(recipe(o.kd_config), stage_overrides(o, "rcekd"))}
     if not o.teacher:
-        configs["teacher"] = api.make_config(recipe(o.teacher_config), stage_overrides(o))
+        configs["teacher"] = api.make_config(recipe(o.teacher_config), stage_overrides(o, "teacher"))
     k = int(GATE_METRIC.partition("@")[2])
     for name, cfg in configs.items():
         if k not in cfg.train.eval_ks:

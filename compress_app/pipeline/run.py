@@ -125,6 +125,9 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
                                    history=read_history(run_dirs[name])))
     index = manifests["rcekd"]["index"]
     notes = [f"Data: {load_checkpoint(out / 'rcekd').meta['data_source']}.",
+             *(how_trained(label, run_dirs[name], results[name], given=name == "teacher" and bool(given))
+               for label, name in (("Teacher", "teacher"), ("Scratch student", "scratch"),
+                                   ("RCE-KD student", "rcekd"))),
              f"Bundle index: {index['factory']} ({'exact' if index['exact'] else 'approximate'}).",
              f"Pipeline wall time this invocation: {time.perf_counter() - t_start:.0f}s (stages: see summary.json)."]
     if registered:
@@ -142,3 +145,19 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
                "stages": stages, "serve": f"compress serve {bundle}"}
     atomic_write_text(out / "report" / SUMMARY_FILE, json.dumps(summary, indent=1))
     return summary
+
+
+def how_trained(label: str, run_dir: Path, result: dict, given: bool = False) -> str:
+    """One report line: how a model was trained (optimizer, patience, where it stopped), read from its checkpoint."""
+    meta = load_checkpoint(run_dir).meta
+    train = meta.get("config", {}).get("train", {})
+    model = meta.get("config", {}).get("model", {})
+    where = f"given ({run_dir})" if given else "trained here"
+    best, ran, limit = result.get("best_epoch"), result.get("epochs_run"), train.get("epochs")
+    if ran is not None and limit is not None and ran < limit:
+        stop = f"stopped early after {train.get('patience')} validations without a better {train.get('metric')}"
+    else:
+        stop = f"ran its train.epochs ({limit})"
+    return (f"{label}: {where}; {model.get('kind', '?')} dim {model.get('dim', '?')}, train.optimizer "
+            f"{train.get('optimizer', 'adam')}, lr {train.get('lr')}, patience {train.get('patience')}; best "
+            f"validation epoch {best} of {ran} ({stop}).")

@@ -93,18 +93,19 @@ def lock(out: Path):
 
 def train_teacher(o: PipelineOptions, run_dir: Path, resume: bool, progress: bool, threads: int | None,
                   extra_callbacks=()):
-    return api.train(recipe(o.teacher_config), run_dir, overrides=stage_overrides(o, threads=threads),
+    return api.train(recipe(o.teacher_config), run_dir, overrides=stage_overrides(o, "teacher", threads=threads),
                      device=o.device, resume=resume, callbacks=[*tracking_callbacks(o, "train"), *extra_callbacks],
                      progress=progress)
 
 
 def train_scratch(o: PipelineOptions, resume: bool, progress: bool, extra_callbacks=()):
     return api.distill(None, recipe(o.student_config), o.out / "scratch", method="scratch",
-                       overrides=stage_overrides(o, baseline=True), device=o.device, resume=resume,
+                       overrides=stage_overrides(o, "scratch"), device=o.device, resume=resume,
                        callbacks=[*tracking_callbacks(o, "distill"), *extra_callbacks], progress=progress)
 
 
 def train_rcekd(o: PipelineOptions, teacher: Path, teacher_label: str, resume: bool, progress: bool):
-    return api.distill(teacher, recipe(o.kd_config), o.out / "rcekd", method="rcekd", overrides=stage_overrides(o),
+    return api.distill(teacher, recipe(o.kd_config), o.out / "rcekd", method="rcekd",
+                       overrides=stage_overrides(o, "rcekd"),
                        device=o.device, resume=resume, callbacks=tracking_callbacks(o, "distill"), progress=progress,
                        teacher_label=teacher_label)
