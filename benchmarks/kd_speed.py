@@ -767,6 +767,7 @@ def part_scale(spec: dict) -> dict:
         del tr, obj, term, retrieval  # the KD sets go with them
         trs = Trainer(cfg, data, Scratch(), work / f"scale-{spec['users']}-scratch", dev, progress=False)
         trs.model.load_state_dict(state)
+        trs.objective.setup(SetupContext(data, trs.sparse_grads))  # as fit() does: sparse gradients for sparse_adam
         cpu0 = cpu_s()
         res["scratch_epoch"] = _epoch_breakdown(trs._run_epoch(1))
         res["scratch_epoch"]["cpu_s"] = cpu_s() - cpu0
