@@ -132,9 +132,10 @@ class KDRetrieval:
         """The frozen teacher's scores [U, k] of per-user item lists [U, k] (all users), in user blocks.
 
         ``previous`` = (items, scores) of an earlier call over the same users: a (user, item) pair it holds is
-        not scored again (the student's top lists change little between epochs). Every pair is scored the same
-        way wherever it sits (``pair_dot``), so a reused score equals a fresh one bit for bit and reuse cannot
-        change a run.
+        not scored again (the student's top lists change little between epochs). On CPU every pair is scored the
+        same way wherever it sits (``pair_dot``), so a reused score equals a fresh one bit for bit and reuse cannot
+        change a run (a resumed run starts without it). On CUDA a row sum's split over threads depends on how many
+        rows are summed together, so a reused score may differ from a fresh one in its last bits.
         """
         b = TEACHER_SCORE_BLOCK
         out = torch.empty(items.shape, dtype=self.t_user.dtype, device=items.device)

@@ -22,8 +22,8 @@ from .kd_retrieval import KDRetrieval
 from .kd_sets import rrd_positive_keys, sample_interesting_positions, sample_rrd_sets
 from .losses import RCEKDSets, ce_kd_loss, rcekd_loss_on_sets, rcekd_sets, rowwise_isin, rrd_loss
 
-CE_TARGETS = ("student", "teacher")
-SETS_BLOCK = 65536  # users per block when the epoch's RCE-KD set masks are computed  # distill.ce_target: whose top-K the vanilla CE baseline reads
+CE_TARGETS = ("student", "teacher")  # distill.ce_target: whose top-K the vanilla CE baseline reads
+SETS_BLOCK = 65536  # users per block when the epoch's RCE-KD set masks are computed
 
 
 class KDTerm(Protocol):

@@ -78,7 +78,7 @@ def rowwise_isin(x: Tensor, y: Tensor) -> Tensor:
     m)); 4-5x faster on CPU than sort + searchsorted (O(b (k + m) log m), the fallback for negative ids or a
     catalogue too large for a block of rows), and neither costs the O(b k m) of broadcasting.
     """
-    if y.shape[1] == 0 or x.shape[1] == 0:
+    if y.numel() == 0 or x.numel() == 0:
         return torch.zeros_like(x, dtype=torch.bool)
     n = int(torch.maximum(x.max(), y.max())) + 1
     rows_per_block = ISIN_BITMAP_BITS // max(n, 1)

@@ -47,15 +47,16 @@ in the step that saw the gradient. Its formulation, one step t for each row:
 
 - a touched row (data gradient g): exactly torch Adam's update, L2 weight decay included (g += wd * p): m <- b1 m +
   (1-b1) g, v <- b2 v + (1-b2) g^2, p <- p - lr/bc1(t) * m / (sqrt(v)/sqrt(bc2(t)) + eps);
-- an untouched row: m <- b1 m, v <- b2 v, p <- p - lr * c(tau) * m / sqrt(v) (0 where v = 0), with c(tau) =
+- an untouched row: m <- b1 m, v <- b2 v, p <- p - lr * c(tau) * m / max(sqrt(v), eps), with c(tau) =
   sqrt(bc2(tau)) / bc1(tau) the bias correction of the row's last touched step tau.
 
-Dense Adam does the same to an untouched row but with c(t) and eps in the denominator, and it feeds the L2 term
+Dense Adam does the same to an untouched row but with c(t) and eps added to the denominator, and it feeds the L2 term
 wd * p through the moments. Those three are what make its steps impossible to defer; holding them fixed is all that
 differs here (c(tau) tends to 1 within a few hundred steps; eps = 1e-8 against sqrt(v) ~ 1e-4..1e-2; the L2 term
 of an untouched row at the recipes' wd 1e-5 is ~1e-3 of a gradient). Then a row untouched for k steps after its
 state (m, v) is brought up to date in closed form: with r = b1 / sqrt(b2), step j multiplies m / sqrt(v) by r^j, so
-the k steps move it by lr * c(tau) * (m / sqrt(v)) * r (1 - r^k) / (1 - r), and m *= b1^k, v *= b2^k. Per-row
+the k steps move it by lr * c(tau) * (m / max(sqrt(v), eps)) * r (1 - r^k) / (1 - r), and m *= b1^k, v *= b2^k
+(sqrt(v) shrinks by sqrt(b2) per step; the floor is read once, at the catch-up). Per-row
 state: ``row_step`` (as sparse AdamW) and ``row_touch`` (tau); ``catch_up()`` as above.
 """
 
@@ -217,9 +218,11 @@ class SparseAdam(_RowSparseAdam):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 < betas[1] < 1):
-            raise ValueError(f"invalid SparseAdam settings: lr={lr}, betas={betas}, eps={eps}, "
-                             f"weight_decay={weight_decay}")
+        # b1^2 < b2 keeps r = b1 / sqrt(b2) < 1: an untouched row's drift then converges, however long the gap
+        if (lr < 0 or eps <= 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 < betas[1] < 1)
+                or betas[0] ** 2 >= betas[1]):
+            raise ValueError(f"invalid SparseAdam settings: lr={lr}, betas={betas} (needs b1^2 < b2), eps={eps} "
+                             f"(> 0), weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
     @staticmethod
@@ -237,9 +240,9 @@ class SparseAdam(_RowSparseAdam):
         geometric = k64 if r == 1 else r * (1 - torch.pow(r, k64)) / (1 - r)  # sum of r^j, j = 1..k
         held = torch.where(tau > 0, torch.sqrt(1 - torch.pow(b2, tau)) / (1 - torch.pow(b1, tau)), 0.0)
         coef = (lr * held * geometric).to(p_rows.dtype).reshape(shape)
-        # m / sqrt(v), 0 where v = 0 (then m = 0 too: no gradient yet); a positive float32 v has sqrt >= 1e-23,
-        # so the clamp changes nothing else
-        torch.sqrt(v_rows, out=buffer).clamp_min_(torch.finfo(buffer.dtype).tiny)
+        # m / max(sqrt(v), eps): eps is a floor under sqrt(v), not a term of it (so the steps stay a geometric
+        # series); it keeps a row whose v underflowed to 0 before its m did from taking a huge step
+        torch.sqrt(v_rows, out=buffer).clamp_min_(group["eps"])
         torch.div(m_rows, buffer, out=buffer)
         p_rows.sub_(buffer.mul_(coef))
         return (torch.pow(b1, k64).to(m_rows.dtype).reshape(shape),
@@ -265,8 +268,9 @@ class SparseAdam(_RowSparseAdam):
             behind, touch = (t - 1) - row_step, row_touch
         buffer = torch.empty_like(p_rows)
         decay = self._drift(group, behind, touch, p_rows, m_rows, v_rows, buffer)
-        if wd:  # L2, as torch Adam: in place for a sparse gradient (its coalesced values are this step's own)
-            vals = vals.add_(p_rows, alpha=wd) if rows is not None else vals.add(p_rows, alpha=wd)
+        if wd:  # L2, as torch Adam: in place on the coalesced values when they are a copy, never on p.grad
+            own = rows is not None and g is not p.grad
+            vals = vals.add_(p_rows, alpha=wd) if own else vals.add(p_rows, alpha=wd)
         # the k untouched steps' decay and this step's in one pass over each moment
         m_rows.mul_(b1 if decay is None else decay[0] * b1).add_(vals, alpha=1 - b1)
         v_rows.mul_(b2 if decay is None else decay[1] * b2).addcmul_(vals, vals, value=1 - b2)

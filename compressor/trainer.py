@@ -293,6 +293,7 @@ class Trainer:
         # torch sampling (KD sets) happens on the training device, so its generator lives there too
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 100003 + epoch + 7919 * rank)
         t0 = time.perf_counter()
+        self._bring_up_to_date()  # the epoch's top lists read every row's current weights
         diag = self.objective.on_epoch_start(self.model, epoch, rng, gen) or {}
         t1 = time.perf_counter()
         users_np, items_np = self.local.train.users, self.local.train.items

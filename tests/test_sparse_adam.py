@@ -12,7 +12,8 @@ from .test_optim import _dense_grad, _sparse_batches
 
 def _sparse_adam_reference(start, steps, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
     """Every row, every step: a touched row gets torch Adam's update (L2 included); an untouched one decays its
-    moments and moves by lr * c(tau) * m / sqrt(v), c(tau) the bias correction of its last touched step."""
+    moments and moves by lr * c(tau) * m / max(sqrt(v), eps), c(tau) the bias correction of its last touched
+    step."""
     p = start.clone()
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     touch = torch.zeros(len(p), dtype=torch.float64)
@@ -23,7 +24,7 @@ def _sparse_adam_reference(start, steps, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
         m[idle] *= b1
         v[idle] *= b2
         held = torch.where(touch > 0, torch.sqrt(1 - b2 ** touch) / (1 - b1 ** touch), torch.zeros_like(touch))
-        ratio = torch.where(v > 0, m / v.sqrt(), torch.zeros_like(v))
+        ratio = m / v.sqrt().clamp_min(eps)  # eps: a floor under sqrt(v) (0 where nothing was touched yet)
         p[idle] -= lr * held[idle, None].to(p.dtype) * ratio[idle]
         gt = g[hit] + wd * p[hit]
         m[hit] = b1 * m[hit] + (1 - b1) * gt
@@ -125,3 +126,23 @@ def test_sparse_adam_follows_dense_adam_on_sparse_batches_far_closer_than_lazy_a
     moved = (dense - start).norm()
     off_sparse, off_lazy = (sparse.detach() - dense).norm() / moved, (lazy - dense).norm() / moved
     assert off_sparse < 0.1 and off_sparse < off_lazy / 4, (float(off_sparse), float(off_lazy))
+
+
+def test_sparse_adam_a_row_whose_v_underflowed_takes_no_huge_step():
+    """float32: a gradient of 1e-22 leaves v = 0 but m = 1e-23; caught up later, the row must stay put."""
+    table = torch.nn.Parameter(torch.zeros(2, 3))
+    opt = SparseAdam([table], lr=1e-3)
+    for t in range(4):
+        opt.zero_grad()
+        row = torch.tensor([0 if t == 0 else 1])
+        (F.embedding(row, table, sparse=True) * (1e-22 if t == 0 else 1.0)).sum().backward()
+        opt.step()
+    opt.catch_up()
+    assert table.detach()[0].abs().max() < 1e-6
+
+
+def test_sparse_adam_refuses_betas_whose_drift_would_not_converge():
+    import pytest
+
+    with pytest.raises(ValueError, match="b1\\^2 < b2"):
+        SparseAdam([torch.nn.Parameter(torch.zeros(2, 2))], betas=(0.99, 0.9))

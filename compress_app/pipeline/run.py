@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from compressor.checkpoint import load_checkpoint
+from compressor.checkpoint import load_checkpoint, read_meta
 from compressor.device import available_cores, resolve_device
 from compressor.errors import MismatchError
 from compressor.files import atomic_write_text
@@ -125,7 +125,7 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
                                    history=read_history(run_dirs[name])))
     index = manifests["rcekd"]["index"]
     notes = [f"Data: {load_checkpoint(out / 'rcekd').meta['data_source']}.",
-             *(how_trained(label, run_dirs[name], results[name], given=name == "teacher" and bool(given))
+             *(how_trained(label, Path(checkpoints[name]), results[name], given=name == "teacher" and bool(given))
                for label, name in (("Teacher", "teacher"), ("Scratch student", "scratch"),
                                    ("RCE-KD student", "rcekd"))),
              f"Bundle index: {index['factory']} ({'exact' if index['exact'] else 'approximate'}).",
@@ -147,17 +147,19 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
     return summary
 
 
-def how_trained(label: str, run_dir: Path, result: dict, given: bool = False) -> str:
-    """One report line: how a model was trained (optimizer, patience, where it stopped), read from its checkpoint."""
-    meta = load_checkpoint(run_dir).meta
+def how_trained(label: str, checkpoint: Path, result: dict, given: bool = False) -> str:
+    """One report line: how a model was trained (optimizer, patience, where it stopped), read from its checkpoint's
+    metadata; for a --teacher given from elsewhere only what its checkpoint records."""
+    meta = read_meta(checkpoint)
     train = meta.get("config", {}).get("train", {})
     model = meta.get("config", {}).get("model", {})
-    where = f"given ({run_dir})" if given else "trained here"
-    best, ran, limit = result.get("best_epoch"), result.get("epochs_run"), train.get("epochs")
+    what = (f"{model.get('kind', '?')} dim {model.get('dim', '?')}, train.optimizer {train.get('optimizer', 'adam')}, "
+            f"lr {train.get('lr')}, patience {train.get('patience')}")
+    best, ran, limit = result.get("best_epoch", meta.get("best_epoch")), result.get("epochs_run"), train.get("epochs")
+    if given:
+        return f"{label}: given ({checkpoint}); {what}" + (f"; best validation epoch {best}." if best else ".")
     if ran is not None and limit is not None and ran < limit:
         stop = f"stopped early after {train.get('patience')} validations without a better {train.get('metric')}"
     else:
         stop = f"ran its train.epochs ({limit})"
-    return (f"{label}: {where}; {model.get('kind', '?')} dim {model.get('dim', '?')}, train.optimizer "
-            f"{train.get('optimizer', 'adam')}, lr {train.get('lr')}, patience {train.get('patience')}; best "
-            f"validation epoch {best} of {ran} ({stop}).")
+    return f"{label}: trained here; {what}; best validation epoch {best} of {ran} ({stop})."
