@@ -410,11 +410,15 @@ def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_byte
 @click.option("--kd-config", default=DEFAULT_PIPELINE_CONFIGS["kd"], show_default=True,
               help="Student recipe with RCE-KD settings.")
 @options.EPOCHS
-@click.option("--patience", type=int, default=10, show_default=True,
-              help="Early-stopping patience of the RCE-KD stage (overrides its train.patience). 10 keeps the "
-                   "first run short on 2 cores; the recipes (and the paper) use 30. The teacher and the scratch "
-                   "baseline always train to their recipes' patience, so the student is compared with a fully "
-                   "trained teacher.")
+@click.option("--patience", type=int, default=None,
+              help="Early-stopping patience of the RCE-KD stage (overrides its train.patience; default: the "
+                   "recipe's, 30 as in the paper). The teacher and the scratch baseline always train to their "
+                   "recipes' patience, so the student is compared with a fully trained teacher.")
+@click.option("--kd-users", type=click.Choice(["once_per_epoch", "every_batch"]), default="once_per_epoch",
+              show_default=True,
+              help="distill.kd_users of the RCE-KD stage. every_batch is the spec's form (KD terms for every "
+                   "distinct user of every batch); once_per_epoch computes each user's once per epoch: the same "
+                   "CiteULike test NDCG@20 over 5 seeds at a fraction of the epoch time (docs/benchmarks.md 2c).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every stage.")
 @options.DEVICE
 @options.THREADS
@@ -427,8 +431,8 @@ def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_byte
 @options.QUIET
 @options.mlflow_options
 @user_errors
-def pipeline(out, data, teacher, teacher_config, student_config, kd_config, epochs, patience, seed, device, threads,
-             overrides, index, fresh, parallel, quiet, mlflow_opts):
+def pipeline(out, data, teacher, teacher_config, student_config, kd_config, epochs, patience, kd_users, seed, device,
+             threads, overrides, index, fresh, parallel, quiet, mlflow_opts):
     """The main job: teacher -> scratch and RCE-KD students -> evaluation -> verified bundles -> MLflow
     registration -> report, on the bundled CiteULike-t unless --data is given.
 
@@ -447,7 +451,8 @@ def pipeline(out, data, teacher, teacher_config, student_config, kd_config, epoc
                     "optional": mlflow_opts["mlflow_optional"]}
     opts = PipelineOptions(out=out, data=data, teacher=resolve_checkpoint(teacher) if teacher else None,
                            teacher_config=teacher_config, student_config=student_config, kd_config=kd_config,
-                           overrides=overrides, epochs=epochs, patience=patience, seed=seed, device=device,
+                           overrides=overrides, epochs=epochs, patience=patience, kd_users=kd_users, seed=seed,
+                           device=device,
                            threads=threads, fresh=fresh, quiet=quiet, mlflow=tracking,
                            register=mlflow_opts["register"], alias=mlflow_opts["alias"],
                            gate_share=mlflow_opts["gate_share"], index=index, parallel=parallel,

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from compress_app.pipeline.options import PipelineOptions, stage_overrides
 from compressor.checkpoint import read_meta
 
 from .conftest import ROOT, assert_one_line_error, cli_command, run_cli
@@ -43,8 +44,10 @@ def test_pipeline_runs_reuses_and_reports(recipes, tmp_path):
     teacher_line = next(x for x in report.splitlines() if x.startswith("- Teacher: trained here"))
     assert "train.optimizer adam" in teacher_line and "patience 5;" in teacher_line and "of 4 (" in teacher_line
     assert "- RCE-KD student: trained here" in report
-    patience = {st: read_meta(out / st)["config"]["train"]["patience"] for st in ("teacher", "scratch", "rcekd")}
-    assert patience == {"teacher": 5, "scratch": 5, "rcekd": 10}  # --patience (default 10): the RCE-KD stage only
+    configs = {st: read_meta(out / st)["config"] for st in ("teacher", "scratch", "rcekd")}
+    assert {st: c["train"]["patience"] for st, c in configs.items()} == {"teacher": 5, "scratch": 5, "rcekd": 5}
+    assert configs["rcekd"]["distill"]["kd_users"] == "once_per_epoch"  # --kd-users' default
+    assert "distill.kd_users once_per_epoch" in report
     assert (out / "report" / "valid_ndcg10.png").stat().st_size > 1000
     for stage in ("teacher", "scratch", "rcekd"):  # each stage keeps its own log, epochs included
         assert "epoch 1 " in (out / stage / "train.log").read_text()
@@ -157,3 +160,12 @@ def test_fresh_deletes_nothing_when_the_run_is_refused(recipes, tmp_path):
                 env={"COMPRESS_NO_MLFLOW": "1"}, check=False)
     assert_one_line_error(p, "no-such-teacher")
     assert (out / "rcekd" / "metrics.jsonl").read_text() == "an earlier run's\n"
+
+
+def test_patience_and_kd_users_reach_the_rcekd_stage_only(tmp_path):
+    o = PipelineOptions(out=tmp_path, patience=3, kd_users="every_batch", epochs=7)
+    for stage in ("teacher", "scratch"):
+        ov = stage_overrides(o, stage)
+        assert "train.epochs=7" in ov and not any(x.startswith(("train.patience", "distill.kd_users")) for x in ov)
+    ov = stage_overrides(o, "rcekd")
+    assert "train.patience=3" in ov and "distill.kd_users=every_batch" in ov

@@ -24,6 +24,7 @@ class PipelineOptions:
     overrides: tuple = ()
     epochs: int | None = None
     patience: int | None = None
+    kd_users: str | None = None  # distill.kd_users of the RCE-KD stage (None: the recipe's)
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
@@ -57,6 +58,8 @@ def stage_overrides(o: PipelineOptions, stage: str, threads: int | None = None) 
         ov.append(f"train.epochs={o.epochs}")
     if o.patience is not None and stage == "rcekd":
         ov.append(f"train.patience={o.patience}")
+    if o.kd_users is not None and stage == "rcekd":
+        ov.append(f"distill.kd_users={o.kd_users}")
     threads = o.threads if threads is None else threads
     if threads is not None:
         ov.append(f"train.threads={threads}")

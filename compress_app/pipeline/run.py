@@ -155,6 +155,9 @@ def how_trained(label: str, checkpoint: Path, result: dict, given: bool = False)
     model = meta.get("config", {}).get("model", {})
     what = (f"{model.get('kind', '?')} dim {model.get('dim', '?')}, train.optimizer {train.get('optimizer', 'adam')}, "
             f"lr {train.get('lr')}, patience {train.get('patience')}")
+    distill = meta.get("config", {}).get("distill", {})
+    if meta.get("method") not in (None, "scratch"):  # the method the run trained with (a teacher's is scratch)
+        what += f", distill.method {meta['method']}, distill.kd_users {distill.get('kd_users', 'every_batch')}"
     best, ran, limit = result.get("best_epoch", meta.get("best_epoch")), result.get("epochs_run"), train.get("epochs")
     if given:
         return f"{label}: given ({checkpoint}); {what}" + (f"; best validation epoch {best}." if best else ".")
