@@ -101,6 +101,24 @@ class _RowSparseAdam(torch.optim.Optimizer):
     def _update(self, group: dict, p: torch.Tensor, state: dict) -> None:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def catch_up(self) -> None:
+        """Bring every row (weights and moments) to the current step without taking one: the weights then equal
+        those of a step-by-step run of the optimizer's formulation. Nothing to do for one that defers nothing."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "row_step" not in state:
+                    continue
+                t, row_step = int(state["step"]), state["row_step"]
+                if bool((row_step == t).all()):
+                    continue
+                self._catch_up_rows(group, p, state, t - row_step)
+                row_step.fill_(t)
+
+    def _catch_up_rows(self, group: dict, p: torch.Tensor, state: dict, behind: torch.Tensor) -> None:
+        """Apply ``behind`` [rows] untouched steps to every row of ``p`` (the deferring optimizers)."""
+
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts every saved state tensor but "step" to its parameter's dtype: the row counters stay int64
         counters = {(pid, key): s[key] for pid, s in state_dict["state"].items() for key in _ROW_COUNTERS if key in s}
@@ -193,23 +211,11 @@ class SparseAdamW(_RowSparseAdam):
             p.mul_(fp).addcdiv_(m, denom, value=-step_size)
             row_step.fill_(t)
 
-    @torch.no_grad()
-    def catch_up(self) -> None:
-        """Bring every row (weights and moments) to the current step without taking one: the weights then equal
-        those of a dense step-by-step run of the same formulation."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
-                    continue
-                t, row_step = int(state["step"]), state["row_step"]
-                if bool((row_step == t).all()):
-                    continue
-                fm, fv, fp = self._decays(group, t - row_step, p)  # 0 steps: factor 1, exact
-                state["exp_avg"].mul_(fm)
-                state["exp_avg_sq"].mul_(fv)
-                p.mul_(fp)
-                row_step.fill_(t)
+    def _catch_up_rows(self, group: dict, p: torch.Tensor, state: dict, behind: torch.Tensor) -> None:
+        fm, fv, fp = self._decays(group, behind, p)  # 0 steps: factor 1, exact
+        state["exp_avg"].mul_(fm)
+        state["exp_avg_sq"].mul_(fv)
+        p.mul_(fp)
 
 
 class SparseAdam(_RowSparseAdam):
@@ -285,24 +291,12 @@ class SparseAdam(_RowSparseAdam):
             row_step.index_fill_(0, rows, t)
             row_touch.index_fill_(0, rows, t)
 
-    @torch.no_grad()
-    def catch_up(self) -> None:
-        """Bring every row (weights and moments) to the current step without taking one: the weights then equal
-        those of a step-by-step run of the same formulation."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
-                    continue
-                t, row_step = int(state["step"]), state["row_step"]
-                if bool((row_step == t).all()):
-                    continue
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                decay = self._drift(group, t - row_step, state["row_touch"], p, m, v, torch.empty_like(p))
-                if decay is not None:
-                    m.mul_(decay[0])
-                    v.mul_(decay[1])
-                row_step.fill_(t)
+    def _catch_up_rows(self, group: dict, p: torch.Tensor, state: dict, behind: torch.Tensor) -> None:
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        decay = self._drift(group, behind, state["row_touch"], p, m, v, torch.empty_like(p))
+        if decay is not None:
+            m.mul_(decay[0])
+            v.mul_(decay[1])
 
 
 @dataclass(frozen=True)

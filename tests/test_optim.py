@@ -202,43 +202,6 @@ def test_sparse_adamw_equals_a_step_by_step_reference_for_touched_and_skipped_ro
     torch.testing.assert_close(table32.detach().double(), p, rtol=1e-5, atol=1e-6)
 
 
-def test_sparse_adamw_dense_gradients_touch_every_row_and_equal_torch_adamw():
-    torch.manual_seed(5)
-    start = torch.randn(6, 4, dtype=torch.float64)
-    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    ref, opt = torch.optim.AdamW([a], lr=0.02, weight_decay=0.1), SparseAdamW([b], lr=0.02, weight_decay=0.1)
-    for _ in range(6):
-        target = torch.randn(6, 4, dtype=torch.float64)
-        for p, o in ((a, ref), (b, opt)):
-            o.zero_grad()
-            ((p - target) ** 3).sum().backward()
-            o.step()
-    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
-    # sparse steps leave rows behind; a dense step catches them up first (reference: every row touched)
-    table = torch.nn.Parameter(start.clone())
-    opt = SparseAdamW([table], lr=0.02, weight_decay=0.1)
-    steps = []
-    for t in range(1, 13):
-        w = torch.randn(6, 4, dtype=torch.float64)
-        opt.zero_grad()
-        if t in (5, 9):
-            (table * w).sum().backward()  # dense: LightGCN's propagation, a KD term over whole tables
-            steps.append((w, None))
-        else:
-            idx = torch.tensor([t % 3, t % 3])
-            (F.embedding(idx, table, sparse=True) * w[:2]).sum().backward()
-            steps.append((_dense_grad(idx, w[:2], 6), idx.unique()))
-        assert table.grad.is_sparse == (t not in (5, 9))
-        opt.step()
-        if t in (5, 9):
-            assert torch.equal(opt.state[table]["row_step"], torch.full((6,), t))
-    opt.catch_up()
-    p, m, v = _sparse_adamw_reference(start, steps, lr=0.02, wd=0.1)
-    torch.testing.assert_close(table.detach(), p, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(opt.state[table]["exp_avg"], m, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(opt.state[table]["exp_avg_sq"], v, rtol=1e-12, atol=1e-18)
-
-
 @pytest.mark.parametrize("opt_cls", [SparseAdamW, SparseAdam])
 def test_deferring_optimizer_state_survives_a_checkpoint_bit_for_bit(tmp_path, opt_cls):
     """Rows behind by different counts, saved without catching up, continue exactly as the live optimizer."""

@@ -5,9 +5,11 @@ every row is touched, and against torch Adam on sparse batches (far closer than 
 import torch
 import torch.nn.functional as F
 
-from compressor.optim import LazyAdam, SparseAdam
+import pytest
 
-from .test_optim import _dense_grad, _sparse_batches
+from compressor.optim import LazyAdam, SparseAdam, SparseAdamW
+
+from .test_optim import _dense_grad, _sparse_adamw_reference, _sparse_batches
 
 
 def _sparse_adam_reference(start, steps, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
@@ -76,11 +78,16 @@ def test_sparse_adam_equals_its_step_by_step_reference_for_touched_and_skipped_r
     torch.testing.assert_close(table32.detach().double(), p, rtol=1e-4, atol=1e-5)
 
 
-def test_sparse_adam_with_dense_gradients_is_torch_adam():
+@pytest.mark.parametrize("opt_cls", [SparseAdam, SparseAdamW])
+def test_dense_gradients_touch_every_row_and_equal_torch_adam(opt_cls):
+    """Every row touched each step: torch Adam (sparse_adam) or torch AdamW (sparse_adamw). Then sparse steps
+    leave rows behind and a dense one (LightGCN's propagation, a KD term over whole tables) catches them up first."""
+    reference = _sparse_adam_reference if opt_cls is SparseAdam else _sparse_adamw_reference
+    dense = torch.optim.Adam if opt_cls is SparseAdam else torch.optim.AdamW
     torch.manual_seed(5)
     start = torch.randn(6, 4, dtype=torch.float64)
     a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    ref, opt = torch.optim.Adam([a], lr=0.02, weight_decay=0.1), SparseAdam([b], lr=0.02, weight_decay=0.1)
+    ref, opt = dense([a], lr=0.02, weight_decay=0.1), opt_cls([b], lr=0.02, weight_decay=0.1)
     for _ in range(6):
         target = torch.randn(6, 4, dtype=torch.float64)
         for p, o in ((a, ref), (b, opt)):
@@ -88,9 +95,8 @@ def test_sparse_adam_with_dense_gradients_is_torch_adam():
             ((p - target) ** 3).sum().backward()
             o.step()
     torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
-    # sparse steps, then a dense one (LightGCN's propagation): the dense step first catches every row up
     table = torch.nn.Parameter(start.clone())
-    opt = SparseAdam([table], lr=0.02, weight_decay=0.1)
+    opt = opt_cls([table], lr=0.02, weight_decay=0.1)
     steps = []
     for t in range(1, 13):
         w = torch.randn(6, 4, dtype=torch.float64)
@@ -102,11 +108,15 @@ def test_sparse_adam_with_dense_gradients_is_torch_adam():
             idx = torch.tensor([t % 3, t % 3])
             (F.embedding(idx, table, sparse=True) * w[:2]).sum().backward()
             steps.append((_dense_grad(idx, w[:2], 6), idx.unique()))
+        assert table.grad.is_sparse == (t not in (5, 9))
         opt.step()
+        if t in (5, 9):
+            assert torch.equal(opt.state[table]["row_step"], torch.full((6,), t))
     opt.catch_up()
-    p, m, v = _sparse_adam_reference(start, steps, lr=0.02, wd=0.1)
+    p, m, v = reference(start, steps, lr=0.02, wd=0.1)
     torch.testing.assert_close(table.detach(), p, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(opt.state[table]["exp_avg"], m, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(opt.state[table]["exp_avg_sq"], v, rtol=1e-12, atol=1e-18)
 
 
 def test_sparse_adam_follows_dense_adam_on_sparse_batches_far_closer_than_lazy_adam():
@@ -142,7 +152,5 @@ def test_sparse_adam_a_row_whose_v_underflowed_takes_no_huge_step():
 
 
 def test_sparse_adam_refuses_betas_whose_drift_would_not_converge():
-    import pytest
-
     with pytest.raises(ValueError, match="b1\\^2 < b2"):
         SparseAdam([torch.nn.Parameter(torch.zeros(2, 2))], betas=(0.99, 0.9))
