@@ -19,6 +19,7 @@ import torch
 from .data import Dataset
 from .distill import Teacher
 from .evaluation import topk_excluding
+from .losses import rowwise_positions
 from .retrieval import TopKSearcher, exact_topk_on_device, faiss_has_gpu, measure_recall, topk_cached
 
 log = logging.getLogger(__name__)
@@ -144,10 +145,9 @@ class KDRetrieval:
             todo = torch.ones(block.shape, dtype=torch.bool, device=block.device)
             if previous is not None:
                 old_items, old_scores = previous[0][s:s + b].to(block.dtype), previous[1][s:s + b]
-                old_sorted, order = torch.sort(old_items, dim=1)
-                pos = torch.searchsorted(old_sorted, block.contiguous()).clamp_(max=old_items.shape[1] - 1)
-                todo = old_sorted.gather(1, pos) != block
-                out[s:s + b] = old_scores.gather(1, order.gather(1, pos))
+                pos = rowwise_positions(block, old_items)
+                todo = pos < 0
+                out[s:s + b] = old_scores.gather(1, pos.clamp(min=0))
             rows, cols = todo.nonzero(as_tuple=True)
             out[s:s + b][rows, cols] = pair_dot(self.t_user, self.t_item, rows + s, block[rows, cols])
         return out

@@ -20,7 +20,8 @@ from torch import Tensor
 from .data import Dataset
 from .kd_retrieval import KDRetrieval
 from .kd_sets import rrd_positive_keys, sample_interesting_positions, sample_rrd_sets
-from .losses import RCEKDSets, ce_kd_loss, rcekd_loss_on_sets, rcekd_sets, rowwise_isin, rrd_loss
+from .losses import (RCEKDSets, ce_kd_loss, pair_scores, rcekd_loss_from_scores, rcekd_sets, rowwise_isin,
+                     rrd_loss)
 
 CE_TARGETS = ("student", "teacher")  # distill.ce_target: whose top-K the vanilla CE baseline reads
 SETS_BLOCK = 65536  # users per block when the epoch's RCE-KD set masks are computed
@@ -121,18 +122,25 @@ class RCEKDTerm:
 
     def batch_sets(self, users: Tensor) -> tuple[RCEKDSets, Tensor]:
         """The [QS | A | QT] sets of ``users`` [b] and their teacher scores [b, K + L + K], from the epoch's state."""
-        qt, qs, a = self._columns(users)
-        scores = self.scores[users]
-        sets = RCEKDSets(torch.cat([qs, a, qt], dim=1), self.mask_t[users], self.overlap_count[users], self.K,
-                         self.K)
-        return sets, torch.cat([scores[:, : self.K], scores.gather(1, self.a_cols[users].long()),
-                                self.t_scores_qt[users]], dim=1)
+        return self._batch(users)[:2]
+
+    def _batch(self, users: Tensor) -> tuple[RCEKDSets, Tensor, Tensor, Tensor]:
+        """``batch_sets``, and the items the student scores [b, W + K] = [lists | QT] with the columns [b, K + L + K]
+        of [QS | A | QT] in them (QS and A are columns of the scored lists: each of their items is scored once)."""
+        lists, qt, a_cols = self.lists[users].long(), self.qt[users].long(), self.a_cols[users].long()
+        w = lists.shape[1]
+        cols = torch.cat([torch.arange(self.K, device=users.device).expand(len(users), -1), a_cols,
+                          torch.arange(w, w + self.K, device=users.device).expand(len(users), -1)], dim=1)
+        scored = torch.cat([lists, qt], dim=1)
+        scores = torch.cat([self.scores[users], self.t_scores_qt[users]], dim=1)
+        sets = RCEKDSets(scored.gather(1, cols), self.mask_t[users], self.overlap_count[users], self.K, self.K)
+        return sets, scores.gather(1, cols), scored, cols
 
     def loss(self, user_vecs: Tensor, item_vecs: Tensor, users: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        sets, t_scores = self.batch_sets(users)
-        item_vecs, local = gather_items(item_vecs, sets.items, self.sparse_grads)
-        kd, parts = rcekd_loss_on_sets(user_vecs, item_vecs, sets._replace(items=local), t_scores,
-                                       **self.weighting)
+        sets, t_scores, scored, cols = self._batch(users)
+        item_vecs, local = gather_items(item_vecs, scored, self.sparse_grads)
+        s_all = pair_scores(user_vecs, item_vecs, local).gather(1, cols)
+        kd, parts = rcekd_loss_from_scores(s_all, t_scores, sets, **self.weighting)
         return kd, {"kd_loss_s": parts["loss_s"], "kd_loss_t": parts["loss_t"], "kd_alpha": parts["alpha"],
                     "kd_overlap": parts["overlap"]}
 

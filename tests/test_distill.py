@@ -7,7 +7,7 @@ import torch
 from compressor import api
 from compressor.checkpoint import load_checkpoint
 from compressor.distill import load_teacher
-from compressor.losses import rowwise_isin, teacher_pair_scores
+from compressor.losses import rcekd_loss_on_sets, rowwise_isin, teacher_pair_scores
 from compressor.models import build_model
 from compressor.objectives import METHOD_NAMES, SetupContext, build_objective
 from compressor.trainer import Trainer
@@ -143,7 +143,8 @@ def test_rcekd_teacher_scores_of_the_epoch_sets_are_exact(teacher, slice_data, t
     t_user, t_item = torch.from_numpy(t.user_vectors), torch.from_numpy(t.item_vectors)
     for epoch in (1, 2, 3):
         obj.on_epoch_start(model, epoch, np.random.default_rng(epoch), torch.Generator().manual_seed(epoch))
-        sets, t_scores = term.batch_sets(torch.arange(data.num_users))
+        users = torch.arange(data.num_users)
+        sets, t_scores = term.batch_sets(users)
         want = teacher_pair_scores(t_user, t_item, sets.items)
         assert t_scores.shape == sets.items.shape == (data.num_users, 10 + 10 + 10)
         torch.testing.assert_close(t_scores, want)
@@ -155,6 +156,16 @@ def test_rcekd_teacher_scores_of_the_epoch_sets_are_exact(teacher, slice_data, t
         assert rowwise_isin(a, p).all() and all(len(set(r.tolist())) == 10 for r in a)
         rows = torch.tensor([3, 0, 3])  # a batch's rows are the same rows
         assert torch.equal(term.batch_sets(rows)[0].items, sets.items[rows])
+        # the term scores [lists | QT] once and reads QS and A from it: the loss over the [QS | A | QT] sets, and
+        # its gradients, as scoring every column of them
+        grads = []
+        for loss_of in (lambda uv, iv: term.loss(uv, iv, users)[0],
+                        lambda uv, iv: rcekd_loss_on_sets(uv, iv, sets, t_scores, **term.weighting)[0]):
+            uv, iv = (w.detach().clone().double().requires_grad_() for w in model.vectors())
+            loss_of(uv, iv).backward()
+            grads.append((loss_of(uv, iv).detach(), uv.grad, iv.grad))
+        for got, ref in zip(*grads):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
         with torch.no_grad():  # the student moves, so the next epoch's lists differ from this one's
             model.user_emb.weight.add_(torch.randn_like(model.user_emb.weight) * 0.05)
 

@@ -594,6 +594,24 @@ def test_pipeline_float32_matches_reference():
     assert loss.item() == pytest.approx(ref, rel=1e-5)
 
 
+@pytest.mark.parametrize("map_bytes", [1 << 25, 2 * 64 * 60, 16])  # one block, several blocks, the sort path
+def test_rowwise_positions_finds_each_id_in_its_row(monkeypatch, map_bytes):
+    import compressor.losses as losses_mod
+
+    monkeypatch.setattr(losses_mod, "POSITION_MAP_BYTES", map_bytes)
+    gen = torch.Generator().manual_seed(1)
+    y = torch.stack([torch.randperm(60, generator=gen)[:9] for _ in range(300)])  # distinct per row
+    x = torch.randint(0, 60, (300, 14), generator=gen)
+    pos = losses_mod.rowwise_positions(x, y)
+    member = (x.unsqueeze(2) == y.unsqueeze(1)).any(dim=2)
+    assert torch.equal(pos >= 0, member) and member.any() and not member.all()
+    assert torch.equal(y.gather(1, pos.clamp(min=0))[member], x[member])
+    assert torch.equal(losses_mod.rowwise_positions(x - 5, y - 5), pos)  # negative ids: the sort path
+    dup = torch.cat([y, y[:, :3]], dim=1)  # an id twice in a row: either position names it
+    assert torch.equal(dup.gather(1, losses_mod.rowwise_positions(x, dup).clamp(min=0))[member], x[member])
+    assert (losses_mod.rowwise_positions(x, y[:, :0]) == -1).all()
+
+
 @pytest.mark.parametrize("bits", [1 << 24, 64 * 50, 10])  # one block; blocks of 64 rows; too small: sort fallback
 def test_rowwise_isin_equals_broadcast_membership(monkeypatch, bits):
     import compressor.losses as losses_mod
@@ -606,3 +624,31 @@ def test_rowwise_isin_equals_broadcast_membership(monkeypatch, bits):
     assert torch.equal(losses_mod.rowwise_isin(x, y), want) and want.any() and not want.all()
     assert torch.equal(losses_mod.rowwise_isin(x - 3, y - 3), want)  # negative ids: the sort path
     assert not losses_mod.rowwise_isin(x, y[:, :0]).any()
+
+
+def test_pair_scores_csr_path_matches_gather_and_bmm_with_gradients():
+    """The CPU path (a CSR pattern: sampled product forward, CSR product + scatter backward) gives the gather + bmm
+    scores and gradients, with duplicate and unsorted ids in a row; an id outside the table is an error."""
+    from compressor.losses import pair_scores
+
+    gen = torch.Generator().manual_seed(3)
+    user = torch.randn(9, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    items = torch.randn(30, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    idx = torch.randint(0, 30, (9, 17), generator=gen)  # 17 of 30: duplicates in most rows
+    assert any(len(set(r.tolist())) < 17 for r in idx)
+    weights = torch.randn(9, 17, dtype=torch.float64, generator=gen)
+    got = pair_scores(user, items, idx)
+    (got * weights).sum().backward()
+    g_user, g_items = user.grad.clone(), items.grad.clone()
+    user.grad = items.grad = None
+    want = torch.bmm(items[idx], user.unsqueeze(-1)).squeeze(-1)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(g_user, user.grad, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(g_items, items.grad, rtol=1e-13, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda u, t: pair_scores(u, t, idx), (user, items))
+    with pytest.raises(IndexError, match=r"\[0, 30\)"):
+        pair_scores(user, items, idx + 30)
+    long_rows = torch.randint(0, 30, (9, 40), generator=gen)  # more entries than items: the gather path
+    torch.testing.assert_close(pair_scores(user, items, long_rows),
+                               torch.bmm(items[long_rows], user.unsqueeze(-1)).squeeze(-1))
