@@ -42,12 +42,13 @@ def _gumbel_topk(log_w: Tensor, n: int, generator: torch.Generator | None) -> Te
 
 
 @torch.no_grad()
-def interesting_position_counts(p: Tensor, qt: Tensor) -> Tensor:
+def interesting_position_counts(p: Tensor, qt: Tensor, hit: Tensor | None = None) -> Tensor:
     """Step 4's ``c_u(j)``: teacher top-K items at position j or deeper in P_u, capped at 50.
 
-    p [n, M] long (student top-M, best first), qt [n, K] long -> [n, M] long.
+    p [n, M] long (student top-M, best first), qt [n, K] long -> [n, M] long. ``hit`` [n, M] bool: which of
+    p's entries are in qt's row, when the caller knows it already.
     """
-    hit = rowwise_isin(p, qt).to(torch.long)
+    hit = (rowwise_isin(p, qt) if hit is None else hit).to(torch.long)
     c = hit.flip(1).cumsum(1).flip(1)
     return c.clamp_(max=COUNT_CAP)
 
@@ -71,12 +72,14 @@ def sample_interesting_positions(
     generator: torch.Generator | None = None,
     block: int = 8192,
     with_positions: bool = False,
+    hit: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Step 4: sample ``A_u``, L distinct positions of P_u with probability ∝ w_u(j).
 
     p [n_users, M] long (student top-M, best first), qt [n_users, K] long ->
     a [n_users, L] long item ids, listed in the student's order; with ``with_positions`` also their columns of p
-    [n_users, L] (so values known for P's columns can be gathered for A). Requires L <= M.
+    [n_users, L] (so values known for P's columns can be gathered for A). Requires L <= M. ``hit``: as for
+    ``interesting_position_counts``.
     """
     n, m = p.shape
     if L > m:
@@ -85,7 +88,7 @@ def sample_interesting_positions(
     positions = torch.empty((n, L), dtype=torch.long, device=p.device)
     for start in range(0, n, block):
         pb, qb = p[start : start + block], qt[start : start + block]
-        c = interesting_position_counts(pb, qb)
+        c = interesting_position_counts(pb, qb, None if hit is None else hit[start : start + block])
         # Log weights (c+1)/T; the row max is irrelevant to Gumbel-top-k (shift invariant).
         log_w = (c.to(torch.float64) + 1.0) / T
         pos = _gumbel_topk(log_w, L, generator)

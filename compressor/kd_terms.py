@@ -20,7 +20,7 @@ from torch import Tensor
 from .data import Dataset
 from .kd_retrieval import KDRetrieval
 from .kd_sets import rrd_positive_keys, sample_interesting_positions, sample_rrd_sets
-from .losses import (RCEKDSets, ce_kd_loss, pair_scores, rcekd_loss_from_scores, rcekd_sets, rowwise_isin,
+from .losses import (RCEKDSets, ce_kd_loss, pair_scores, rcekd_loss_from_scores, rowwise_isin, rowwise_positions,
                      rrd_loss)
 
 CE_TARGETS = ("student", "teacher")  # distill.ce_target: whose top-K the vanilla CE baseline reads
@@ -89,36 +89,40 @@ class RCEKDTerm:
     def on_epoch_start(self, model, epoch: int, gen: torch.Generator) -> dict:
         p, diag = self.retrieval.student_topm(model, self.M)  # step 2
         t0 = time.perf_counter()
-        qt = self.qt.long()
-        a_cols = sample_interesting_positions(p, qt, self.L, self.T, generator=gen, with_positions=True)[1]  # 4
+        n_users, m = p.shape
+        # Every set test of the epoch follows from where each QT item sits in P (QS is P's first K columns, A is
+        # P's sampled columns): one row-wise lookup per user block instead of a set test per pair of lists.
+        qt_in_p = torch.empty(self.qt.shape, dtype=torch.int16 if m < 2 ** 15 else torch.int32, device=p.device)
+        hit = torch.empty((n_users, m), dtype=torch.bool, device=p.device)  # P's entries in QT (step 4's c_u(j))
+        for s, e in _blocks(n_users):
+            qt_in_p[s:e] = rowwise_positions(self.qt[s:e].long(), p[s:e])  # -1 = not in P
+            hit[s:e] = _marks(qt_in_p[s:e], m)
+        a_pos = sample_interesting_positions(p, self.qt, self.L, self.T, generator=gen, with_positions=True,
+                                             hit=hit)[1]  # step 4
         previous = None if self.lists is None else (self.lists, self.scores)
-        self.a_cols = None  # last epoch's state goes before this one's is built (only what is reused stays)
+        self.a_cols = self.mask_t = self.overlap_count = None  # last epoch's go before this one's are built
         if self.M <= self.K + self.L:
-            lists = p
+            lists, a_cols = p, a_pos
         else:
-            lists = torch.cat([p[:, : self.K], p.gather(1, a_cols)], dim=1)
+            lists = torch.cat([p[:, : self.K], p.gather(1, a_pos)], dim=1)
             a_cols = torch.arange(self.K, self.K + self.L, device=p.device).expand(p.shape[0], -1)
         # each pair's score is the same bits whether reused from last epoch or computed afresh
         scores = self.retrieval.teacher_scores(lists, previous=previous)
         self.lists, self.scores, previous = compact_ids(lists), scores, None
         self.a_cols = a_cols.to(torch.int16 if lists.shape[1] < 2 ** 15 else torch.int32).contiguous()
-        # B_u's mask and |QT ∩ A| need row-wise set tests (sorts): once per epoch here, in user blocks, not in
-        # every batch a user is in (22 per epoch on Gowalla under kd_users every_batch)
-        self.mask_t = torch.empty((p.shape[0], self.L + self.K), dtype=torch.bool, device=p.device)
-        self.overlap_count = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
-        for s in range(0, p.shape[0], SETS_BLOCK):
-            block = torch.arange(s, min(s + SETS_BLOCK, p.shape[0]), device=p.device)
-            sets = rcekd_sets(*self._columns(block))
-            self.mask_t[block], self.overlap_count[block] = sets.mask_t, sets.overlap_count
+        # steps 5-6's B_u mask inside [A | QT] and |QT ∩ A| (what losses.rcekd_sets computes, from the positions)
+        self.mask_t = torch.ones((n_users, self.L + self.K), dtype=torch.bool, device=p.device)
+        self.overlap_count = torch.empty(n_users, dtype=torch.long, device=p.device)
+        for s, e in _blocks(n_users):
+            pos = qt_in_p[s:e].long()
+            qt_in_a = _marks(a_pos[s:e], m).gather(1, pos.clamp(min=0)) & (pos >= 0)
+            qt_in_qs = (pos >= 0) & (pos < self.K)
+            self.mask_t[s:e, self.L:] = ~(qt_in_a | qt_in_qs)
+            self.overlap_count[s:e] = qt_in_a.sum(dim=1)
         diag["time_kd_sampling_s"] = time.perf_counter() - t0
         # closure gap: how much of the teacher's top-K the student's own top-K (step 3) already holds
-        diag["topk_overlap"] = float(rowwise_isin(p[:, : self.K], qt).float().mean())
+        diag["topk_overlap"] = float(hit[:, : self.K].float().mean())
         return diag
-
-    def _columns(self, users: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(QT, QS, A) rows of ``users`` as int64."""
-        rows = self.lists[users].long()
-        return self.qt[users].long(), rows[:, : self.K], rows.gather(1, self.a_cols[users].long())
 
     def batch_sets(self, users: Tensor) -> tuple[RCEKDSets, Tensor]:
         """The [QS | A | QT] sets of ``users`` [b] and their teacher scores [b, K + L + K], from the epoch's state."""
@@ -143,6 +147,19 @@ class RCEKDTerm:
         kd, parts = rcekd_loss_from_scores(s_all, t_scores, sets, **self.weighting)
         return kd, {"kd_loss_s": parts["loss_s"], "kd_loss_t": parts["loss_t"], "kd_alpha": parts["alpha"],
                     "kd_overlap": parts["overlap"]}
+
+
+def _blocks(n: int):
+    """(start, end) of the user blocks the epoch's set state is built in (bounds its transient memory)."""
+    return ((s, min(s + SETS_BLOCK, n)) for s in range(0, n, SETS_BLOCK))
+
+
+def _marks(columns: Tensor, width: int) -> Tensor:
+    """bool [n, width], True at each row's ``columns`` [n, c] (-1 = none)."""
+    out = torch.zeros((columns.shape[0], width + 1), dtype=torch.bool, device=columns.device)
+    columns = columns.long()
+    out.scatter_(1, torch.where(columns >= 0, columns, width), True)
+    return out[:, :width]
 
 
 def gather_items(item_vecs: Tensor, items: Tensor, sparse: bool) -> tuple[Tensor, Tensor]:

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from compressor import api
+from compressor import api, kd_terms
 from compressor.checkpoint import load_checkpoint
 from compressor.distill import load_teacher
-from compressor.losses import rcekd_loss_on_sets, rowwise_isin, teacher_pair_scores
+from compressor.losses import rcekd_loss_on_sets, rcekd_sets, rowwise_isin, teacher_pair_scores
 from compressor.models import build_model
 from compressor.objectives import METHOD_NAMES, SetupContext, build_objective
 from compressor.trainer import Trainer
@@ -127,10 +127,11 @@ def test_teacher_data_mismatch_is_a_clear_error_before_training(teacher, slice_d
 
 
 @pytest.mark.parametrize("M", [30, 20])  # M > K + L: [QS | A] scored; M <= K + L: P scored once, QS and A gathered
-def test_rcekd_teacher_scores_of_the_epoch_sets_are_exact(teacher, slice_data, tmp_path, M):
+def test_rcekd_teacher_scores_of_the_epoch_sets_are_exact(teacher, slice_data, tmp_path, M, monkeypatch):
     """The epoch's teacher scores (QT part cached at setup, the moving part scored per epoch, reusing last epoch's
     scores of pairs still listed) equal the teacher's inner products over every column of the [QS | A | QT] sets,
     bit for bit with a fresh scoring of the same pairs."""
+    monkeypatch.setattr(kd_terms, "SETS_BLOCK", 7)  # the epoch's set state is built in several user blocks
     cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8",
                                  "distill.method=rcekd", "distill.K=10", f"distill.M={M}", "distill.L=10"])
     data = api.load_data(cfg)
@@ -154,6 +155,10 @@ def test_rcekd_teacher_scores_of_the_epoch_sets_are_exact(teacher, slice_data, t
         assert torch.equal(sets.items[:, :10], p[:, :10])
         a = sets.items[:, 10:20]
         assert rowwise_isin(a, p).all() and all(len(set(r.tolist())) == 10 for r in a)
+        qs_a_qt = (sets.items[:, :10], sets.items[:, 10:20], sets.items[:, 20:])
+        want_sets = rcekd_sets(qs_a_qt[2], qs_a_qt[0], qs_a_qt[1])  # the masks from set tests, not positions
+        assert torch.equal(sets.mask_t, want_sets.mask_t) and torch.equal(sets.overlap_count, want_sets.overlap_count)
+        assert sets.overlap_count.any() and not sets.mask_t.all()
         rows = torch.tensor([3, 0, 3])  # a batch's rows are the same rows
         assert torch.equal(term.batch_sets(rows)[0].items, sets.items[rows])
         # the term scores [lists | QT] once and reads QS and A from it: the loss over the [QS | A | QT] sets, and
