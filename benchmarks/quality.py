@@ -16,9 +16,10 @@ seeds shows that).
 
     python benchmarks/quality.py --out bench-out/quality --suites main --seeds 0 1 2 3 4 --workers 2
     suites: main (CiteULike MF400 -> MF20: scratch, ce, rrd, rcekd), ablation (3 seeds: full, w/o S, w/o T,
-            const alpha), hetero (CiteULike LightGCN2000 -> MF20), gowalla (every seed, MF300 -> MF20:
-            scratch, the spec's rcekd, and the cheap form: kd_users once_per_epoch with an IVF refresh), once (every seed: CiteULike rcekd with kd_users
-            once_per_epoch, beside the spec's every_batch form and scratch on the same seeds)
+            const alpha), hetero (CiteULike LightGCN2000 -> MF20), gowalla (every seed, MF300 -> MF20: scratch,
+            the spec's rcekd, and the cheap form: kd_users once_per_epoch with an IVF refresh), once (every seed:
+            CiteULike rcekd with kd_users once_per_epoch, beside the spec's every_batch form and scratch on the
+            same seeds)
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def job(name, args, deps=()):
 
 
 def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: int | None, ckpt_every: int = 1,
-               student_device: str | None = None, teacher_set: list[str] = ()):
+               student_device: str | None = None, teacher_set: list[str] = (), student_set: list[str] = ()):
     common = ["--device", student_device or device, "--threads", threads, "--quiet", "--set",
               f"train.checkpoint_every={ckpt_every}"]
     common += ["--epochs", max_epochs] if max_epochs else []
@@ -58,6 +59,8 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
     teacher_common = ["--device", device, *common[2:]]
     for kv in teacher_set:  # e.g. train.optimizer=lazy_adam: how a teacher is trained is not what is compared
         teacher_common += ["--set", kv]
+    for kv in student_set:  # e.g. train.eval_every=2 with train.patience=15: same protocol for every student
+        common += ["--set", kv]
     jobs = []
     cite_t = out / "cite-mf400-teacher"
     need_cite_t = bool({"main", "ablation", "once"} & set(suites))
@@ -395,6 +398,8 @@ def main():
     ap.add_argument("--max-epochs", type=int, default=None)
     ap.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the teacher runs only (repeatable), e.g. train.optimizer=lazy_adam")
+    ap.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the student runs only (repeatable), e.g. train.eval_every=2")
     ap.add_argument("--checkpoint-every", type=int, default=1, help="train.checkpoint_every of every run")
     ap.add_argument("--only", nargs="+", default=None, metavar="JOB",
                     help="run only these jobs of the suites (their dependencies must have finished already), "
@@ -406,7 +411,7 @@ def main():
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = build_jobs(a.suites, a.seeds, a.out.resolve(), a.device, a.threads, a.max_epochs, a.checkpoint_every,
-                      a.student_device, a.teacher_set)
+                      a.student_device, a.teacher_set, a.student_set)
     if a.only:
         by_name = {j["name"]: j for j in jobs}
         unknown = set(a.only) - set(by_name)
