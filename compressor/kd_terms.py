@@ -99,17 +99,11 @@ class RCEKDTerm:
             hit[s:e] = _marks(qt_in_p[s:e], m)
         a_pos = sample_interesting_positions(p, self.qt, self.L, self.T, generator=gen, with_positions=True,
                                              hit=hit)[1]  # step 4
+        # closure gap: how much of the teacher's top-K the student's own top-K (step 3) already holds
+        diag["topk_overlap"] = float(hit[:, : self.K].float().mean())
+        del hit
         previous = None if self.lists is None else (self.lists, self.scores)
         self.a_cols = self.mask_t = self.overlap_count = None  # last epoch's go before this one's are built
-        if self.M <= self.K + self.L:
-            lists, a_cols = p, a_pos
-        else:
-            lists = torch.cat([p[:, : self.K], p.gather(1, a_pos)], dim=1)
-            a_cols = torch.arange(self.K, self.K + self.L, device=p.device).expand(p.shape[0], -1)
-        # each pair's score is the same bits whether reused from last epoch or computed afresh
-        scores = self.retrieval.teacher_scores(lists, previous=previous)
-        self.lists, self.scores, previous = compact_ids(lists), scores, None
-        self.a_cols = a_cols.to(torch.int16 if lists.shape[1] < 2 ** 15 else torch.int32).contiguous()
         # steps 5-6's B_u mask inside [A | QT] and |QT ∩ A| (what losses.rcekd_sets computes, from the positions)
         self.mask_t = torch.ones((n_users, self.L + self.K), dtype=torch.bool, device=p.device)
         self.overlap_count = torch.empty(n_users, dtype=torch.long, device=p.device)
@@ -119,9 +113,17 @@ class RCEKDTerm:
             qt_in_qs = (pos >= 0) & (pos < self.K)
             self.mask_t[s:e, self.L:] = ~(qt_in_a | qt_in_qs)
             self.overlap_count[s:e] = qt_in_a.sum(dim=1)
+        del qt_in_p
+        if self.M <= self.K + self.L:
+            lists, a_cols = p, a_pos
+        else:
+            lists = torch.cat([p[:, : self.K], p.gather(1, a_pos)], dim=1)
+            a_cols = torch.arange(self.K, self.K + self.L, device=p.device).expand(p.shape[0], -1)
+        # each pair's score is the same bits whether reused from last epoch or computed afresh
+        scores = self.retrieval.teacher_scores(lists, previous=previous)
+        self.lists, self.scores, previous = compact_ids(lists), scores, None
+        self.a_cols = a_cols.to(torch.int16 if lists.shape[1] < 2 ** 15 else torch.int32).contiguous()
         diag["time_kd_sampling_s"] = time.perf_counter() - t0
-        # closure gap: how much of the teacher's top-K the student's own top-K (step 3) already holds
-        diag["topk_overlap"] = float(hit[:, : self.K].float().mean())
         return diag
 
     def batch_sets(self, users: Tensor) -> tuple[RCEKDSets, Tensor]:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 __all__ = [
@@ -56,9 +57,10 @@ def pair_scores(user: Tensor, item_table: Tensor, idx: Tensor) -> Tensor:
     sparse [b, n_items] pattern (``_CSRPairScores``); elsewhere the listed vectors are gathered for a batched
     product.
     """
-    # (torch's sampled product refuses a row with more entries than the table has rows: duplicates only)
+    # (torch's sampled product refuses a row with more entries than the table has rows, possible only with
+    # duplicates, and on CPU takes float32 and float64 only)
     if (user.device.type == "cpu" and idx.numel() and idx.shape[1] <= item_table.shape[0]
-            and user.layout == item_table.layout == torch.strided):
+            and user.dtype in (torch.float32, torch.float64) and user.layout == item_table.layout == torch.strided):
         return _CSRPairScores.apply(user, item_table, idx)
     vecs = item_table[idx]  # [b, k, d]
     return torch.bmm(vecs, user.unsqueeze(-1)).squeeze(-1)
@@ -75,8 +77,13 @@ class _CSRPairScores(torch.autograd.Function):
     """``pair_scores`` with the lists as a CSR pattern: forward a sampled dense-dense product (one dot per
     listed pair), backward a CSR x dense product for the users and one accumulating scatter for the items.
     On CPU this is 2x faster than gather + bmm (whose [b, k, d] copy and tiny per-user products dominate an
-    RCE-KD batch: docs/benchmarks.md section 4c). Duplicate and unsorted ids in a row are fine: every listed
-    pair is its own entry, and the scatter accumulates."""
+    RCE-KD batch: docs/benchmarks.md section 4c).
+
+    The lists may hold duplicate and unsorted ids, which torch's CSR format does not promise to support: its CPU
+    kernels used here treat every entry on its own (one dot per entry; a CSR x dense product summing its
+    entries), and tests/test_losses.py checks exactly that against gather + bmm, so a torch that changed it
+    would fail there. The item gradient's sums come out in the same order every time, with any number of
+    threads (see ``backward``): a run resumes bit for bit."""
 
     @staticmethod
     def forward(ctx, user: Tensor, item_table: Tensor, idx: Tensor) -> Tensor:
@@ -88,11 +95,13 @@ class _CSRPairScores(torch.autograd.Function):
         if int(col.min()) < 0 or int(col.max()) >= n:
             raise IndexError(f"item ids must lie in [0, {n}); got {int(col.min())}..{int(col.max())}")
         pattern = _csr(crow, col, torch.zeros(b * k, dtype=user.dtype), (b, n))
-        scores = torch.sparse.sampled_addmm(pattern, user, item_table.T, beta=0.0).values().view(b, k)
+        # a copy, not a view of the sparse result, so that a caller may change it in place
+        scores = torch.sparse.sampled_addmm(pattern, user, item_table.T, beta=0.0).values().view(b, k).clone()
         ctx.save_for_backward(user, item_table, crow, col)
         return scores
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         user, item_table, crow, col = ctx.saved_tensors
         grad_user = grad_items = None
@@ -101,7 +110,11 @@ class _CSRPairScores(torch.autograd.Function):
             grad_user = g @ item_table
         if ctx.needs_input_grad[1]:
             per_pair = (grad.unsqueeze(-1) * user.unsqueeze(1)).reshape(-1, user.shape[1])
-            grad_items = torch.zeros_like(item_table).index_put_((col,), per_pair, accumulate=True)
+            grad_items = torch.zeros_like(item_table)
+            if torch.get_num_threads() == 1:  # serial: the same order every time, and 2x index_add_'s speed
+                grad_items.index_put_((col,), per_pair, accumulate=True)
+            else:  # an accumulating index_put_ adds atomically in any order with more threads; index_add_ does not
+                grad_items.index_add_(0, col, per_pair)
         return grad_user, grad_items, None
 
 

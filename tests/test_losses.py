@@ -652,3 +652,29 @@ def test_pair_scores_csr_path_matches_gather_and_bmm_with_gradients():
     long_rows = torch.randint(0, 30, (9, 40), generator=gen)  # more entries than items: the gather path
     torch.testing.assert_close(pair_scores(user, items, long_rows),
                                torch.bmm(items[long_rows], user.unsqueeze(-1)).squeeze(-1))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pair_scores_gradients_are_the_same_bits_every_time(threads):
+    """float32 item gradients, summed over duplicate ids, come out the same every time at any thread count (what
+    bit-exact resume needs); the output may be changed in place; bfloat16 takes the gather path."""
+    from compressor.losses import pair_scores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grads = []
+        for _ in range(3):
+            gen = torch.Generator().manual_seed(0)
+            user = torch.randn(512, 8, generator=gen).requires_grad_()
+            items = torch.randn(300, 8, generator=gen).requires_grad_()
+            idx = (torch.rand(512, 60, generator=gen) ** 3 * 300).long()  # popular ids many times over
+            (pair_scores(user, items, idx) * torch.randn(512, 60, generator=gen)).sum().backward()
+            grads.append((user.grad, items.grad))
+        assert all(torch.equal(g[0], grads[0][0]) and torch.equal(g[1], grads[0][1]) for g in grads)
+    finally:
+        torch.set_num_threads(before)
+    s = pair_scores(user, items, idx)
+    s.mul_(2)  # a copy, not a view of the sparse result
+    half = pair_scores(user.detach().bfloat16(), items.detach().bfloat16(), idx)
+    assert half.dtype == torch.bfloat16 and half.shape == idx.shape
