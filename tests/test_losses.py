@@ -664,12 +664,12 @@ def test_pair_scores_gradients_are_the_same_bits_every_time(threads):
     torch.set_num_threads(threads)
     try:
         grads = []
-        for _ in range(3):
+        for _ in range(6):
             gen = torch.Generator().manual_seed(0)
-            user = torch.randn(512, 8, generator=gen).requires_grad_()
+            user = torch.randn(2048, 8, generator=gen).requires_grad_()
             items = torch.randn(300, 8, generator=gen).requires_grad_()
-            idx = (torch.rand(512, 60, generator=gen) ** 3 * 300).long()  # popular ids many times over
-            (pair_scores(user, items, idx) * torch.randn(512, 60, generator=gen)).sum().backward()
+            idx = (torch.rand(2048, 100, generator=gen) ** 3 * 300).long()  # popular ids many times over
+            (pair_scores(user, items, idx) * torch.randn(2048, 100, generator=gen)).sum().backward()
             grads.append((user.grad, items.grad))
         assert all(torch.equal(g[0], grads[0][0]) and torch.equal(g[1], grads[0][1]) for g in grads)
     finally:
