@@ -324,6 +324,17 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
             summary["tables"].setdefault(title, []).append(
                 {"run": label, "n": n, **{m: vals[m] for m in METRICS}, "gap_recovered": gap})
 
+    def paired(run, base, run_label, base_label, key):
+        """Per-seed differences of test NDCG@20, run minus base, on the seeds both finished."""
+        diffs = [results[f"{run}-s{s}"]["test"]["ndcg@20"] - results[f"{base}-s{s}"]["test"]["ndcg@20"]
+                 for s in seeds if f"{run}-s{s}" in results and f"{base}-s{s}" in results]
+        if diffs:
+            spread = f" ± {statistics.stdev(diffs):.4f}" if len(diffs) > 1 else ""
+            lines.append(f"\nPaired per seed ({run_label} minus {base_label}, test NDCG@20): "
+                         f"{', '.join(f'{d:+.4f}' for d in diffs)}; mean {statistics.mean(diffs):+.4f}{spread}, "
+                         f"{run_label} ahead on {sum(d > 0 for d in diffs)}/{len(diffs)} seeds\n")
+            summary.setdefault("paired", {})[key] = diffs
+
     t = results.get("cite-mf400-teacher")
     if t:
         named = [("teacher MF400", ["cite-mf400-teacher"])] + [(m, [f"cite-{m}-s{s}" for s in seeds])
@@ -348,14 +359,7 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
                           ("RCE-KD, kd_users once_per_epoch", [f"cite-rcekd-once-s{s}" for s in seeds])]
             title = "CiteULike MF400 -> MF20, KD users per batch vs once per epoch"
             table(title, group(once_named), t["test"]["ndcg@20"], statistics.mean(sc) if sc else None)
-            diffs = [results[f"cite-rcekd-once-s{s}"]["test"]["ndcg@20"] - results[f"cite-rcekd-s{s}"]["test"]["ndcg@20"]
-                     for s in seeds if f"cite-rcekd-once-s{s}" in results and f"cite-rcekd-s{s}" in results]
-            if diffs:
-                spread = f" ± {statistics.stdev(diffs):.4f}" if len(diffs) > 1 else ""
-                lines.append(f"\nPaired per seed (once_per_epoch minus every_batch, test NDCG@20): "
-                             f"{', '.join(f'{d:+.4f}' for d in diffs)}; mean {statistics.mean(diffs):+.4f}{spread}, "
-                             f"once_per_epoch ahead on {sum(d > 0 for d in diffs)}/{len(diffs)} seeds\n")
-                summary.setdefault("paired", {})["once_minus_every_batch"] = diffs
+            paired("cite-rcekd-once", "cite-rcekd", "once_per_epoch", "every_batch", "once_minus_every_batch")
             boot(title, once_named, *cite_ts)
         abl = [("full", [f"cite-rcekd-s{s}" if f"cite-rcekd-s{s}" in results else f"abl-full-s{s}"
                          for s in seeds[:3]])]
@@ -381,14 +385,7 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
         rows = group(named)
         sc = rows[1][2]["ndcg@20"]
         table("Gowalla MF300 -> MF20", rows, gt["test"]["ndcg@20"], statistics.mean(sc) if sc else None)
-        diffs = [results[f"gow-rcekd-once-s{s}"]["test"]["ndcg@20"] - results[f"gow-rcekd-s{s}"]["test"]["ndcg@20"]
-                 for s in seeds if f"gow-rcekd-once-s{s}" in results and f"gow-rcekd-s{s}" in results]
-        if diffs:
-            spread = f" ± {statistics.stdev(diffs):.4f}" if len(diffs) > 1 else ""
-            lines.append(f"\nPaired per seed (cheap form minus the spec's, test NDCG@20): "
-                         f"{', '.join(f'{d:+.4f}' for d in diffs)}; mean {statistics.mean(diffs):+.4f}{spread}, "
-                         f"cheap form ahead on {sum(d > 0 for d in diffs)}/{len(diffs)} seeds\n")
-            summary.setdefault("paired", {})["gowalla_cheap_minus_spec"] = diffs
+        paired("gow-rcekd-once", "gow-rcekd", "cheap form", "the spec's", "gowalla_cheap_minus_spec")
         boot("Gowalla MF300 -> MF20", named, named[0][1], named[1][1])
     md = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(md)
