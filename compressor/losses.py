@@ -209,18 +209,21 @@ def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
     return -F.logsigmoid(pos_scores - neg_scores).sum()
 
 
-def subset_ce(teacher_scores: Tensor, student_scores: Tensor, mask: Tensor, tau: float) -> Tensor:
+def subset_ce(teacher_scores: Tensor, student_scores: Tensor, mask: Tensor | None, tau: float) -> Tensor:
     """Per-user cross-entropy over a masked subset J, both softmaxes renormalised over J.
 
-    teacher_scores [b, n], student_scores [b, n], mask [b, n] bool (True = in J) -> [b]:
+    teacher_scores [b, n], student_scores [b, n], mask [b, n] bool (True = in J; None = every column) -> [b]:
     ``-sum_{i in J} softmax(t[J]/tau)_i * log softmax(s[J]/tau)_i``.
     Masked-out entries contribute neither value nor gradient; a user with an empty J gets 0.
     """
-    if teacher_scores.shape != student_scores.shape or mask.shape != student_scores.shape:
+    if teacher_scores.shape != student_scores.shape or (mask is not None and mask.shape != student_scores.shape):
         raise ValueError(
             f"shape mismatch: teacher {tuple(teacher_scores.shape)}, "
-            f"student {tuple(student_scores.shape)}, mask {tuple(mask.shape)}"
+            f"student {tuple(student_scores.shape)}, mask {None if mask is None else tuple(mask.shape)}"
         )
+    if mask is None:  # the same values as an all-True mask, in a third of the operations (a KD batch runs dozens)
+        s, t = student_scores / tau, teacher_scores / tau
+        return -(torch.softmax(t, dim=1) * (s - torch.logsumexp(s, dim=1, keepdim=True))).sum(dim=1)
     mask = mask.to(torch.bool)
     nonempty = mask.any(dim=1)
     # Treat an empty row as full while computing (so no logsumexp over only -inf, whose
@@ -369,8 +372,7 @@ def rcekd_loss_from_scores(
             raise ValueError(f"{name} {tuple(t.shape)} must be {tuple(sets.items.shape)}")
     t_all = teacher_scores.detach().to(s_all.dtype)
 
-    full = torch.ones_like(sets.items[:, :n_qs], dtype=torch.bool)
-    loss_s = subset_ce(t_all[:, :n_qs], s_all[:, :n_qs], full, tau)
+    loss_s = subset_ce(t_all[:, :n_qs], s_all[:, :n_qs], None, tau)  # over all of QS
     loss_t = subset_ce(t_all[:, n_qs:], s_all[:, n_qs:], sets.mask_t, tau)
 
     overlap = sets.overlap_count.to(s_all.dtype) / sets.k
@@ -416,7 +418,7 @@ def ce_kd_loss(
         t = _teacher_scores(teacher_user.detach(), teacher_items.detach(), items).to(s.dtype)
     else:  # [b, K] precomputed teacher scores of ``items``
         t = teacher_scores.detach().to(s.dtype)
-    return subset_ce(t, s, torch.ones_like(items, dtype=torch.bool), tau).sum()
+    return subset_ce(t, s, None, tau).sum()
 
 
 def rrd_loss(

@@ -151,7 +151,10 @@ class Distillation:
     def batch_loss(self, model, users: Tensor, pos: Tensor, neg: Tensor):
         base, user_vectors_of, i = bpr_base_loss(model, users, pos, neg, self.sparse_grads)
         bu = self.kd_users.select(users)
-        kd, parts = self.term.loss(user_vectors_of(bu), i, bu)
+        if len(bu):
+            kd, parts = self.term.loss(user_vectors_of(bu), i, bu)
+        else:  # no KD user left in this batch (once_per_epoch: 148 of Gowalla's 352): the term adds exactly 0
+            kd, parts = torch.zeros((), dtype=base.dtype, device=base.device), {}
         loss = base + self.lambda_kd * kd
         return loss, {"loss": loss.detach(), "loss_base": base.detach(), "loss_kd": kd.detach(), **parts}
 

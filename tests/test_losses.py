@@ -197,6 +197,21 @@ def test_subset_ce_masked_entries_have_no_influence_and_finite_grads():
     assert torch.allclose(subset_ce(t2, s2, mask, 1.0), out.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_subset_ce_without_a_mask_is_the_all_true_mask_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(4)
+    t = (torch.randn(64, 50, generator=g) * 4).to(dtype)
+    weights = torch.randn(64, generator=g).to(dtype)
+    values, grads = [], []
+    for mask in (None, torch.ones(64, 50, dtype=torch.bool)):
+        s = (torch.randn(64, 50, generator=torch.Generator().manual_seed(5)) * 4).to(dtype).requires_grad_()
+        out = subset_ce(t, s, mask, 0.7)
+        (out * weights).sum().backward()
+        values.append(out.detach())
+        grads.append(s.grad)
+    assert torch.equal(values[0], values[1]) and torch.equal(grads[0], grads[1])
+
+
 def test_subset_ce_gradcheck():
     g = torch.Generator().manual_seed(2)
     t = torch.randn(3, 5, generator=g).double()
