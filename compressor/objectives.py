@@ -73,17 +73,24 @@ def bpr_base_loss(model, users: Tensor, pos: Tensor, neg: Tensor, sparse_grads: 
     if leave_out is not None:  # a user tower over the history: the batch's users only, the positive left out
         i = model.item_emb.weight
         uu = leave_out(users, pos)
-        return bpr_loss((uu * i[pos]).sum(-1), (uu * i[neg]).sum(-1)), model.user_vectors, i
+        return bpr_loss((uu * _rows(i, pos)).sum(-1), (uu * _rows(i, neg)).sum(-1)), model.user_vectors, i
     u, i = model.vectors()
     if sparse_grads:
         uu = F.embedding(users, u, sparse=True)
         ip, ineg = F.embedding(pos, i, sparse=True), F.embedding(neg, i, sparse=True)
     else:
-        uu, ip, ineg = u[users], i[pos], i[neg]
+        uu, ip, ineg = _rows(u, users), _rows(i, pos), _rows(i, neg)
     loss = bpr_loss((uu * ip).sum(-1), (uu * ineg).sum(-1))
     if sparse_grads:  # the KD terms' user rows as row-sparse gradients too (their item rows: kd_terms.gather_items)
         return loss, (lambda rows: F.embedding(rows, u, sparse=True)), i
-    return loss, (lambda rows: u[rows]), i
+    return loss, (lambda rows: _rows(u, rows)), i
+
+
+def _rows(table: Tensor, ids: Tensor) -> Tensor:
+    """``table[ids]`` for ids [b], whose gradient is summed in the same order every time: index_select's
+    backward adds with index_add_, where indexing's (an accumulating index_put_) adds atomically in any order
+    with more than one CPU thread. The same bits as indexing on one thread, and a little faster."""
+    return table.index_select(0, ids)
 
 
 class Scratch:

@@ -285,3 +285,27 @@ def test_kd_terms_hand_a_row_sparse_optimizer_sparse_gradients_of_the_same_loss(
         torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-6)
     item_rows = out[True][2][1].coalesce().indices()[0]
     assert 0 < len(item_rows) < data.num_items  # only the rows the batch read
+
+
+def test_bpr_gradients_are_the_same_bits_every_time_on_two_threads(slice_data):
+    """The BPR loss's row gathers sum their gradients in a fixed order, so that a run on 2 threads repeats (and
+    resumes) bit for bit; indexing (an accumulating index_put_ backward) did not."""
+    cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat"])
+    data = api.load_data(cfg)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(6):
+            torch.manual_seed(0)
+            model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=16, init_std=0.1)
+            g = torch.Generator().manual_seed(1)
+            users = (torch.rand(4096, generator=g) ** 2 * data.num_users).long()  # heavy users many times over
+            pos = (torch.rand(4096, generator=g) ** 3 * data.num_items).long()
+            neg = torch.randint(0, data.num_items, (4096,), generator=g)
+            loss, user_vectors_of, _ = bpr_base_loss(model, users, pos, neg)
+            (loss + user_vectors_of(users[:512]).square().sum()).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        assert all(all(torch.equal(a, b) for a, b in zip(g, grads[0])) for g in grads)
+    finally:
+        torch.set_num_threads(before)
