@@ -19,7 +19,7 @@ import torch
 from .data import Dataset
 from .distill import Teacher
 from .evaluation import topk_excluding
-from .losses import rowwise_positions
+from .losses import csr_matrix, rowwise_positions
 from .retrieval import TopKSearcher, exact_topk_on_device, faiss_has_gpu, measure_recall, topk_cached
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,9 @@ class KDRetrieval:
         """The frozen teacher's scores [U, k] of per-user item lists [U, k] (all users), in user blocks.
 
         ``previous`` = (items, scores) of an earlier call over the same users: a (user, item) pair it holds is
-        not scored again (the student's top lists change little between epochs). On CPU every pair is scored the
-        same way wherever it sits (``pair_dot``), so a reused score equals a fresh one bit for bit and reuse cannot
+        not scored again (the student's top lists change little between epochs). On CPU a pair's score depends
+        only on its own two rows, whatever is scored beside it (``pair_dot``), so a reused score equals a fresh one
+        bit for bit and reuse cannot
         change a run (a resumed run starts without it). On CUDA a row sum's split over threads depends on how many
         rows are summed together, so a reused score may differ from a fresh one in its last bits.
         """
@@ -156,14 +157,47 @@ class KDRetrieval:
 @torch.no_grad()
 def pair_dot(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.Tensor,
              items: torch.Tensor) -> torch.Tensor:
-    """Scores [n] of (user, item) pairs [n] as row-wise products summed over the dimension, in chunks.
+    """Scores [n] of (user, item) pairs [n], ``users`` ascending (as ``nonzero`` gives them), in chunks.
 
-    Each score depends only on its own two rows (the reduction runs along one row), whatever the chunk. Measured
-    3x faster than gathering [b, k, dT] item blocks for a batched product (a 300-dim teacher, 3M pairs).
+    On CPU the pairs are a sparse [users, items] pattern and one sampled dense-dense product computes one dot per
+    pair, reading the two rows in place: 2.5x faster than gathering both sides (a 300-dim teacher, 1M pairs).
+    Elsewhere the rows are gathered and their products summed. Either way each score depends only on its own
+    two rows (the reduction runs along one pair), whatever else is scored with it.
     """
     out = torch.empty(users.shape, dtype=user_table.dtype, device=user_table.device)
+    if not users.numel():
+        return out
+    n_items = item_table.shape[0]
+    csr = user_table.device.type == "cpu" and user_table.dtype in (torch.float32, torch.float64)
+    if csr:
+        if bool((users[1:] < users[:-1]).any()):
+            raise ValueError("pair_dot: users must be in ascending order")
+        if int(items.min()) < 0 or int(items.max()) >= n_items:  # the sparse kernel does not check them
+            raise IndexError(f"item ids must lie in [0, {n_items}); got {int(items.min())}..{int(items.max())}")
     chunk = max(1, PAIR_DOT_ELEMS // max(user_table.shape[1], 1))
     for s in range(0, users.shape[0], chunk):
-        out[s:s + chunk] = (user_table.index_select(0, users[s:s + chunk])
-                            * item_table.index_select(0, items[s:s + chunk])).sum(dim=1)
+        u, i = users[s:s + chunk], items[s:s + chunk]
+        if csr:
+            rows, counts = _pattern_rows(u, n_items)
+            crow = torch.zeros(len(rows) + 1, dtype=torch.int64)
+            torch.cumsum(counts, 0, out=crow[1:])
+            pattern = csr_matrix(crow, i.to(torch.int64), torch.zeros(len(u), dtype=user_table.dtype),
+                                 (len(rows), n_items))
+            out[s:s + chunk] = torch.sparse.sampled_addmm(pattern, user_table.index_select(0, rows), item_table.T,
+                                                          beta=0.0).values()
+        else:
+            out[s:s + chunk] = (user_table.index_select(0, u) * item_table.index_select(0, i)).sum(dim=1)
     return out
+
+
+def _pattern_rows(users: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``pair_dot``'s pattern for ascending ``users``: (user of each row, pairs in it). A user's run of
+    pairs is one row, split into rows of at most ``n_items`` pairs (the sampled product refuses longer rows,
+    possible only with repeated pairs), so every pair is computed the same way."""
+    rows, counts = torch.unique_consecutive(users, return_counts=True)
+    if int(counts.max()) <= n_items:
+        return rows, counts
+    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    piece = (torch.arange(len(users)) - first) // n_items  # which n_items-long piece of its run a pair is in
+    _, counts = torch.unique_consecutive(users * (int(piece.max()) + 1) + piece, return_counts=True)
+    return users[torch.cumsum(counts, 0) - counts], counts

@@ -66,7 +66,8 @@ def pair_scores(user: Tensor, item_table: Tensor, idx: Tensor) -> Tensor:
     return torch.bmm(vecs, user.unsqueeze(-1)).squeeze(-1)
 
 
-def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+def csr_matrix(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A sparse CSR tensor from its parts, unchecked (callers check their ids)."""
     # torch warns once per process that sparse CSR is "beta"; the three kernels used here are long-standing.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -94,7 +95,7 @@ class _CSRPairScores(torch.autograd.Function):
         # the kernels do not check ids (an id outside the table would read or write outside it): checked here
         if int(col.min()) < 0 or int(col.max()) >= n:
             raise IndexError(f"item ids must lie in [0, {n}); got {int(col.min())}..{int(col.max())}")
-        pattern = _csr(crow, col, torch.zeros(b * k, dtype=user.dtype), (b, n))
+        pattern = csr_matrix(crow, col, torch.zeros(b * k, dtype=user.dtype), (b, n))
         # a copy, not a view of the sparse result, so that a caller may change it in place
         scores = torch.sparse.sampled_addmm(pattern, user, item_table.T, beta=0.0).values().view(b, k).clone()
         ctx.save_for_backward(user, item_table, crow, col)
@@ -106,7 +107,7 @@ class _CSRPairScores(torch.autograd.Function):
         user, item_table, crow, col = ctx.saved_tensors
         grad_user = grad_items = None
         if ctx.needs_input_grad[0]:
-            g = _csr(crow, col, grad.reshape(-1).contiguous(), (user.shape[0], item_table.shape[0]))
+            g = csr_matrix(crow, col, grad.reshape(-1).contiguous(), (user.shape[0], item_table.shape[0]))
             grad_user = g @ item_table
         if ctx.needs_input_grad[1]:
             per_pair = (grad.unsqueeze(-1) * user.unsqueeze(1)).reshape(-1, user.shape[1])

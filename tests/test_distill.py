@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from compressor import api, kd_terms
+from compressor import api, kd_retrieval, kd_terms
 from compressor.checkpoint import load_checkpoint
 from compressor.distill import load_teacher
+from compressor.kd_retrieval import pair_dot
 from compressor.losses import rcekd_loss_on_sets, rcekd_sets, rowwise_isin, teacher_pair_scores
 from compressor.models import build_model
 from compressor.objectives import METHOD_NAMES, SetupContext, bpr_base_loss, build_objective
@@ -188,6 +189,39 @@ def test_teacher_scores_reuse_the_scores_of_pairs_listed_before(teacher, slice_d
     listed = (items[:, :, None] == old_items[:, None, :]).any(dim=2)
     assert listed[:, 4:].all() and (got[listed] == 42.0).all()
     assert torch.equal(got[~listed], fresh[~listed])
+
+
+def test_pair_dot_scores_each_pair_from_its_own_rows_only(monkeypatch):
+    """The CPU path (one sampled product over a sparse pattern) equals the row-wise reference, and a pair's score
+    is the same bits whatever is scored beside it, in any chunking and at 1 or 2 threads: reused teacher scores
+    equal fresh ones, also where a user has more pairs than there are items. Out-of-range ids and unsorted users
+    are refused; a bf16 teacher takes the gathering path."""
+    gen = torch.Generator().manual_seed(0)
+    tu, ti = torch.randn(40, 33, generator=gen), torch.randn(25, 33, generator=gen)
+    users = torch.sort(torch.randint(0, 40, (3000,), generator=gen)).values
+    items = torch.randint(0, 25, (3000,), generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        got = pair_dot(tu, ti, users, items)
+        torch.set_num_threads(2)
+        assert torch.equal(pair_dot(tu, ti, users, items), got)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, (tu[users] * ti[items]).sum(1))
+    some = torch.sort(torch.randperm(3000, generator=gen)[:300]).values
+    assert torch.equal(pair_dot(tu, ti, users[some], items[some]), got[some])
+    monkeypatch.setattr(kd_retrieval, "PAIR_DOT_ELEMS", 33 * 7)  # chunks of 7 pairs, rows split across chunks
+    assert torch.equal(pair_dot(tu, ti, users, items), got)
+    with pytest.raises(IndexError, match=r"\[0, 25\)"):
+        pair_dot(tu, ti, users[:3], torch.tensor([0, 25, 1]))
+    with pytest.raises(ValueError, match="ascending"):
+        pair_dot(tu, ti, users.flip(0), items)
+    assert int(torch.unique_consecutive(users, return_counts=True)[1].max()) > 25  # users with more pairs than items
+    half = pair_dot(tu.bfloat16(), ti.bfloat16(), users[:50], items[:50])
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), got[:50], rtol=0.05, atol=0.2)
+    assert pair_dot(tu, ti, users[:0], items[:0]).shape == (0,)
 
 
 @pytest.mark.parametrize("method", ["rcekd", "ce", "rrd"])
