@@ -458,6 +458,7 @@ def part_epoch(spec: dict) -> dict:
         s["extra_batch_s"] = s["batches_s"] - summary["scratch"]["batches_s"]
         # paired per repeat (same load conditions)
         s["overhead_paired_median_s"] = med([a["epoch_s"] - b["epoch_s"] for a, b in zip(rows[n], rows["scratch"])])
+        s["ratio_paired_median"] = med([a["epoch_s"] / b["epoch_s"] for a, b in zip(rows[n], rows["scratch"])])
         s["setup_teacher_topk_s"] = setup_s[n]
     return {"threads": threads, "repeats": spec["repeats"], "kd_indexes": spec["kd_indexes"], "summary": summary,
             "per_repeat": rows, "train_interactions": len(data.train), "batch_size": cfg.train.batch_size}
@@ -854,8 +855,9 @@ def markdown(res: dict) -> str:
                  f"{e['batch_size']}, {e['threads']} threads, median of {e['repeats']} interleaved repeats)\n")
         L.append("| objective | epoch s | refresh s | of which retrieval | recall check + overlap diagnostic | "
                  "KD sampling + teacher scoring | "
-                 "negatives s | batches s | overhead vs scratch s | overhead / scratch epoch | paired overhead s |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                 "negatives s | batches s | overhead vs scratch s | overhead / scratch epoch | paired overhead s | "
+                 "KD epoch / scratch epoch, paired per repeat (median) |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, s in e["summary"].items():
             idx = e["kd_indexes"].get(name, ["", ""])
             label = name if name == "scratch" else f"RCE-KD, {idx[0]} {idx[1] or ''}"
@@ -864,7 +866,7 @@ def markdown(res: dict) -> str:
             L.append(f"| {label} | {fmt(s['epoch_s'])} | {fmt(s['refresh_s'])} | {fmt(s['retrieval_s'])} | "
                      f"{fmt(s['recall_check_s'])} | {fmt(s['kd_sampling_scoring_s'])} | {fmt(s['neg_sampling_s'])} | "
                      f"{fmt(s['batches_s'])} | {fmt(s.get('overhead_s'))} | {fmt(s.get('overhead_over_scratch'))} | "
-                     f"{fmt(s.get('overhead_paired_median_s'))} |")
+                     f"{fmt(s.get('overhead_paired_median_s'))} | {fmt(s.get('ratio_paired_median'))} |")
         L.append("")
     for key in sorted(k for k in res if k.startswith("batch_threads")):
         b = res[key]
@@ -980,6 +982,9 @@ def main():
     ap.add_argument("--epoch-index-params", nargs="*", default=["nprobe=8"])
     ap.add_argument("--epoch-once", action=argparse.BooleanOptionalAction, default=True,
                     help="also time RCE-KD with distill.kd_users once_per_epoch (with the approximate index)")
+    ap.add_argument("--epoch-only-once", action="store_true",
+                    help="time only scratch and the once_per_epoch form (more repeats in the same time, for the "
+                         "ratio of the two)")
     ap.add_argument("--epoch-threads", type=int, nargs="*", default=[2],
                     help="thread counts for the epoch part; counts after the first run scratch vs Flat RCE-KD only")
     ap.add_argument("--batch-threads", type=int, nargs="*", default=[1, 2])
@@ -1050,6 +1055,8 @@ def main():
                 if a.epoch_once:  # the same approximate refresh, each user's KD terms once per epoch
                     kd_indexes["rcekd-approx-once"] = [a.epoch_index, parse_params(a.epoch_index_params),
                                                        {"kd_users": "once_per_epoch"}]
+                if a.epoch_only_once:
+                    kd_indexes = {"rcekd-approx-once": kd_indexes["rcekd-approx-once"]}
             spec = {"threads": threads, "repeats": a.epoch_repeats, "student": student, "teacher": teacher,
                     "work": str(out), "kd_indexes": kd_indexes}
             key = "epoch" if n == 0 else f"epoch_threads{threads}"
