@@ -91,6 +91,11 @@ class TrainConfig:
                                 "lr 1e-3 it under-trains (section 3b). Other models than MF get each one's dense "
                                 "update.",
                         choices=OPTIMIZER_NAMES)
+    lr_decay: float = _f(1.0, "A factor in (0, 1]: lr is multiplied by it after every lr_decay_patience "
+                              "validations in a row without a better metric (1 = a constant lr, the paper's "
+                              "recipe); train.patience still counts from the last improvement.", gt=0)
+    lr_decay_patience: int = _f(10, "Validations without a better metric between two lr decays (lr_decay < 1).",
+                                min=1)
     eval_every: int = _f(1, "Validate every N epochs.", min=1)
     patience: int = _f(30, "Stop after this many validations without a better validation metric.", min=1)
     metric: str = _f("ndcg@10", "Validation metric for early stopping and model selection.")
@@ -221,6 +226,8 @@ def _check(cfg: Config, source: str) -> Config:
     r = cfg.data.split.ratios
     if len(r) != 3 or any(not isinstance(x, (int, float)) or x < 0 for x in r) or abs(sum(r) - 1) > 1e-6:
         raise ConfigError(f"{source}: 'data.split.ratios' must be three non-negative numbers summing to 1, got {r}")
+    if cfg.train.lr_decay > 1:
+        raise ConfigError(f"{source}: 'train.lr_decay' must be in (0, 1] (1 = no decay), got {cfg.train.lr_decay}")
     for k in cfg.train.eval_ks:
         if not isinstance(k, int) or k < 1:
             raise ConfigError(f"{source}: 'train.eval_ks' must be positive integers, got {cfg.train.eval_ks}")

@@ -268,6 +268,15 @@ class Trainer:
         if catch_up is not None:
             catch_up()
 
+    def _decay_lr_on_plateau(self, epoch: int, improved: bool) -> float:
+        groups = self.optimizer.param_groups  # (their lr is saved with the optimizer state: a resume keeps it)
+        if not (improved or self.stopper.stop or self.stopper.bad % self.cfg.train.lr_decay_patience):
+            self._bring_up_to_date()  # a deferring optimizer's catch-up assumes one lr since each row's last step
+            for group in groups:
+                group["lr"] *= self.cfg.train.lr_decay
+            log.info("epoch %d: lr %.3g, %d validations without a gain", epoch, groups[0]["lr"], self.stopper.bad)
+        return groups[0]["lr"]
+
     def _evaluate(self, split: str) -> dict:
         self._bring_up_to_date()
         self.model.eval()
@@ -401,6 +410,8 @@ class Trainer:
                 row["time_eval_s"] = time.perf_counter() - t_eval
                 row.update({f"valid_{k}": v for k, v in valid.items() if k != "users"})
                 improved = self.stopper.update(valid[cfg.metric], epoch)
+                if cfg.lr_decay < 1:
+                    row["lr"] = self._decay_lr_on_plateau(epoch, improved)
                 parts = "  ".join(f"{k}={row[k]:.4f}" for k in row if k.startswith(("loss", "kd_", "base_")))
                 log.info("epoch %d  %s  valid %s=%.5f recall@%d=%.5f%s  (%.1fs)", epoch, parts, cfg.metric,
                          valid[cfg.metric], cfg.eval_ks[-1], valid[f"recall@{cfg.eval_ks[-1]}"],
@@ -420,7 +431,8 @@ class Trainer:
         self.dist.barrier()  # rank 0 has written the best model
         if not (self.out / MODEL_FILE).exists():
             raise TrainingError(f"{self.out}: no validation happened (epochs < eval_every?)")
-        # Test the best-validation model and record its metrics in the final checkpoint.
+        # the last epoch's state first (--resume with more epochs continues it), then the best model's test
+        self._save(RESUME_FILE, "finished", with_optimizer=True)
         best = load_checkpoint(self.out / MODEL_FILE, **self._rows_of_this_rank())
         self.model.load_state_dict({k: v.to(self.device) for k, v in best.model_state.items()}, strict=False)
         test = self._evaluate("test")
@@ -431,7 +443,6 @@ class Trainer:
         self.epoch = self.stopper.best_epoch
         meta = self._save(MODEL_FILE, "finished", with_optimizer=False, metrics={"valid": valid, "test": test})
         self.epoch = last_epoch
-        self._save(RESUME_FILE, "finished", with_optimizer=True)
         # The last collective: a rank that tears its connections down while rank 0 still receives its rows
         # makes gloo abort. After it rank 0 works alone (result file, callbacks: MLflow, registration).
         self.dist.barrier()
