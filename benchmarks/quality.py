@@ -112,7 +112,8 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
             if "main" not in suites:  # the spec's form and the scratch baseline on the same seeds, to pair with
                 jobs.append(job(f"cite-rcekd-s{s}", ["distill", "--teacher", cite_t, "--config",
                                                      "configs/citeulike/mf-rcekd.yaml", "--out",
-                                                     out / f"cite-rcekd-s{s}", "--seed", s, *common],
+                                                     out / f"cite-rcekd-s{s}", "--seed", s, "--set",
+                                                     "distill.kd_users=every_batch", *common],
                                 deps=["cite-mf400-teacher"]))
                 jobs.append(job(f"cite-scratch-s{s}", ["distill", "--method", "scratch", "--config",
                                                        "configs/citeulike/mf-student.yaml", "--out",
