@@ -1055,8 +1055,10 @@ def main():
                 if a.epoch_once:  # the same approximate refresh, each user's KD terms once per epoch
                     kd_indexes["rcekd-approx-once"] = [a.epoch_index, parse_params(a.epoch_index_params),
                                                        {"kd_users": "once_per_epoch"}]
-                if a.epoch_only_once:
-                    kd_indexes = {"rcekd-approx-once": kd_indexes["rcekd-approx-once"]}
+            if a.epoch_only_once and n == 0:
+                if "rcekd-approx-once" not in kd_indexes:
+                    raise SystemExit("--epoch-only-once needs --epoch-once and an approximate --epoch-index")
+                kd_indexes = {"rcekd-approx-once": kd_indexes["rcekd-approx-once"]}
             spec = {"threads": threads, "repeats": a.epoch_repeats, "student": student, "teacher": teacher,
                     "work": str(out), "kd_indexes": kd_indexes}
             key = "epoch" if n == 0 else f"epoch_threads{threads}"

@@ -168,7 +168,8 @@ def pair_dot(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.Te
     if not users.numel():
         return out
     n_items = item_table.shape[0]
-    csr = user_table.device.type == "cpu" and user_table.dtype in (torch.float32, torch.float64)
+    csr = (user_table.device.type == "cpu" and user_table.dtype in (torch.float32, torch.float64)
+           and item_table.dtype == user_table.dtype)
     if csr:
         if bool((users[1:] < users[:-1]).any()):
             raise ValueError("pair_dot: users must be in ascending order")

@@ -268,14 +268,13 @@ class Trainer:
         if catch_up is not None:
             catch_up()
 
-    def _decay_lr_on_plateau(self, epoch: int, improved: bool) -> float:
+    def _decay_lr_on_plateau(self, epoch: int, improved: bool) -> None:
         groups = self.optimizer.param_groups  # (their lr is saved with the optimizer state: a resume keeps it)
         if not (improved or self.stopper.stop or self.stopper.bad % self.cfg.train.lr_decay_patience):
             self._bring_up_to_date()  # a deferring optimizer's catch-up assumes one lr since each row's last step
             for group in groups:
                 group["lr"] *= self.cfg.train.lr_decay
             log.info("epoch %d: lr %.3g, %d validations without a gain", epoch, groups[0]["lr"], self.stopper.bad)
-        return groups[0]["lr"]
 
     def _evaluate(self, split: str) -> dict:
         self._bring_up_to_date()
@@ -411,7 +410,8 @@ class Trainer:
                 row.update({f"valid_{k}": v for k, v in valid.items() if k != "users"})
                 improved = self.stopper.update(valid[cfg.metric], epoch)
                 if cfg.lr_decay < 1:
-                    row["lr"] = self._decay_lr_on_plateau(epoch, improved)
+                    row["lr"] = self.optimizer.param_groups[0]["lr"]  # what this epoch trained with
+                    self._decay_lr_on_plateau(epoch, improved)
                 parts = "  ".join(f"{k}={row[k]:.4f}" for k in row if k.startswith(("loss", "kd_", "base_")))
                 log.info("epoch %d  %s  valid %s=%.5f recall@%d=%.5f%s  (%.1fs)", epoch, parts, cfg.metric,
                          valid[cfg.metric], cfg.eval_ks[-1], valid[f"recall@{cfg.eval_ks[-1]}"],

@@ -209,6 +209,7 @@ def test_pair_dot_scores_each_pair_from_its_own_rows_only(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(got, (tu[users] * ti[items]).sum(1))
+    assert torch.equal(pair_dot(tu, ti, users.int(), items.int()), got)  # int32 ids, as the epoch state keeps them
     some = torch.sort(torch.randperm(3000, generator=gen)[:300]).values
     assert torch.equal(pair_dot(tu, ti, users[some], items[some]), got[some])
     monkeypatch.setattr(kd_retrieval, "PAIR_DOT_ELEMS", 33 * 7)  # chunks of 7 pairs, rows split across chunks
