@@ -134,6 +134,17 @@ class TopKSearcher:
         self.on_gpu = True
         return gpu_index
 
+    @property
+    def nlist(self) -> int | None:
+        """The IVF list count of an IVF index (None for any other)."""
+        ivf = _try_extract_ivf(self.index) if self.index is not None else None
+        return None if ivf is None else int(ivf.nlist)
+
+    def set_params(self, **params) -> None:
+        """Change search-time parameters (e.g. nprobe=32) of a built index."""
+        self.params.update(params)
+        self._apply_params()
+
     def _apply_params(self) -> None:
         if not self.params:
             return

@@ -78,16 +78,43 @@ def test_every_method_runs_on_the_same_trainer(teacher, slice_data, tmp_path, me
         assert hist[1]["diag_retrieval_recall"] >= 0.95
 
 
-def test_users_an_approximate_index_leaves_short_get_the_exact_top_m(teacher, slice_data, tmp_path):
-    """IVF with many small lists and nprobe 1 finds fewer than M items for most users (a young student's lists
-    are uneven: Gowalla's cheap form crashed at epoch 7 on it): those users' lists come from the exact search,
-    the others keep the IVF's."""
+def _ivf_retrieval(teacher, slice_data, tmp_path, lists_of: int, nprobe: int):
     data = api.load_data(api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat"]))
-    index = f"IVF{data.num_items // 30},Flat"  # lists of ~30 items, one probed: some short of M = 30
+    index = f"IVF{data.num_items // lists_of},Flat"
     cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8",
                                  "distill.method=rcekd", "distill.K=10", "distill.M=30", "distill.L=10",
-                                 f"distill.index={index}", "distill.index_params={nprobe: 1}"])
+                                 f"distill.index={index}", f"distill.index_params={{nprobe: {nprobe}}}"])
     retrieval = build_objective(cfg, load_teacher(teacher, data), torch.device("cpu"), tmp_path / "r").term.retrieval
+    return data, index, retrieval
+
+
+def test_an_approximate_refresh_is_held_to_the_recall_floor(teacher, slice_data, tmp_path):
+    """Below REUSE_RECALL_FLOOR the refresh doubles nprobe until the recall holds, and later refreshes start
+    there; a kept quantizer whose recall fell is trained afresh first. (A fresh Gowalla student's IVF256 nprobe
+    8 recall fell to 0.59 in 25 RCE-KD epochs, and the student lost validation NDCG.)"""
+    data, index, retrieval = _ivf_retrieval(teacher, slice_data, tmp_path, lists_of=10, nprobe=1)
+    torch.manual_seed(0)
+    model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=8, init_std=0.1)
+    ids, diag = retrieval.student_topm(model, 30)
+    assert diag["retrieval_recall_first"] < 0.95 <= diag["retrieval_recall"]
+    assert diag["retrieval_nprobe"] >= 2 and (ids >= 0).all()
+    again = retrieval.student_topm(model, 30)[1]  # the same vectors: the kept quantizer at the raised nprobe
+    assert again["retrieval_reused_quantizer"] == 1.0 and again["retrieval_nprobe"] == diag["retrieval_nprobe"]
+    assert again["retrieval_recall_first"] >= 0.95
+    with torch.no_grad():  # vectors the kept quantizer was not trained on: it is retrained in the same refresh
+        model.item_emb.weight.copy_(torch.randn_like(model.item_emb.weight) * 3 + 1)
+    moved = retrieval.student_topm(model, 30)[1]
+    assert moved["retrieval_recall_first"] < 0.95 and moved.get("retrieval_retrained") == 1.0
+    assert moved["retrieval_recall"] >= 0.95
+
+
+def test_users_an_approximate_index_leaves_short_get_the_exact_top_m(teacher, slice_data, tmp_path, monkeypatch):
+    """IVF with many small lists and nprobe 1 finds fewer than M items for many users (a young student's lists
+    are uneven: Gowalla's cheap form crashed at epoch 7 on it): those users' lists come from the exact search,
+    the others keep the IVF's. (The recall floor off, so that nprobe stays 1.)"""
+    monkeypatch.setattr(kd_retrieval, "REUSE_RECALL_FLOOR", 0.0)
+    # lists of ~30 items, one probed: some short of M = 30
+    data, index, retrieval = _ivf_retrieval(teacher, slice_data, tmp_path, lists_of=30, nprobe=1)
     torch.manual_seed(0)
     model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=8, init_std=0.1)
     ids, diag = retrieval.student_topm(model, 30)
