@@ -25,6 +25,7 @@ from .retrieval import TopKSearcher, exact_topk_on_device, faiss_has_gpu, measur
 log = logging.getLogger(__name__)
 
 REUSE_RECALL_FLOOR = 0.95  # keep an approximate index's trained quantizer across epochs while recall@M holds
+RECALL_EASE = 0.98  # above this recall a raised nprobe is halved for the next refresh
 RECALL_SAMPLE_USERS = 500  # users whose approximate top-M is checked against exact search every refresh
 TEACHER_SCORE_BLOCK = 4096  # users per block when scoring per-user item lists with the teacher
 PAIR_DOT_ELEMS = 1 << 22  # floats per gathered side of a pair_dot chunk (16 MiB at float32)
@@ -59,6 +60,7 @@ class KDRetrieval:
         self.use_gpu = device.type == "cuda"
         self._reusable: TopKSearcher | None = None  # last epoch's released searcher, while its recall held
         self._raised: dict = {}  # search parameters raised to hold the recall floor, kept for later refreshes
+        self._held_nprobe: int | None = None  # the nprobe at which the last refresh held the floor
         self._said_torch_topk = False
 
     @property
@@ -126,8 +128,8 @@ class KDRetrieval:
     def _approximate_topm(self, u: np.ndarray, i: np.ndarray, m: int) -> tuple[np.ndarray, dict]:
         """The student's top-m by ``distill.index`` (exact or approximate), an approximate one held to
         REUSE_RECALL_FLOOR: its recall@m against exact search is measured on a sample of users every refresh,
-        and below the floor the search is redone (a kept quantizer trained afresh first, then nprobe doubled up
-        to the list count). The floor matters: a fresh Gowalla student's IVF256 nprobe 8 recall fell from 0.96
+        and below the floor the search is redone: an nprobe stepped down from the last refresh's raised back,
+        then a kept quantizer trained afresh, then nprobe doubled up to the list count. The floor matters: a fresh Gowalla student's IVF256 nprobe 8 recall fell from 0.96
         to 0.59 over its first 25 RCE-KD epochs, and the KD terms built on those lists lost validation NDCG."""
         params = {**self.index_params, **self._raised}
         # An approximate (IVF) index keeps its trained quantizer from the previous epoch while its recall holds:
@@ -139,18 +141,30 @@ class KDRetrieval:
         checking = time.perf_counter()
         recall = measure_recall(searcher, u, i, m, sample_users=RECALL_SAMPLE_USERS)
         diag = {"retrieval_recall_first": recall, "time_recall_check_s": time.perf_counter() - checking}
-        if recall < REUSE_RECALL_FLOOR and searcher.reused_training:
-            searcher = TopKSearcher(i, self.index, use_gpu=self.use_gpu, params=params)
+        nlist, nprobe, held = searcher.nlist, int(params.get("nprobe", 1)), self._held_nprobe
+        while recall < REUSE_RECALL_FLOOR:
+            if nlist is not None and held is not None and nprobe < held:  # stepped down too far: back up
+                nprobe = min(2 * nprobe, held)
+                searcher.set_params(nprobe=nprobe)
+            elif searcher.reused_training:  # the kept quantizer went stale: k-means on the current vectors
+                searcher = TopKSearcher(i, self.index, use_gpu=self.use_gpu, params={**params, "nprobe": nprobe}
+                                        if nlist is not None else params)
+                diag["retrieval_retrained"] = 1.0
+            elif nlist is not None and nprobe < nlist:
+                nprobe = min(2 * nprobe, nlist)
+                searcher.set_params(nprobe=nprobe)
+            else:
+                break
             ids = searcher.search(u, m)[1]
             recall = measure_recall(searcher, u, i, m, sample_users=RECALL_SAMPLE_USERS)
-            diag["retrieval_retrained"] = 1.0
-        nlist, nprobe = searcher.nlist, int(params.get("nprobe", 1))
-        while recall < REUSE_RECALL_FLOOR and nlist is not None and nprobe < nlist:
-            nprobe = min(2 * nprobe, nlist)
-            searcher.set_params(nprobe=nprobe)
-            ids = searcher.search(u, m)[1]
-            recall = measure_recall(searcher, u, i, m, sample_users=RECALL_SAMPLE_USERS)
-            self._raised = {"nprobe": nprobe}  # later refreshes start here
+        # The next refresh starts at this nprobe, or at half of it after a recall well above the floor (the
+        # student settles, and a raised nprobe costs a proportional share of an exhaustive search).
+        configured = int(self.index_params.get("nprobe", 1))
+        self._held_nprobe = nprobe if nlist is not None else None
+        if nlist is not None and nprobe > configured:
+            self._raised = {"nprobe": max(configured, nprobe // 2) if recall >= RECALL_EASE else nprobe}
+        else:
+            self._raised = {}
         if recall < REUSE_RECALL_FLOOR:
             log.warning("approximate top-%d (%s, %s): recall@%d %.4f below %.2f; use a finer index or Flat", m,
                         self.index, searcher.params, m, recall, REUSE_RECALL_FLOOR)
