@@ -982,6 +982,10 @@ def main():
     ap.add_argument("--epoch-index-params", nargs="*", default=["nprobe=8"])
     ap.add_argument("--epoch-once", action=argparse.BooleanOptionalAction, default=True,
                     help="also time RCE-KD with distill.kd_users once_per_epoch (with the approximate index)")
+    ap.add_argument("--epoch-student", default=None,
+                    help="student checkpoint the epoch part starts every objective from (e.g. a KD run's "
+                         "last.safetensors part-way through training: the refresh's recall and cost depend on the "
+                         "student's geometry) instead of the 5-epoch scratch student")
     ap.add_argument("--epoch-only-once", action="store_true",
                     help="time only scratch and the once_per_epoch form (more repeats in the same time, for the "
                          "ratio of the two)")
@@ -1059,8 +1063,8 @@ def main():
                 if "rcekd-approx-once" not in kd_indexes:
                     raise SystemExit("--epoch-only-once needs --epoch-once and an approximate --epoch-index")
                 kd_indexes = {"rcekd-approx-once": kd_indexes["rcekd-approx-once"]}
-            spec = {"threads": threads, "repeats": a.epoch_repeats, "student": student, "teacher": teacher,
-                    "work": str(out), "kd_indexes": kd_indexes}
+            spec = {"threads": threads, "repeats": a.epoch_repeats, "student": a.epoch_student or student,
+                    "teacher": teacher, "work": str(out), "kd_indexes": kd_indexes}
             key = "epoch" if n == 0 else f"epoch_threads{threads}"
             res[key] = child("epoch", spec, out, key)
             save()
