@@ -804,6 +804,8 @@ def markdown(res: dict) -> str:
         te = {k: round(v, 4) for k, v in g["teacher"]["test"].items() if k != "users"}
         L.append(f"Student: Gowalla MF20 after {g['student']['epochs']} epochs (test {json.dumps(st)}); teacher: MF300 "
                  f"after {g['teacher']['epochs']} epochs only (a quick teacher; test {json.dumps(te)}).\n")
+    if res.get("args", {}).get("epoch_student"):
+        L.append(f"The epoch part starts every objective from `{res['args']['epoch_student']}` instead.\n")
     r = res.get("refresh")
     if r and "rows" in r:
         n = r["norms"]["item"]
