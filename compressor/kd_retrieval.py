@@ -25,7 +25,8 @@ from .retrieval import TopKSearcher, exact_topk_on_device, faiss_has_gpu, measur
 log = logging.getLogger(__name__)
 
 REUSE_RECALL_FLOOR = 0.95  # keep an approximate index's trained quantizer across epochs while recall@M holds
-RECALL_EASE = 0.98  # above this recall a raised nprobe is halved for the next refresh
+RECALL_EASE = 0.98  # a refresh whose first recall is above this tries half a raised nprobe next time
+GPU_MAX_NPROBE = 2048  # FAISS GPU IVF searches take at most this nprobe
 RECALL_SAMPLE_USERS = 500  # users whose approximate top-M is checked against exact search every refresh
 TEACHER_SCORE_BLOCK = 4096  # users per block when scoring per-user item lists with the teacher
 PAIR_DOT_ELEMS = 1 << 22  # floats per gathered side of a pair_dot chunk (16 MiB at float32)
@@ -142,6 +143,8 @@ class KDRetrieval:
         recall = measure_recall(searcher, u, i, m, sample_users=RECALL_SAMPLE_USERS)
         diag = {"retrieval_recall_first": recall, "time_recall_check_s": time.perf_counter() - checking}
         nlist, nprobe, held = searcher.nlist, int(params.get("nprobe", 1)), self._held_nprobe
+        if nlist is not None and searcher.on_gpu:
+            nlist = min(nlist, GPU_MAX_NPROBE)
         while recall < REUSE_RECALL_FLOOR:
             if nlist is not None and held is not None and nprobe < held:  # stepped down too far: back up
                 nprobe = min(2 * nprobe, held)
@@ -160,9 +163,11 @@ class KDRetrieval:
         # The next refresh starts at this nprobe, or at half of it after a recall well above the floor (the
         # student settles, and a raised nprobe costs a proportional share of an exhaustive search).
         configured = int(self.index_params.get("nprobe", 1))
-        self._held_nprobe = nprobe if nlist is not None else None
-        if nlist is not None and nprobe > configured:
-            self._raised = {"nprobe": max(configured, nprobe // 2) if recall >= RECALL_EASE else nprobe}
+        self._held_nprobe = nprobe if nlist is not None and recall >= REUSE_RECALL_FLOOR else None
+        if nlist is not None and nprobe > configured:  # (halved only after a first try well above the floor:
+            # a halving that had to be raised back would otherwise repeat every refresh)
+            ease = diag["retrieval_recall_first"] >= RECALL_EASE
+            self._raised = {"nprobe": max(configured, nprobe // 2) if ease else nprobe}
         else:
             self._raised = {}
         if recall < REUSE_RECALL_FLOOR:

@@ -106,6 +106,8 @@ class TopKSearcher:
                 self._trained.reset()
             index.add(aug)
 
+        ivf = _try_extract_ivf(index) if not self.is_exact else None
+        self._nlist = None if ivf is None else int(ivf.nlist)
         if use_gpu:
             index = self._to_gpu(index)
         self.index = index
@@ -136,9 +138,9 @@ class TopKSearcher:
 
     @property
     def nlist(self) -> int | None:
-        """The IVF list count of an IVF index (None for any other)."""
-        ivf = _try_extract_ivf(self.index) if self.index is not None else None
-        return None if ivf is None else int(ivf.nlist)
+        """The IVF list count of an IVF index (None for any other; read before a move to the GPU, whose IVF
+        indexes FAISS's extract_index_ivf does not see)."""
+        return self._nlist
 
     def set_params(self, **params) -> None:
         """Change search-time parameters (e.g. nprobe=32) of a built index."""

@@ -98,11 +98,10 @@ def test_an_approximate_refresh_is_held_to_the_recall_floor(teacher, slice_data,
     ids, diag = retrieval.student_topm(model, 30)
     assert diag["retrieval_recall_first"] < 0.95 <= diag["retrieval_recall"]
     assert diag["retrieval_nprobe"] >= 2 and (ids >= 0).all()
-    # the same vectors: the kept quantizer, from the raised nprobe (halved after a recall >= RECALL_EASE)
+    # the same vectors: the kept quantizer from the raised nprobe (not halved: the first try was below the floor)
     again = retrieval.student_topm(model, 30)[1]
-    start = diag["retrieval_nprobe"] // (2 if diag["retrieval_recall"] >= kd_retrieval.RECALL_EASE else 1)
-    assert again["retrieval_reused_quantizer"] == 1.0 and again["retrieval_recall"] >= 0.95
-    assert again["retrieval_nprobe"] in (start, 2 * start) and again["retrieval_nprobe"] <= diag["retrieval_nprobe"]
+    assert again["retrieval_reused_quantizer"] == 1.0 and again["retrieval_nprobe"] == diag["retrieval_nprobe"]
+    assert again["retrieval_recall_first"] >= 0.95
     with torch.no_grad():  # vectors the kept quantizer was not trained on: it is retrained in the same refresh
         model.item_emb.weight.copy_(torch.randn_like(model.item_emb.weight) * 3 + 1)
     moved = retrieval.student_topm(model, 30)[1]
