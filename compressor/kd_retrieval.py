@@ -130,8 +130,9 @@ class KDRetrieval:
         """The student's top-m by ``distill.index`` (exact or approximate), an approximate one held to
         REUSE_RECALL_FLOOR: its recall@m against exact search is measured on a sample of users every refresh,
         and below the floor the search is redone: an nprobe stepped down from the last refresh's raised back,
-        then a kept quantizer trained afresh, then nprobe doubled up to the list count. The floor matters: a fresh Gowalla student's IVF256 nprobe 8 recall fell from 0.96
-        to 0.59 over its first 25 RCE-KD epochs, and the KD terms built on those lists lost validation NDCG."""
+        then a kept quantizer trained afresh, then nprobe doubled up to the list count. The floor matters: a
+        fresh Gowalla student's IVF256 nprobe 8 recall fell from 0.96 to 0.59 over its first 25 RCE-KD epochs,
+        and the KD terms built on those lists lost validation NDCG."""
         params = {**self.index_params, **self._raised}
         # An approximate (IVF) index keeps its trained quantizer from the previous epoch while its recall holds:
         # the student moves little per epoch, and k-means is most of an IVF refresh (docs/benchmarks.md 4).
@@ -189,9 +190,9 @@ class KDRetrieval:
         ``previous`` = (items, scores) of an earlier call over the same users: a (user, item) pair it holds is
         not scored again (the student's top lists change little between epochs). On CPU a pair's score depends
         only on its own two rows, whatever is scored beside it (``pair_dot``), so a reused score equals a fresh one
-        bit for bit and reuse cannot
-        change a run (a resumed run starts without it). On CUDA a row sum's split over threads depends on how many
-        rows are summed together, so a reused score may differ from a fresh one in its last bits.
+        bit for bit and reuse cannot change a run (a resumed run starts without it). On CUDA a row sum's split
+        over threads depends on how many rows are summed together, so a reused score may differ from a fresh one
+        in its last bits.
         """
         b = TEACHER_SCORE_BLOCK
         out = torch.empty(items.shape, dtype=self.t_user.dtype, device=items.device)
