@@ -14,12 +14,17 @@ gap and of its difference to every other method, all on the same users. Those CI
 averaged: they measure how much the numbers move with the sample of users, not with the seed (the mean ± std over
 seeds shows that).
 
-    python benchmarks/quality.py --out bench-out/quality --suites main --seeds 0 1 2 3 4 --workers 2
-    suites: main (CiteULike MF400 -> MF20: scratch, ce, rrd, rcekd), ablation (3 seeds: full, w/o S, w/o T,
-            const alpha), hetero (CiteULike LightGCN2000 -> MF20), gowalla (every seed, MF300 -> MF20: scratch,
-            the spec's rcekd, and the cheap form: kd_users once_per_epoch with an IVF refresh), once (every seed:
-            CiteULike rcekd with kd_users once_per_epoch, beside the spec's every_batch form and scratch on the
-            same seeds)
+    python benchmarks/quality.py --out bench-out/quality --suites main ml1m --seeds 0 1 2 3 4 --workers 2
+    suites, one per data set (each: its teacher on seed 0, then scratch, CE, RRD and RCE-KD on every seed, from the
+    data set's recipes in configs/; a table per data set with mean ± std over seeds of R@10/20, N@10/20, MRR@20,
+    the gap share, the bootstrap CIs and RCE-KD's paired differences to scratch, CE and RRD):
+            main (CiteULike MF400 -> MF20), ml1m (ML-1M MF200 -> MF20), gowalla (MF300 -> MF20; RCE-KD in the
+            spec's form and in the cheap form: kd_users once_per_epoch with an IVF refresh)
+    CiteULike's extra suites: ablation (3 seeds: full, w/o S, w/o T, const alpha), hetero (LightGCN2000 -> MF20),
+            once (every seed: rcekd with kd_users once_per_epoch, beside the spec's every_batch and scratch)
+    --levers (beyond the paper): RCE-KD with one change to its recipe (LEVERS below), on every seed of every
+            data-set suite chosen; the table pairs each with the recipe on validation NDCG@10, the split a lever
+            may be chosen on
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,16 +48,69 @@ from compressor.run_dir import MODEL_FILE, RESULT_FILE, RESUME_FILE  # noqa: E40
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 # The cheap form's refresh on Gowalla: recall@100 0.96 against the exact top-100 (docs/benchmarks.md section 4c).
 GOWALLA_CHEAP_INDEX, GOWALLA_CHEAP_INDEX_PARAMS = "IVF256,Flat", "{nprobe: 8}"
+GOWALLA_SPEC = ["--set", "distill.kd_users=every_batch", "--set", "distill.index=Flat", "--set",
+                "distill.index_params={}"]
+GOWALLA_CHEAP = ["--set", "distill.kd_users=once_per_epoch", "--set", f"distill.index={GOWALLA_CHEAP_INDEX}",
+                 "--set", f"distill.index_params={GOWALLA_CHEAP_INDEX_PARAMS}"]
 BOOT_METRIC = "ndcg@20"  # the headline metric of the bootstrap tables (summary.json has every one of METRICS)
 PER_USER_DIR = "per-user"
+MRR = "mrr@20"  # from the per-user post-step only (result.json keeps recall and NDCG)
+PER_USER_METRICS = (*METRICS, MRR)
+VALID_METRIC = "ndcg@10"  # the protocol's model-selection metric, and the one a lever is chosen on
 
 
 def job(name, args, deps=()):
     return {"name": name, "args": [str(a) for a in args], "deps": list(deps)}
 
 
+@dataclass(frozen=True)
+class DataSuite:
+    """One data set's quality suite: its recipes (DIR/mf-teacher.yaml, mf-student.yaml, mf-ce.yaml, mf-rrd.yaml,
+    mf-rcekd.yaml), the prefix of its run names and its teacher's run name."""
+
+    title: str
+    recipes: str
+    prefix: str
+    teacher: str
+    teacher_label: str
+
+    def run(self, method: str, seed: int, lever: str | None = None) -> str:
+        return f"{self.prefix}-{method}{'-' + lever if lever else ''}-s{seed}"
+
+
+# Every data set gets teacher, scratch, CE, RRD and RCE-KD on every seed (suite "main" is CiteULike's).
+DATA_SUITES = {
+    "main": DataSuite("CiteULike MF400 -> MF20", "configs/citeulike", "cite", "cite-mf400-teacher", "teacher MF400"),
+    "ml1m": DataSuite("ML-1M MF200 -> MF20", "configs/ml-1m", "ml1m", "ml1m-mf200-teacher", "teacher MF200"),
+    "gowalla": DataSuite("Gowalla MF300 -> MF20", "configs/gowalla", "gow", "gow-mf300-teacher", "teacher MF300"),
+}
+KD_METHODS = ("ce", "rrd", "rcekd")
+
+
+def _recipe_distill(recipe: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / recipe).read_text())["distill"]
+
+
+def _klm2(recipe: str) -> list[str]:
+    d = _recipe_distill(recipe)
+    return [f"distill.K={2 * d['K']}", f"distill.L={2 * d['L']}", f"distill.M={2 * d['M']}"]
+
+
+# Beyond the paper: each lever is a set of overrides of a data set's RCE-KD recipe (`--levers`), compared with the
+# recipe on validation (the only split a lever may be chosen on). Values: a list, or a function of the recipe path.
+LEVERS = {
+    "exclude_seen": ["distill.exclude_seen=true"],   # training positives out of QT and the student's top-M
+    "tau2": ["distill.tau=2.0"],                     # a softer teacher and student softmax
+    "klm2": _klm2,                                   # K, L and M doubled
+    "lr_decay": ["train.lr_decay=0.5", "train.lr_decay_patience=5"],  # a longer schedule, lr halved on plateaus
+}
+
+
 def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: int | None, ckpt_every: int = 1,
-               student_device: str | None = None, teacher_set: list[str] = (), student_set: list[str] = ()):
+               student_device: str | None = None, teacher_set: list[str] = (), student_set: list[str] = (),
+               levers: list[str] = ()):
     common = ["--device", student_device or device, "--threads", threads, "--quiet", "--set",
               f"train.checkpoint_every={ckpt_every}"]
     common += ["--epochs", max_epochs] if max_epochs else []
@@ -62,22 +121,47 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
     for kv in student_set:  # e.g. train.eval_every=2 with train.patience=15: same protocol for every student
         common += ["--set", kv]
     jobs = []
-    cite_t = out / "cite-mf400-teacher"
-    need_cite_t = bool({"main", "ablation", "once"} & set(suites))
-    if need_cite_t:
-        jobs.append(job("cite-mf400-teacher", ["train", "--config", "configs/citeulike/mf-teacher.yaml", "--out",
-                                                cite_t, "--seed", 0, *teacher_common]))
-    if "main" in suites:
-        for s in seeds:
-            scratch = job(f"cite-scratch-s{s}", ["distill", "--method", "scratch", "--config",
-                                                 "configs/citeulike/mf-student.yaml", "--out",
-                                                 out / f"cite-scratch-s{s}", "--seed", s, *common])
-            for m in ("rcekd", "ce", "rrd"):
-                jobs.append(job(f"cite-{m}-s{s}", ["distill", "--teacher", cite_t, "--config",
-                                                   f"configs/citeulike/mf-{m}.yaml", "--out", out / f"cite-{m}-s{s}",
-                                                   "--seed", s, *common], deps=["cite-mf400-teacher"]))
-                if m == "rcekd":
-                    jobs.append(scratch)  # per seed: the method first, then its baseline, then the other KDs
+
+    def add(j):
+        if not any(x["name"] == j["name"] for x in jobs):
+            jobs.append(j)
+
+    def teacher(ds: DataSuite):
+        add(job(ds.teacher, ["train", "--config", f"{ds.recipes}/mf-teacher.yaml", "--out", out / ds.teacher,
+                             "--seed", 0, *teacher_common]))
+
+    def scratch(ds: DataSuite, s):
+        add(job(ds.run("scratch", s), ["distill", "--method", "scratch", "--config", f"{ds.recipes}/mf-student.yaml",
+                                       "--out", out / ds.run("scratch", s), "--seed", s, *common]))
+
+    def student(ds: DataSuite, name, recipe, s, extra=()):
+        add(job(name, ["distill", "--teacher", out / ds.teacher, "--config", f"{ds.recipes}/{recipe}", "--out",
+                       out / name, "--seed", s, *extra, *common], deps=[ds.teacher]))
+
+    cite = DATA_SUITES["main"]
+    chosen = [ds for suite, ds in DATA_SUITES.items() if suite in suites]
+    for ds in chosen:
+        teacher(ds)
+    # Seed by seed across the data sets (a run cut off by a deadline leaves whole seeds): RCE-KD, its scratch
+    # baseline, the other KDs, then the levers.
+    for s in seeds:
+        for ds in chosen:
+            if ds.prefix == "gow":  # both RCE-KD forms spelled out, so the pairing does not depend on the defaults
+                student(ds, ds.run("rcekd", s), "mf-rcekd.yaml", s, GOWALLA_SPEC)
+                scratch(ds, s)
+                student(ds, ds.run("rcekd-once", s), "mf-rcekd.yaml", s, GOWALLA_CHEAP)
+            else:
+                student(ds, ds.run("rcekd", s), "mf-rcekd.yaml", s)
+                scratch(ds, s)
+            for m in ("ce", "rrd"):
+                student(ds, ds.run(m, s), f"mf-{m}.yaml", s)
+            for lever in levers:
+                overrides = LEVERS[lever]
+                overrides = overrides(f"{ds.recipes}/mf-rcekd.yaml") if callable(overrides) else overrides
+                student(ds, ds.run("rcekd", s, lever), "mf-rcekd.yaml", s,
+                        [a for kv in overrides for a in ("--set", kv)])
+    if {"ablation", "once"} & set(suites):
+        teacher(cite)
     if "ablation" in suites:
         variants = {"full": [], "wo_S": ["--set", "distill.use_loss_s=false"],
                     "wo_T": ["--set", "distill.use_loss_t=false"],
@@ -85,57 +169,21 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
         for s in seeds[:3]:
             for v, extra in variants.items():
                 name = f"cite-rcekd-s{s}" if v == "full" and "main" in suites else f"abl-{v}-s{s}"
-                if any(j["name"] == name for j in jobs):
-                    continue
-                jobs.append(job(name, ["distill", "--teacher", cite_t, "--config", "configs/citeulike/mf-rcekd.yaml",
-                                       "--out", out / name, "--seed", s, *extra, *common],
-                                deps=["cite-mf400-teacher"]))
+                student(cite, name, "mf-rcekd.yaml", s, extra)
     if "hetero" in suites:
-        lt = out / "cite-lgcn2000-teacher"
-        jobs.append(job("cite-lgcn2000-teacher", ["train", "--config", "configs/citeulike/lightgcn-teacher.yaml",
-                                                   "--out", lt, "--seed", 0, *teacher_common]))
-        jobs.append(job("hetero-rcekd-s0", ["distill", "--teacher", lt, "--config",
-                                            "configs/citeulike/lightgcn-mf-rcekd.yaml", "--out",
-                                            out / "hetero-rcekd-s0", "--seed", 0, *common],
-                        deps=["cite-lgcn2000-teacher"]))
-        if "main" not in suites:
-            jobs.append(job("cite-scratch-s0", ["distill", "--method", "scratch", "--config",
-                                                "configs/citeulike/mf-student.yaml", "--out", out / "cite-scratch-s0",
-                                                "--seed", 0, *common]))
+        lgcn = DataSuite("CiteULike LightGCN2000 -> MF20", "configs/citeulike", "cite", "cite-lgcn2000-teacher",
+                         "teacher LightGCN2000")
+        add(job(lgcn.teacher, ["train", "--config", "configs/citeulike/lightgcn-teacher.yaml", "--out",
+                               out / lgcn.teacher, "--seed", 0, *teacher_common]))
+        student(lgcn, "hetero-rcekd-s0", "lightgcn-mf-rcekd.yaml", 0)
+        scratch(cite, 0)
     if "once" in suites:  # distill.kd_users once_per_epoch: each user's KD terms once per epoch, not per batch
         for s in seeds:
-            jobs.append(job(f"cite-rcekd-once-s{s}", ["distill", "--teacher", cite_t, "--config",
-                                                      "configs/citeulike/mf-rcekd.yaml", "--out",
-                                                      out / f"cite-rcekd-once-s{s}", "--seed", s, "--set",
-                                                      "distill.kd_users=once_per_epoch", *common],
-                            deps=["cite-mf400-teacher"]))
-            if "main" not in suites:  # the spec's form and the scratch baseline on the same seeds, to pair with
-                jobs.append(job(f"cite-rcekd-s{s}", ["distill", "--teacher", cite_t, "--config",
-                                                     "configs/citeulike/mf-rcekd.yaml", "--out",
-                                                     out / f"cite-rcekd-s{s}", "--seed", s, "--set",
-                                                     "distill.kd_users=every_batch", *common],
-                                deps=["cite-mf400-teacher"]))
-                jobs.append(job(f"cite-scratch-s{s}", ["distill", "--method", "scratch", "--config",
-                                                       "configs/citeulike/mf-student.yaml", "--out",
-                                                       out / f"cite-scratch-s{s}", "--seed", s, *common]))
-    if "gowalla" in suites:  # every seed: scratch, the spec's form and the cheap form, all on the seed-0 teacher
-        gt = out / "gow-mf300-teacher"
-        jobs.append(job("gow-mf300-teacher", ["train", "--config", "configs/gowalla/mf-teacher.yaml", "--out", gt,
-                                               "--seed", 0, *teacher_common]))
-        # Both forms spelled out, so that the pairing does not depend on what the recipe's defaults are.
-        spec = ["--set", "distill.kd_users=every_batch", "--set", "distill.index=Flat",
-                "--set", "distill.index_params={}"]
-        cheap = ["--set", "distill.kd_users=once_per_epoch", "--set", f"distill.index={GOWALLA_CHEAP_INDEX}",
-                 "--set", f"distill.index_params={GOWALLA_CHEAP_INDEX_PARAMS}"]
-        for s in seeds:
-            jobs.append(job(f"gow-scratch-s{s}", ["distill", "--method", "scratch", "--config",
-                                                  "configs/gowalla/mf-student.yaml", "--out", out / f"gow-scratch-s{s}",
-                                                  "--seed", s, *common]))
-            for name, extra in ((f"gow-rcekd-s{s}", spec), (f"gow-rcekd-once-s{s}", cheap)):
-                jobs.append(job(name, ["distill", "--teacher", gt, "--config", "configs/gowalla/mf-rcekd.yaml",
-                                       "--out", out / name, "--seed", s, *extra, *common],
-                                deps=["gow-mf300-teacher"]))
-    # Longest chains first: teachers (everything else waits on them), then the rest in order.
+            student(cite, f"cite-rcekd-once-s{s}", "mf-rcekd.yaml", s, ["--set", "distill.kd_users=once_per_epoch"])
+            # the spec's form and the scratch baseline on the same seeds, to pair with
+            student(cite, f"cite-rcekd-s{s}", "mf-rcekd.yaml", s, ["--set", "distill.kd_users=every_batch"])
+            scratch(cite, s)
+    # Teachers first (everything else waits on them), then Gowalla's long runs, then the rest in order.
     jobs.sort(key=lambda j: (not j["name"].endswith("teacher"), not j["name"].startswith("gow")))
     return jobs
 
@@ -204,8 +252,9 @@ def _fmt(vals):
 
 
 def per_user_test(out: Path, names, device: str = "auto") -> dict:
-    """{run name: {"users": int [n], "ndcg@20": float [n], ...}}: per-user test metrics of each finished run's best
-    checkpoint; runs on the same data are evaluated on one load of it. Cached in OUT/per-user/NAME.npz."""
+    """{run name: {"users": int [n], "ndcg@20": float [n], ...}}: per-user test metrics (METRICS and MRR@20) of
+    each finished run's best checkpoint; runs on the same data are evaluated on one load of it. Cached in
+    OUT/per-user/NAME.npz under the checkpoint's weights fingerprint."""
     import io
 
     import numpy as np
@@ -223,7 +272,7 @@ def per_user_test(out: Path, names, device: str = "auto") -> dict:
         cached = out / PER_USER_DIR / f"{name}.npz"
         if cached.exists():
             with np.load(cached, allow_pickle=False) as z:
-                if str(z["fingerprint"]) == meta["fingerprint"]:
+                if str(z["fingerprint"]) == meta["fingerprint"] and set(PER_USER_METRICS) <= set(z.files):
                     found[name] = {k: z[k] for k in z.files if k != "fingerprint"}
                     continue
         todo.setdefault(meta.get("data_fingerprint"), []).append((name, ckpt, meta["fingerprint"]))
@@ -231,7 +280,7 @@ def per_user_test(out: Path, names, device: str = "auto") -> dict:
         t0 = time.time()
         evals = api.evaluate_per_user([c for _, c, _ in group], "test", ks=(10, 20), device=device)
         for (name, _, fingerprint), ev in zip(group, evals):
-            arrays = {"users": ev.all.users, **{m: ev.all.values[m] for m in METRICS}}
+            arrays = {"users": ev.all.users, **{m: ev.all.values[m] for m in PER_USER_METRICS}}
             buf = io.BytesIO()
             np.savez(buf, fingerprint=np.array(fingerprint), **arrays)
             atomic_write_bytes(out / PER_USER_DIR / f"{name}.npz", buf.getvalue())
@@ -249,7 +298,7 @@ def pooled(per_user: dict, names) -> dict | None:
     for r in runs[1:]:
         if len(r["users"]) != len(runs[0]["users"]) or (r["users"] != runs[0]["users"]).any():
             raise SystemExit(f"per-user metrics of {', '.join(names)} are not on the same users")
-    return {m: sum(r[m] for r in runs) / len(runs) for m in METRICS}
+    return {m: sum(r[m] for r in runs) / len(runs) for m in PER_USER_METRICS}
 
 
 def _ci(e, fmt="{:.4f}"):
@@ -259,9 +308,10 @@ def _ci(e, fmt="{:.4f}"):
                                      else " [CI undefined]")
 
 
-def bootstrap_table(title, rows, per_user, teacher, scratch, n_resamples, seed, lines, summary):
-    """Per method: NDCG@20 and its share of the gap with 95% CIs, and its paired difference to each other method.
-    rows: [(label, run names)]; teacher, scratch: run names (pooled like a method's seeds)."""
+def bootstrap_table(title, rows, per_user, teacher, scratch, n_resamples, seed, lines, summary, against=None):
+    """Per method: NDCG@20 and its share of the gap with 95% CIs, and its paired difference to the methods named in
+    ``against`` (default: every other row). rows: [(label, run names)]; teacher, scratch: run names (pooled like a
+    method's seeds)."""
     from compressor import bootstrap
 
     pools = {label: pooled(per_user, names) for label, names in rows}
@@ -271,41 +321,47 @@ def bootstrap_table(title, rows, per_user, teacher, scratch, n_resamples, seed, 
         return
     gap = (s_pool, t_pool) if t_pool is not None and s_pool is not None else None
     labels = list(pools)
+    others = [o for o in (against or labels) if o in pools]
     stats = {}
     for label in labels:
         res = bootstrap.summary(pools[label], None, gap, n_resamples, seed)
-        diffs = bootstrap.paired_bootstrap({f"{o}:{m}": pools[label][m] - pools[o][m] for o in labels if o != label
-                                            for m in METRICS}, n_resamples, seed)
+        diffs = bootstrap.paired_bootstrap({f"{o}:{m}": pools[label][m] - pools[o][m] for o in others if o != label
+                                            for m in PER_USER_METRICS}, n_resamples, seed)
         stats[label] = {"metrics": res["metrics"], "gap_share": res.get("gap_share"),
-                        "difference": {o: {m: diffs[f"{o}:{m}"] for m in METRICS} for o in labels if o != label}}
+                        "difference": {o: {m: diffs[f"{o}:{m}"] for m in PER_USER_METRICS} for o in others
+                                       if o != label}}
     lines.append(f"\n#### {title}: per-user paired bootstrap, test {BOOT_METRIC} "
                  f"(95% CIs, {n_resamples:,} resamples of the users, seed {seed}; seeds pooled per user)\n")
-    lines.append("| run | N@20 | gap recovered | " + " | ".join(f"minus {o}" for o in labels) + " |")
-    lines.append("|" + "---|" * (3 + len(labels)))
+    lines.append("| run | N@20 | gap recovered | " + " | ".join(f"minus {o}" for o in others) + " |")
+    lines.append("|" + "---|" * (3 + len(others)))
     for label in labels:
         st = stats[label]
         share = _ci(st["gap_share"][BOOT_METRIC], "{:.0%}") if st["gap_share"] else "—"
-        cells = [_ci(st["difference"][o][BOOT_METRIC], "{:+.4f}") if o != label else "—" for o in labels]
+        cells = [_ci(st["difference"][o][BOOT_METRIC], "{:+.4f}") if o != label else "—" for o in others]
         lines.append(f"| {label} | {_ci(st['metrics'][BOOT_METRIC])} | {share} | " + " | ".join(cells) + " |")
     summary.setdefault("bootstrap", {})[title] = {"resamples": n_resamples, "seed": seed, "runs": stats}
 
 
 def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device: str = "auto") -> dict:
-    """The tables from every run's result.json; with n_resamples > 0 also the per-user bootstrap tables."""
+    """The tables from every run's result.json; with n_resamples > 0 also MRR@20 (from the per-user metrics) and the
+    per-user bootstrap tables."""
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))}
     lines = []
     summary = {"runs": results, "tables": {}}
     per_user = per_user_test(out, sorted(results), device) if n_resamples else {}
 
-    def boot(title, rows, teacher, scratch):
+    def boot(title, rows, teacher, scratch, against=None):
         if per_user:
-            bootstrap_table(title, rows, per_user, teacher, scratch, n_resamples, boot_seed, lines, summary)
+            bootstrap_table(title, rows, per_user, teacher, scratch, n_resamples, boot_seed, lines, summary, against)
 
     def group(prefix_by_row):
         rows = []
         for label, names in prefix_by_row:
-            res = [results[n] for n in names if n in results]
+            done = [n for n in names if n in results]
+            res = [results[n] for n in done]
             vals = {m: [r["test"][m] for r in res] for m in METRICS}
+            vals[MRR] = [float(per_user[n][MRR].mean()) for n in done if n in per_user]
+            vals["valid"] = [r["valid"][VALID_METRIC] for r in res if VALID_METRIC in r.get("valid", {})]
             epochs = [r["best_epoch"] for r in res]
             walls = [r["wall_time_s"] for r in res]
             rows.append((label, len(res), vals, epochs, walls))
@@ -313,61 +369,79 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
 
     def table(title, rows, teacher_ndcg=None, scratch_ndcg=None):
         lines.append(f"\n### {title}\n")
-        head = "| run | n | R@10 | N@10 | R@20 | N@20 | gap recovered (N@20) | best epoch | wall s |"
-        lines.extend([head, "|" + "---|" * 9])
+        head = ("| run | n | R@10 | N@10 | R@20 | N@20 | MRR@20 | gap recovered (N@20) | valid N@10 | best epoch "
+                "| wall s |")
+        lines.extend([head, "|" + "---|" * 11])
         for label, n, vals, epochs, walls in rows:
             gap = "—"
             if teacher_ndcg and scratch_ndcg is not None and vals["ndcg@20"] and teacher_ndcg != scratch_ndcg:
                 gap = f"{100 * (statistics.mean(vals['ndcg@20']) - scratch_ndcg) / (teacher_ndcg - scratch_ndcg):.0f}%"
             ep = f"{statistics.median(epochs):.0f}" if epochs else "—"
             wall = f"{statistics.median(walls):.0f}" if walls else "—"
-            lines.append(f"| {label} | {n} | " + " | ".join(_fmt(vals[m]) for m in METRICS) + f" | {gap} | {ep} | {wall} |")
+            lines.append(f"| {label} | {n} | " + " | ".join(_fmt(vals[m]) for m in (*METRICS, MRR))
+                         + f" | {gap} | {_fmt(vals['valid'])} | {ep} | {wall} |")
             summary["tables"].setdefault(title, []).append(
-                {"run": label, "n": n, **{m: vals[m] for m in METRICS}, "gap_recovered": gap})
+                {"run": label, "n": n, **{m: vals[m] for m in (*METRICS, MRR)}, f"valid_{VALID_METRIC}":
+                 vals["valid"], "gap_recovered": gap})
 
-    def paired(run, base, run_label, base_label, key):
-        """Per-seed differences of test NDCG@20, run minus base, on the seeds both finished."""
-        diffs = [results[f"{run}-s{s}"]["test"]["ndcg@20"] - results[f"{base}-s{s}"]["test"]["ndcg@20"]
+    def paired(run, base, run_label, base_label, key, split="test", metric="ndcg@20"):
+        """Per-seed differences of a metric, run minus base, on the seeds both finished."""
+        diffs = [results[f"{run}-s{s}"][split][metric] - results[f"{base}-s{s}"][split][metric]
                  for s in seeds if f"{run}-s{s}" in results and f"{base}-s{s}" in results]
         if diffs:
             spread = f" ± {statistics.stdev(diffs):.4f}" if len(diffs) > 1 else ""
-            lines.append(f"\nPaired per seed ({run_label} minus {base_label}, test NDCG@20): "
+            lines.append(f"\nPaired per seed ({run_label} minus {base_label}, {split} {metric}): "
                          f"{', '.join(f'{d:+.4f}' for d in diffs)}; mean {statistics.mean(diffs):+.4f}{spread}, "
                          f"{run_label} ahead on {sum(d > 0 for d in diffs)}/{len(diffs)} seeds\n")
             summary.setdefault("paired", {})[key] = diffs
 
-    t = results.get("cite-mf400-teacher")
-    if t:
-        named = [("teacher MF400", ["cite-mf400-teacher"])] + [(m, [f"cite-{m}-s{s}" for s in seeds])
-                                                               for m in ("scratch", "ce", "rrd", "rcekd")]
-        rows = group(named)
+    def seeds_of(name_of):
+        return [name_of(s) for s in seeds]
+
+    for ds in DATA_SUITES.values():
+        t = results.get(ds.teacher)
+        if not t:
+            continue
+        named = [(ds.teacher_label, [ds.teacher])] + [(m, seeds_of(lambda s, m=m: ds.run(m, s)))
+                                                       for m in ("scratch", *KD_METHODS)]
+        if ds.prefix == "gow":
+            named[-1] = ("rcekd (the spec's: every_batch, exact refresh)", named[-1][1])
+            named.append((f"rcekd, cheap form (once_per_epoch, {GOWALLA_CHEAP_INDEX} {GOWALLA_CHEAP_INDEX_PARAMS})",
+                          seeds_of(lambda s: ds.run("rcekd-once", s))))
+        lever_names = [lv for lv in LEVERS if any(ds.run("rcekd", s, lv) in results for s in seeds)]
+        levers = [(f"rcekd + {lv}", seeds_of(lambda s, lv=lv: ds.run("rcekd", s, lv))) for lv in lever_names]
+        rows = group(named + levers)
         sc = rows[1][2]["ndcg@20"]
-        table("CiteULike MF400 -> MF20", rows, t["test"]["ndcg@20"], statistics.mean(sc) if sc else None)
-        cite_ts = (["cite-mf400-teacher"], named[1][1])
-        # paired comparison across seeds
-        lines.append("\nPaired per seed (RCE-KD minus baseline, test NDCG@20):\n")
+        table(ds.title, rows, t["test"]["ndcg@20"], statistics.mean(sc) if sc else None)
+        rcekd = ds.run("rcekd", 0).rsplit("-s", 1)[0]
         for base in ("scratch", "ce", "rrd"):
-            diffs = [results[f"cite-rcekd-s{s}"]["test"]["ndcg@20"] - results[f"cite-{base}-s{s}"]["test"]["ndcg@20"]
-                     for s in seeds if f"cite-rcekd-s{s}" in results and f"cite-{base}-s{s}" in results]
-            if diffs:
-                wins = sum(d > 0 for d in diffs)
-                lines.append(f"- vs {base}: RCE-KD ahead on {wins}/{len(diffs)} seeds, mean difference "
-                             f"{statistics.mean(diffs):+.4f}")
-                summary.setdefault("paired", {})[base] = diffs
-        boot("CiteULike MF400 -> MF20", named, *cite_ts)
+            paired(rcekd, f"{ds.prefix}-{base}", "rcekd", base, f"{ds.prefix}:rcekd_minus_{base}")
+        if ds.prefix == "gow":
+            paired(f"{rcekd}-once", rcekd, "cheap form", "the spec's", "gowalla_cheap_minus_spec")
+        for lv in lever_names:  # the levers are chosen on validation: this is the line that decides
+            paired(f"{rcekd}-{lv}", rcekd, f"rcekd + {lv}", "rcekd", f"{ds.prefix}:{lv}_minus_rcekd", "valid",
+                   VALID_METRIC)
+        labels = [label for label, _ in named[1:] + levers]
+        boot(ds.title, named[1:] + levers, named[0][1], named[1][1], against=[lb for lb in labels
+                                                                            if not lb.startswith("rcekd + ")])
+    t = results.get("cite-mf400-teacher")
+    cite = DATA_SUITES["main"]
+    if t:
+        sc = [results[n]["test"]["ndcg@20"] for n in seeds_of(lambda s: cite.run("scratch", s)) if n in results]
+        ends = (t["test"]["ndcg@20"], statistics.mean(sc) if sc else None)
+        cite_ts = (["cite-mf400-teacher"], seeds_of(lambda s: cite.run("scratch", s)))
         if any(f"cite-rcekd-once-s{s}" in results for s in seeds):
-            once_named = [("RCE-KD, kd_users every_batch (the spec's)", [f"cite-rcekd-s{s}" for s in seeds]),
-                          ("RCE-KD, kd_users once_per_epoch", [f"cite-rcekd-once-s{s}" for s in seeds])]
+            once_named = [("RCE-KD, kd_users every_batch (the spec's)", seeds_of(lambda s: f"cite-rcekd-s{s}")),
+                          ("RCE-KD, kd_users once_per_epoch", seeds_of(lambda s: f"cite-rcekd-once-s{s}"))]
             title = "CiteULike MF400 -> MF20, KD users per batch vs once per epoch"
-            table(title, group(once_named), t["test"]["ndcg@20"], statistics.mean(sc) if sc else None)
+            table(title, group(once_named), *ends)
             paired("cite-rcekd-once", "cite-rcekd", "once_per_epoch", "every_batch", "once_minus_every_batch")
             boot(title, once_named, *cite_ts)
         abl = [("full", [f"cite-rcekd-s{s}" if f"cite-rcekd-s{s}" in results else f"abl-full-s{s}"
                          for s in seeds[:3]])]
         abl += [(v, [f"abl-{v}-s{s}" for s in seeds[:3]]) for v in ("wo_S", "wo_T", "const_alpha")]
         if any(f"abl-{v}-s{s}" in results for v in ("wo_S", "wo_T", "const_alpha") for s in seeds[:3]):
-            table("Ablation, CiteULike MF400 -> MF20 (3 seeds)", group(abl), t["test"]["ndcg@20"],
-                  statistics.mean(sc) if sc else None)
+            table("Ablation, CiteULike MF400 -> MF20 (3 seeds)", group(abl), *ends)
             boot("Ablation, CiteULike MF400 -> MF20 (3 seeds)", abl, *cite_ts)
     lt = results.get("cite-lgcn2000-teacher")
     if lt:
@@ -377,17 +451,6 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
         table("CiteULike LightGCN2000 -> MF20 (seed 0)", group(named), lt["test"]["ndcg@20"],
               sc["test"]["ndcg@20"] if sc else None)
         boot("CiteULike LightGCN2000 -> MF20 (seed 0)", named, named[0][1], named[1][1])
-    gt = results.get("gow-mf300-teacher")
-    if gt:
-        named = [("teacher MF300", ["gow-mf300-teacher"]), ("scratch MF20", [f"gow-scratch-s{s}" for s in seeds]),
-                 ("RCE-KD MF20 (the spec's: every_batch, exact refresh)", [f"gow-rcekd-s{s}" for s in seeds]),
-                 (f"RCE-KD MF20, cheap form (once_per_epoch, {GOWALLA_CHEAP_INDEX} {GOWALLA_CHEAP_INDEX_PARAMS})",
-                  [f"gow-rcekd-once-s{s}" for s in seeds])]
-        rows = group(named)
-        sc = rows[1][2]["ndcg@20"]
-        table("Gowalla MF300 -> MF20", rows, gt["test"]["ndcg@20"], statistics.mean(sc) if sc else None)
-        paired("gow-rcekd-once", "gow-rcekd", "cheap form", "the spec's", "gowalla_cheap_minus_spec")
-        boot("Gowalla MF300 -> MF20", named, named[0][1], named[1][1])
     md = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(md)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -397,7 +460,12 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench-out/quality"))
-    ap.add_argument("--suites", nargs="+", default=["main"], choices=["main", "ablation", "hetero", "gowalla", "once"])
+    ap.add_argument("--suites", nargs="+", default=["main"], choices=[*DATA_SUITES, "ablation", "hetero", "once"],
+                    help="main (CiteULike), ml1m, gowalla: teacher, scratch, CE, RRD and RCE-KD per data set; "
+                         "ablation, hetero, once: CiteULike's extra comparisons (see above)")
+    ap.add_argument("--levers", nargs="+", default=[], choices=list(LEVERS),
+                    help="beyond the paper: RCE-KD with each of these overrides of the recipe, on every seed of "
+                         "every data-set suite chosen, compared with the recipe on validation")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per run")
@@ -419,7 +487,7 @@ def main():
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = build_jobs(a.suites, a.seeds, a.out.resolve(), a.device, a.threads, a.max_epochs, a.checkpoint_every,
-                      a.student_device, a.teacher_set, a.student_set)
+                      a.student_device, a.teacher_set, a.student_set, a.levers)
     if a.only:
         by_name = {j["name"]: j for j in jobs}
         unknown = set(a.only) - set(by_name)

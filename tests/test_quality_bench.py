@@ -1,0 +1,90 @@
+"""benchmarks/quality.py: every job it would start is a valid run, and its tables compute what they claim.
+
+The quality runs take hours; a lever with a misspelled key or a table with a wrong gap share would only show
+after them, so both are checked here on the job list and on hand-written result files."""
+
+import json
+import sys
+
+import pytest
+
+from compressor import api
+from compressor.config import ConfigError
+
+from .conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import quality  # noqa: E402
+
+
+def _sets(args):
+    return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+
+
+def test_every_job_of_every_suite_and_lever_is_a_valid_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name data relative to the project root
+    suites = [*quality.DATA_SUITES, "ablation", "hetero", "once"]
+    jobs = quality.build_jobs(suites, [0, 1], tmp_path, "cpu", 1, None, levers=list(quality.LEVERS))
+    names = [j["name"] for j in jobs]
+    assert len(names) == len(set(names))
+    by_name = {j["name"]: j for j in jobs}
+    for ds in quality.DATA_SUITES.values():
+        for s in (0, 1):
+            for m in ("scratch", *quality.KD_METHODS, *(f"rcekd-{lv}" for lv in quality.LEVERS)):
+                assert ds.run(m, s) in by_name, ds.run(m, s)
+    for j in jobs:
+        args = j["args"]
+        cfg = api.make_config(args[args.index("--config") + 1], _sets(args))  # raises on an unknown key
+        assert all(d in by_name for d in j["deps"])
+        if "--teacher" in args:
+            assert args[args.index("--teacher") + 1] == str(tmp_path / j["deps"][0])
+        if "-rcekd-klm2-" in j["name"]:
+            recipe = api.make_config(args[args.index("--config") + 1])
+            d, r = cfg.distill, recipe.distill
+            assert (d.K, d.L, d.M) == (2 * r.K, 2 * r.L, 2 * r.M)
+    # a lever's run differs from the recipe's run of the same seed by the lever's overrides alone
+    base, lever = by_name["ml1m-rcekd-s1"]["args"], by_name["ml1m-rcekd-tau2-s1"]["args"]
+    assert _sets(lever) == ["distill.tau=2.0", *_sets(base)]
+
+
+def test_a_lever_with_an_unknown_key_fails_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setitem(quality.LEVERS, "typo", ["distill.tauu=2"])
+    jobs = quality.build_jobs(["ml1m"], [0], tmp_path, "cpu", 1, None, levers=["typo"])
+    j = next(j for j in jobs if j["name"] == "ml1m-rcekd-typo-s0")
+    with pytest.raises(ConfigError, match="distill.tauu"):
+        api.make_config(j["args"][j["args"].index("--config") + 1], _sets(j["args"]))
+
+
+def _result(out, name, test_ndcg20, valid_ndcg10, best_epoch=10):
+    (out / name).mkdir(parents=True)
+    test = {"recall@10": test_ndcg20 / 2, "ndcg@10": test_ndcg20 * 0.8, "recall@20": test_ndcg20, "ndcg@20": test_ndcg20}
+    (out / name / "result.json").write_text(json.dumps(
+        {"best_epoch": best_epoch, "epochs_run": best_epoch + 30, "valid": {"ndcg@10": valid_ndcg10},
+         "test": test, "wall_time_s": 1.0}))
+
+
+def test_tables_gap_share_paired_differences_and_lever_validation(tmp_path):
+    _result(tmp_path, "ml1m-mf200-teacher", 0.30, 0.20)
+    for s, (scratch, ce, rrd, rcekd, lever_valid) in enumerate([(0.20, 0.24, 0.22, 0.26, 0.155),
+                                                               (0.22, 0.23, 0.25, 0.28, 0.150)]):
+        _result(tmp_path, f"ml1m-scratch-s{s}", scratch, 0.10)
+        _result(tmp_path, f"ml1m-ce-s{s}", ce, 0.12)
+        _result(tmp_path, f"ml1m-rrd-s{s}", rrd, 0.11)
+        _result(tmp_path, f"ml1m-rcekd-s{s}", rcekd, 0.15)
+        _result(tmp_path, f"ml1m-rcekd-tau2-s{s}", rcekd, lever_valid)
+    summary = quality.summarise(tmp_path, [0, 1], n_resamples=0)
+    rows = {r["run"]: r for r in summary["tables"]["ML-1M MF200 -> MF20"]}
+    assert set(rows) == {"teacher MF200", "scratch", "ce", "rrd", "rcekd", "rcekd + tau2"}
+    # scratch mean 0.21, teacher 0.30, RCE-KD mean 0.27: (0.27 - 0.21) / (0.30 - 0.21) = 67%
+    assert rows["rcekd"]["gap_recovered"] == "67%"
+    assert rows["scratch"]["gap_recovered"] == "0%"
+    assert rows["rcekd"]["n"] == 2 and rows["rcekd"]["ndcg@20"] == [0.26, 0.28]
+    assert rows["rcekd"]["mrr@20"] == []  # MRR@20 comes from the per-user post-step only
+    paired = summary["paired"]
+    assert paired["ml1m:rcekd_minus_ce"] == pytest.approx([0.02, 0.05])
+    assert paired["ml1m:rcekd_minus_rrd"] == pytest.approx([0.04, 0.03])
+    assert paired["ml1m:tau2_minus_rcekd"] == pytest.approx([0.005, 0.0])  # a lever is judged on validation
+    md = (tmp_path / "summary.md").read_text()
+    assert "rcekd + tau2 minus rcekd, valid ndcg@10" in md
+    assert "rcekd ahead on 2/2 seeds" in md
