@@ -41,6 +41,8 @@ class ReportEntry:
     bundle_bytes: int | None = None
     latency_ms: dict = field(default_factory=dict)  # {"p50": .., "p99": ..} single-user, in-process
     history: list = field(default_factory=list)  # metrics.jsonl rows
+    test_ci: dict = field(default_factory=dict)  # {metric: (lo, hi)}: paired bootstrap 95% CIs over the test users
+    gap_ci: dict | None = None  # {"value", "lo", "hi"} of the share of the gap recovered (None: not computed)
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -61,6 +63,23 @@ def _mb(n: int | None) -> str:
     return "—" if n is None else f"{n / 1e6:.2f} MB"
 
 
+def _metric_cell(e: ReportEntry, metric: str) -> str:
+    lo_hi = e.test_ci.get(metric)
+    return f"{e.test[metric]:.4f}" + (f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else "")
+
+
+def _gap_cell(e: ReportEntry, point: float | None) -> str:
+    """The gap share of the student: the bootstrap's when computed (with its CI, or why there is none), else the
+    point estimate from the test metrics."""
+    g = e.gap_ci
+    if g is None:
+        return "—" if point is None else f"{100 * point:.0f}%"
+    if g.get("value") is None:
+        return "undefined (teacher = scratch)"
+    ci = f" [{100 * g['lo']:.0f}%, {100 * g['hi']:.0f}%]" if g.get("lo") is not None else " [CI undefined]"
+    return f"{100 * g['value']:.0f}%{ci}"
+
+
 def write_report(out_dir: Path, teacher: ReportEntry, scratch: ReportEntry, student: ReportEntry,
                  title: str = "Compression report", notes: list[str] | None = None) -> Path:
     """Write report.md, valid_ndcg10.png and metrics.png into out_dir; returns the Markdown path."""
@@ -74,10 +93,10 @@ def write_report(out_dir: Path, teacher: ReportEntry, scratch: ReportEntry, stud
             "|---|---|---|---|---|" + "---|" * (len(metrics) + 1)]
     for e in entries:
         gap = gap_recovered(e.test[GAP_METRIC], scratch.test[GAP_METRIC], teacher.test[GAP_METRIC])
-        gap_s = "—" if gap is None or e is teacher or e is scratch else f"{100 * gap:.0f}%"
+        gap_s = "—" if e is teacher or e is scratch else _gap_cell(e, gap)
         lat = (f"{e.latency_ms['p50']:.2f} / {e.latency_ms['p99']:.2f} ms" if e.latency_ms else "—")
         rows.append(f"| {e.label} | {e.dim} | {e.params:,} | {_mb(e.bundle_bytes)} | {lat} | "
-                    + " | ".join(f"{e.test[m]:.4f}" for m in metrics) + f" | {gap_s} |")
+                    + " | ".join(_metric_cell(e, m) for m in metrics) + f" | {gap_s} |")
     shrink = teacher.params / max(student.params, 1)
     size = ""
     if teacher.bundle_bytes and student.bundle_bytes:

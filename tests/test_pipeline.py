@@ -55,6 +55,18 @@ def test_pipeline_runs_reuses_and_reports(recipes, tmp_path):
     assert summary["registered"]["alias"] == "champion"
     assert summary["parameter_ratio"] == pytest.approx(4.0)  # dim 32 teacher, dim 8 students, same users x items
     assert 1 < summary["bundle_ratio"] <= summary["parameter_ratio"]
+    # the gap share with its 95% CI: the same paired bootstrap `compress evaluate --gap` reports on these runs
+    share = summary["gap_share"]
+    ev = json.loads(run_cli("evaluate", out / "rcekd", "--gap", out / "scratch", out / "teacher", "--json")
+                    .stdout.strip().splitlines()[-1])
+    assert share == ev["gap"]["share"]["ndcg@20"]
+    student_row = next(x for x in report.splitlines() if x.startswith("| RCE-KD student |"))
+    if share["lo"] is not None:
+        assert share["lo"] <= share["value"] <= share["hi"]
+        assert f"{100 * share['value']:.0f}% [{100 * share['lo']:.0f}%, {100 * share['hi']:.0f}%]" in student_row
+    lo, hi = ev["metrics"]["ndcg@20"]["lo"], ev["metrics"]["ndcg@20"]["hi"]
+    assert f"[{lo:.4f}, {hi:.4f}]" in student_row
+    assert "paired bootstrap over the" in report
     assert "compress serve" in p.stdout
     run_cli("export", "--verify", out / "bundles" / "rcekd")
     # second run: every stage reused, and summary.json says so
@@ -81,11 +93,16 @@ def test_kill_midway_then_rerun_finishes_without_redoing_stages(recipes, tmp_pat
     proc.wait()
     assert (out / "teacher" / "result.json").exists() and not (out / "rcekd" / "result.json").exists()
     teacher_mtime = (out / "teacher" / "model.safetensors").stat().st_mtime
-    p = run_cli(*_args(recipes, out, "--epochs", 30), env={"COMPRESS_NO_MLFLOW": "1"})
-    stages = json.loads(p.stdout.strip().splitlines()[-1])["stages"]
+    p = run_cli(*_args(recipes, out, "--epochs", 30, "--bootstrap", 0), env={"COMPRESS_NO_MLFLOW": "1"})
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    stages = summary["stages"]
     assert stages["teacher"] == "reused" and stages["rcekd"] == "resumed"
     assert (out / "teacher" / "model.safetensors").stat().st_mtime == teacher_mtime
-    assert (out / "report" / "report.md").exists()
+    # --bootstrap 0: the report says no intervals were computed and shows the point estimates only
+    assert summary["gap_share"] is None
+    report = (out / "report" / "report.md").read_text()
+    assert "Confidence intervals: not computed (--bootstrap 0)." in report
+    assert " [" not in next(x for x in report.splitlines() if x.startswith("| RCE-KD student |"))
     hist = [json.loads(x) for x in (out / "rcekd" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == list(range(1, len(hist) + 1))  # no epoch lost or repeated
 

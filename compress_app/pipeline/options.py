@@ -35,6 +35,7 @@ class PipelineOptions:
     alias: str | None = None
     gate_share: float = DEFAULT_GATE_SHARE
     index: str = "auto"
+    bootstrap: int = 1000  # resamples of the test users behind the report's 95% CIs (0: point estimates only)
     parallel: bool = True  # train the scratch baseline beside the teacher in a second process
     log_file: Path | None = None  # where the scratch process appends its log lines (the pipeline's log)
 

@@ -18,9 +18,11 @@ import shutil
 import time
 from pathlib import Path
 
+from compressor import api
 from compressor.checkpoint import load_checkpoint, read_meta
 from compressor.device import available_cores, resolve_device
 from compressor.errors import MismatchError
+from compressor.evaluation import report as evaluation_report
 from compressor.files import atomic_write_text
 from compressor.run_dir import RESUME_FILE, TOPK_CACHE_DIR
 
@@ -115,6 +117,7 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
     if o.register:
         registered, stages["register"] = register_stage(o, out / "rcekd", bundle)
     # 6. report
+    intervals, gap_share, ci_note = test_intervals(checkpoints, o.bootstrap, o.device)
     entries = []
     for label, name in (("teacher", "teacher"), ("scratch student", "scratch"), ("RCE-KD student", "rcekd")):
         m = manifests[name]
@@ -122,13 +125,15 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
                                    dim=m["dim"], test=results[name]["test"],
                                    bundle_bytes=dir_bytes(out / "bundles" / name),
                                    latency_ms=serving_latency(out / "bundles" / name),
-                                   history=read_history(run_dirs[name])))
+                                   history=read_history(run_dirs[name]), test_ci=intervals.get(name, {}),
+                                   gap_ci=gap_share if name == "rcekd" else None))
     index = manifests["rcekd"]["index"]
     notes = [f"Data: {load_checkpoint(out / 'rcekd').meta['data_source']}.",
              *(how_trained(label, Path(checkpoints[name]), results[name], given=name == "teacher" and bool(given))
                for label, name in (("Teacher", "teacher"), ("Scratch student", "scratch"),
                                    ("RCE-KD student", "rcekd"))),
              f"Bundle index: {index['factory']} ({'exact' if index['exact'] else 'approximate'}).",
+             ci_note,
              f"Pipeline wall time this invocation: {time.perf_counter() - t_start:.0f}s (stages: see summary.json)."]
     if registered:
         notes.append(f"Registered as {registered['model_uri']}"
@@ -140,11 +145,34 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
     summary = {"out": str(out), "teacher": str(teacher_dir), "scratch": str(out / "scratch"),
                "rcekd": str(out / "rcekd"), "bundle": str(bundle), "report": str(report),
                f"test_{GATE_METRIC}": {e.label: e.test[GATE_METRIC] for e in entries}, "registered": registered,
+               "gap_share": gap_share, "bootstrap": {"resamples": o.bootstrap, "seed": 0, "note": ci_note},
                "parameter_ratio": entries[0].params / max(entries[2].params, 1),
                "bundle_ratio": entries[0].bundle_bytes / max(entries[2].bundle_bytes, 1),
                "stages": stages, "serve": f"compress serve {bundle}"}
     atomic_write_text(out / "report" / SUMMARY_FILE, json.dumps(summary, indent=1))
     return summary
+
+
+def test_intervals(checkpoints: dict, n_resamples: int, device: str) -> tuple[dict, dict | None, str]:
+    """Paired bootstrap over the test users of the three models (the student's data decides the users):
+    ({stage: {metric: (lo, hi)}}, the student's gap share {"value", "lo", "hi"} on GATE_METRIC, a report line).
+    With no resamples, or models that cannot be paired (a given teacher with other ids), no intervals and a line
+    that says why."""
+    if n_resamples <= 0:
+        return {}, None, "Confidence intervals: not computed (--bootstrap 0)."
+    try:
+        evals = api.evaluate_per_user([checkpoints["rcekd"], checkpoints["scratch"], checkpoints["teacher"]], "test",
+                                      device=device)
+    except MismatchError as e:
+        return {}, None, f"Confidence intervals: not computed ({e})."
+    rep = evaluation_report(evals[0], None, evals[1], evals[2], n_resamples=n_resamples, seed=0)
+    per_stage = {"rcekd": rep["metrics"], "scratch": rep["gap"]["scratch"], "teacher": rep["gap"]["teacher"]}
+    intervals = {name: {m: (e["lo"], e["hi"]) for m, e in ms.items() if e["lo"] is not None}
+                 for name, ms in per_stage.items()}
+    note = (f"Confidence intervals: 95% percentile intervals from a paired bootstrap over the {rep['users']:,} test "
+            f"users ({n_resamples:,} resamples, seed 0; the same resampled users for all three models and for the "
+            f"gap share). They cover the sampling of users, not training randomness (one seed per model here).")
+    return intervals, rep["gap"]["share"][GATE_METRIC], note
 
 
 def how_trained(label: str, checkpoint: Path, result: dict, given: bool = False) -> str:
