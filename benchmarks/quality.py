@@ -110,7 +110,7 @@ LEVERS = {
 
 def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: int | None, ckpt_every: int = 1,
                student_device: str | None = None, teacher_set: list[str] = (), student_set: list[str] = (),
-               levers: list[str] = ()):
+               levers: list[str] = (), lever_seeds=None):
     common = ["--device", student_device or device, "--threads", threads, "--quiet", "--set",
               f"train.checkpoint_every={ckpt_every}"]
     common += ["--epochs", max_epochs] if max_epochs else []
@@ -155,7 +155,7 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
                 scratch(ds, s)
             for m in ("ce", "rrd"):
                 student(ds, ds.run(m, s), f"mf-{m}.yaml", s)
-            for lever in levers:
+            for lever in levers if lever_seeds is None or s in lever_seeds else ():
                 overrides = LEVERS[lever]
                 overrides = overrides(f"{ds.recipes}/mf-rcekd.yaml") if callable(overrides) else overrides
                 student(ds, ds.run("rcekd", s, lever), "mf-rcekd.yaml", s,
@@ -466,6 +466,8 @@ def main():
     ap.add_argument("--levers", nargs="+", default=[], choices=list(LEVERS),
                     help="beyond the paper: RCE-KD with each of these overrides of the recipe, on every seed of "
                          "every data-set suite chosen, compared with the recipe on validation")
+    ap.add_argument("--lever-seeds", nargs="+", type=int, default=None,
+                    help="the seeds of the lever runs (default: every --seeds)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per run")
@@ -487,7 +489,8 @@ def main():
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = build_jobs(a.suites, a.seeds, a.out.resolve(), a.device, a.threads, a.max_epochs, a.checkpoint_every,
-                      a.student_device, a.teacher_set, a.student_set, a.levers)
+                      a.student_device, a.teacher_set, a.student_set, a.levers,
+                      a.lever_seeds)
     if a.only:
         by_name = {j["name"]: j for j in jobs}
         unknown = set(a.only) - set(by_name)

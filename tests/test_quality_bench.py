@@ -45,6 +45,10 @@ def test_every_job_of_every_suite_and_lever_is_a_valid_run(tmp_path, monkeypatch
     # a lever's run differs from the recipe's run of the same seed by the lever's overrides alone
     base, lever = by_name["ml1m-rcekd-s1"]["args"], by_name["ml1m-rcekd-tau2-s1"]["args"]
     assert _sets(lever) == ["distill.tau=2.0", *_sets(base)]
+    # --lever-seeds: the levers on those seeds only, every method still on every seed
+    names = {j["name"] for j in quality.build_jobs(["ml1m"], [0, 1], tmp_path, "cpu", 1, None, levers=["tau2"],
+                                                   lever_seeds=[0])}
+    assert {"ml1m-rcekd-tau2-s0", "ml1m-rcekd-s1", "ml1m-rrd-s1"} <= names and "ml1m-rcekd-tau2-s1" not in names
 
 
 def test_a_lever_with_an_unknown_key_fails_before_any_run(tmp_path, monkeypatch):
