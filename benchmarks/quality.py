@@ -20,7 +20,7 @@ seeds shows that).
     the gap share, the bootstrap CIs and RCE-KD's paired differences to scratch, CE and RRD):
             main (CiteULike MF400 -> MF20), ml1m (ML-1M MF200 -> MF20), gowalla (MF300 -> MF20; RCE-KD in the
             spec's form and in the cheap form: kd_users once_per_epoch with an IVF refresh)
-    CiteULike's extra suites: ablation (3 seeds: full, w/o S, w/o T, const alpha), hetero (LightGCN2000 -> MF20),
+    CiteULike's extra suites: ablation (3 seeds: full, w/o S, w/o T, const alpha, A sampled uniformly), hetero (LightGCN2000 -> MF20),
             once (every seed: rcekd with kd_users once_per_epoch, beside the spec's every_batch and scratch)
     --levers (beyond the paper): RCE-KD with one change to its recipe (LEVERS below), on every seed of every
             data-set suite chosen; the table pairs each with the recipe on validation NDCG@10, the split a lever
@@ -85,6 +85,8 @@ DATA_SUITES = {
     "gowalla": DataSuite("Gowalla MF300 -> MF20", "configs/gowalla", "gow", "gow-mf300-teacher", "teacher MF300"),
 }
 KD_METHODS = ("ce", "rrd", "rcekd")
+ABLATIONS = ("wo_S", "wo_T", "const_alpha", "uniform_A")
+UNIFORM_T = 1e9  # log closure weights (c + 1) / T, c <= 50: at most 5e-8 apart, nothing beside the Gumbel noise
 
 
 def _recipe_distill(recipe: str) -> dict:
@@ -165,7 +167,11 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
     if "ablation" in suites:
         variants = {"full": [], "wo_S": ["--set", "distill.use_loss_s=false"],
                     "wo_T": ["--set", "distill.use_loss_t=false"],
-                    "const_alpha": ["--set", "distill.constant_alpha=0.5"]}
+                    "const_alpha": ["--set", "distill.constant_alpha=0.5"],
+                    # the sampling without its closure weights (T so large that exp((c + 1) / T) is 1 for every
+                    # position: A uniform over P), the adaptive alpha kept: with const_alpha, this separates what
+                    # the sampling and the adaptive weight each contribute
+                    "uniform_A": ["--set", f"distill.T={UNIFORM_T:g}"]}
         for s in seeds[:3]:
             for v, extra in variants.items():
                 name = f"cite-rcekd-s{s}" if v == "full" and "main" in suites else f"abl-{v}-s{s}"
@@ -439,8 +445,8 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
             boot(title, once_named, *cite_ts)
         abl = [("full", [f"cite-rcekd-s{s}" if f"cite-rcekd-s{s}" in results else f"abl-full-s{s}"
                          for s in seeds[:3]])]
-        abl += [(v, [f"abl-{v}-s{s}" for s in seeds[:3]]) for v in ("wo_S", "wo_T", "const_alpha")]
-        if any(f"abl-{v}-s{s}" in results for v in ("wo_S", "wo_T", "const_alpha") for s in seeds[:3]):
+        abl += [(v, [f"abl-{v}-s{s}" for s in seeds[:3]]) for v in ABLATIONS]
+        if any(f"abl-{v}-s{s}" in results for v in ABLATIONS for s in seeds[:3]):
             table("Ablation, CiteULike MF400 -> MF20 (3 seeds)", group(abl), *ends)
             boot("Ablation, CiteULike MF400 -> MF20 (3 seeds)", abl, *cite_ts)
     lt = results.get("cite-lgcn2000-teacher")
