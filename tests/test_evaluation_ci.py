@@ -10,6 +10,7 @@ import torch
 
 from compressor import api, bootstrap
 from compressor.checkpoint import load_checkpoint, save_checkpoint
+from compressor.config import from_dict
 from compressor.evaluation import (METRICS, cold_items, evaluate, evaluate_split, per_user_metrics, report,
                                    restrict_targets)
 
@@ -239,3 +240,72 @@ def test_cli_compare_with_other_ids_is_a_one_line_error(tiny_runs, tmp_path):
     assert_one_line_error(p, str(other), "ids differ")
     p = run_cli("evaluate", tiny_runs["a"], "--gap", tiny_runs["b"], other, check=False)
     assert_one_line_error(p, "ids differ")
+
+
+def _slow_quantile(xs, q):
+    """numpy's default (linear) quantile, written out: position q * (n - 1) of the sorted values, interpolated."""
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
+
+
+def test_cli_bootstrap_against_a_slow_reference(tmp_path):
+    """`compress evaluate --compare --gap --bootstrap N` against the definitions written out in plain loops: per-user
+    NDCG@20 by sorting every item's score, then N resamples of the users (the same draws: seed, users with
+    replacement), each model's mean, the difference and the gap share, and percentile intervals. The data is made
+    so that a short training already ranks well (users buy within one of 6 item clusters), so the three models
+    differ clearly and the gap share has an interval."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for u in range(300):
+        cluster = np.arange(30) + 30 * (u % 6)
+        items = rng.choice(cluster, size=15, replace=False)
+        lines.append(f"{len(items)} " + " ".join(map(str, items)))
+    data_file = tmp_path / "users.dat"
+    data_file.write_text("\n".join(lines) + "\n")
+    runs = {}
+    for name, epochs, lr in (("b", 1, 1e-4), ("a", 4, 0.01), ("t", 30, 0.02)):  # scratch, student, teacher
+        runs[name] = tmp_path / name
+        api.train(None, runs[name], progress=False, overrides={
+            "data.path": str(data_file), "data.format": "users_dat", "model.dim": 16, "train.epochs": epochs,
+            "train.lr": lr, "train.seed": 0, "train.threads": 1, "train.batch_size": 256})
+    a, b, t = runs["a"], runs["b"], runs["t"]
+    n_resamples, seed = 150, 4
+    res = json.loads(run_cli("evaluate", a, "--compare", b, "--gap", b, t, "--json", "--k", 20,
+                             "--bootstrap", n_resamples, "--seed", seed).stdout)
+    ckpt = load_checkpoint(a)
+    data = api.load_data(from_dict(ckpt.meta["config"]))
+    assert (data.user_ids == ckpt.user_ids).all() and (data.item_ids == ckpt.item_ids).all()
+    train = {u: data.train.items[data.train.indptr[u]:data.train.indptr[u + 1]].tolist() for u in range(data.num_users)}
+    test = {u: data.test.items[data.test.indptr[u]:data.test.indptr[u + 1]].tolist() for u in range(data.num_users)}
+    users = [u for u in range(data.num_users) if test[u]]
+
+    def ndcg20(run):
+        with torch.no_grad():
+            U, I = (x.double().numpy() for x in load_checkpoint(run).build_model().vectors())
+        out = []
+        for u in users:
+            s = U[u] @ I.T
+            s[train[u]] = -np.inf
+            top = np.argsort(-s, kind="stable")[:20]
+            dcg = sum(1 / math.log2(r + 2) for r, i in enumerate(top) if i in set(test[u]))
+            out.append(dcg / sum(1 / math.log2(r + 2) for r in range(min(20, len(test[u])))))
+        return out
+
+    per = {name: ndcg20(run) for name, run in (("a", a), ("b", b), ("t", t))}
+    n = len(users)
+    assert res["users"] == n
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))  # one chunk at this size
+    means = {name: [sum(v[j] for j in row) / n for row in draws] for name, v in per.items()}
+    diffs = [x - y for x, y in zip(means["a"], means["b"])]
+    expect = {"metrics": means["a"], "difference": diffs}
+    got = {"metrics": res["metrics"]["ndcg@20"], "difference": res["compare"]["difference"]["ndcg@20"]}
+    gap_den = [tt - s for s, tt in zip(means["b"], means["t"])]
+    assert _slow_quantile(gap_den, 0.025) > 0  # the case the test is for: a gap share with an interval
+    expect["gap"] = [(x - s) / (tt - s) for x, s, tt in zip(means["a"], means["b"], means["t"])]
+    got["gap"] = res["gap"]["share"]["ndcg@20"]
+    for key, samples in expect.items():
+        assert got[key]["lo"] == pytest.approx(_slow_quantile(samples, 0.025), abs=1e-9), key
+        assert got[key]["hi"] == pytest.approx(_slow_quantile(samples, 0.975), abs=1e-9), key
+    assert res["metrics"]["ndcg@20"]["value"] == pytest.approx(sum(per["a"]) / n, abs=1e-9)
