@@ -128,9 +128,11 @@ def train(config_path, out, epochs, seed, device, threads, overrides, resume, np
 
 
 @main.command()
-@click.option("--teacher", default=None,
+@click.option("--teacher", multiple=True,
               help="Frozen teacher: a `compress train` run dir or .safetensors, a models:/ URI, or an .npz with "
-                   "user_vectors, item_vectors, user_ids, item_ids. Not needed for --method scratch.")
+                   "user_vectors, item_vectors, user_ids, item_ids. Give it more than once to distil from the "
+                   "teachers' ensemble (their scores averaged on one scale, or weighted by distill.teacher_weights). "
+                   "Not needed for --method scratch.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), required=False,
               help="Student recipe, e.g. configs/citeulike/mf-rcekd.yaml (model = the student).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory of the student.")
@@ -152,10 +154,11 @@ def distill(teacher, config_path, out, method, epochs, seed, device, threads, ov
     if _launched(nproc, master_port):
         return
     main_rank = _setup_rank_logging(quiet, out)
-    source = resolve_checkpoint(teacher) if teacher else None
+    sources = [resolve_checkpoint(t) for t in teacher]
+    source = None if not sources else sources[0] if len(sources) == 1 else sources
     callbacks = tracking_callbacks("distill", mlflow_opts) if main_rank else []
     result = api.distill(source, cfg, out, device=device, resume=resume, callbacks=callbacks, progress=not quiet,
-                         teacher_label=teacher, reshard=reshard)
+                         teacher_label=" + ".join(teacher) or None, reshard=reshard)
     if main_rank:
         _print_result(out, result)
 

@@ -26,7 +26,7 @@ from .cold import EVAL_USERS, cold_targets, cold_user_vectors
 from .config import Config, ConfigError, check_distill, from_dict, load_config, to_dict
 from .data import Dataset, load_dataset
 from .device import configure_threads, resolve_device
-from .distill import TeacherError, load_teacher
+from .distill import TeacherError, load_teachers
 from .errors import CompressError, MismatchError
 from .evaluation import SplitEvaluation, evaluate_split
 from .evaluation import evaluate as run_eval
@@ -134,17 +134,18 @@ def train(config: str | Path | Config | None = None, out: str | Path = "runs/tra
                 callbacks=callbacks, progress=progress, data=data, reshard=reshard)
 
 
-def distill(teacher: str | Path | None, config: str | Path | Config | None = None, out: str | Path = "runs/student",
+def distill(teacher: str | Path | list | None, config: str | Path | Config | None = None, out: str | Path = "runs/student",
             *, method: str | None = None, overrides=None, device: str = "auto", resume: bool = False,
             callbacks=None, progress: bool = True, data: Dataset | None = None,
             teacher_label: str | None = None, reshard: bool = False) -> TrainResult:
-    """Distil a student from a frozen teacher (a run dir, .safetensors or .npz) with RCE-KD or a baseline.
+    """Distil a student from a frozen teacher (a run dir, .safetensors or .npz) with RCE-KD or a baseline; a list of
+    teachers distils from their ensemble (``compressor.distill.ensemble``, weights ``distill.teacher_weights``).
 
     The teacher is loaded and id-aligned to the data before any training; ``teacher_label`` is how checkpoints
     and logs name it (default: the path, e.g. the models:/ URI it was downloaded from)."""
     ov = _override_pairs(overrides) + ([("distill.method", method)] if method else [])
     cfg = check_distill(make_config(config, ov))
-    label = str(teacher_label or teacher)
+    label = str(teacher_label or (" + ".join(map(str, teacher)) if isinstance(teacher, (list, tuple)) else teacher))
 
     def make_objective(d: Dataset, dev: torch.device, dist: distributed.Distributed):
         meta = {"teacher": None}
@@ -152,7 +153,7 @@ def distill(teacher: str | Path | None, config: str | Path | Config | None = Non
         if method_needs_teacher(cfg.distill.method):
             if teacher is None:
                 raise TeacherError(f"--method {cfg.distill.method} needs --teacher")
-            t = load_teacher(teacher, d)
+            t = load_teachers(teacher, d, cfg.distill.teacher_weights)
             meta["teacher"] = {"source": label, "fingerprint": t.fingerprint, **t.info}
             log.info("teacher %s: %s dim %s, fingerprint %s", label, t.info.get("kind"), t.info.get("dim"),
                      t.fingerprint)

@@ -143,6 +143,9 @@ class DistillConfig:
     exclude_seen: bool = _f(False, "Remove each user's training items from the teacher's and the student's top "
                                    "lists (the spec keeps them). Required by model.kind history: a user vector "
                                    "computed from the history must not be taught to rank the history itself.")
+    teacher_weights: list = _f([], "With several teachers (--teacher given more than once): the weight of each "
+                                    "one's scores, in order. Empty: each teacher's scores brought to the first "
+                                    "one's spread and averaged.")
     index: str = _f("Flat", "FAISS factory string for the top-K retrievals (Flat = exact).")
     index_params: dict = _f({}, "FAISS search parameters, e.g. {nprobe: 32} or {efSearch: 128}.")
     rrd: RRDConfig = field(default_factory=RRDConfig, metadata={"help": "RRD baseline settings."})

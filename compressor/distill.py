@@ -1,7 +1,9 @@
 """The frozen teacher of a distillation run: loaded, checked and id-aligned to the data before any training.
 
 The teacher is only ever a pair of vector tables (user [U, dT], item [I, dT]): a checkpoint written by
-`compress train`, or an ``.npz`` from any other two-tower system. What distillation does with it lives in
+`compress train`, or an ``.npz`` from any other two-tower system. Several teachers are one teacher too: the
+weighted sum of their scores is the dot product of their concatenated, weighted vectors (``ensemble``), so every
+retrieval and score downstream works on it unchanged. What distillation does with it lives in
 ``kd_retrieval`` (its top-K and scores), ``kd_terms`` (each method's KD term) and ``objectives`` (the assembly).
 """
 
@@ -17,6 +19,10 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import Dataset
 from .errors import CompressError
+from .evaluation import evaluate
+
+SCALE_PAIRS = 65_536  # random (user, item) pairs whose score spread puts the teachers of an ensemble on one scale
+SCALE_SEED = 0
 
 
 class TeacherError(CompressError, ValueError):
@@ -105,3 +111,59 @@ def load_teacher(source: str | Path, data: Dataset) -> Teacher:
     if not (np.isfinite(uv).all() and np.isfinite(iv).all()):
         raise TeacherError(f"{source}: teacher vectors contain NaN or infinity")
     return Teacher(uv, iv, fp, source, info)
+
+
+def load_teachers(sources, data: Dataset, weights=()) -> Teacher:
+    """``load_teacher`` of one source, or of several as their ``ensemble``."""
+    sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    if not sources:
+        raise TeacherError("no teacher given")
+    if weights and len(weights) != len(sources):
+        raise TeacherError(f"distill.teacher_weights has {len(weights)} weight(s) for {len(sources)} teacher(s)")
+    members = [load_teacher(s, data) for s in sources]
+    return members[0] if len(members) == 1 and not weights else ensemble(members, data, weights)
+
+
+def score_spread(t: Teacher, n_pairs: int = SCALE_PAIRS, seed: int = SCALE_SEED) -> float:
+    """Standard deviation of a teacher's scores over a fixed sample of random (user, item) pairs."""
+    rng = np.random.default_rng(seed)
+    u = rng.integers(0, len(t.user_vectors), n_pairs)
+    i = rng.integers(0, len(t.item_vectors), n_pairs)
+    scores = np.einsum("nd,nd->n", t.user_vectors[u].astype(np.float64), t.item_vectors[i].astype(np.float64))
+    return float(scores.std())
+
+
+def ensemble(members: list[Teacher], data: Dataset, weights=()) -> Teacher:
+    """Several teachers as one, scoring ``sum_k w_k * (u_k . i_k)``: user vectors [w_1 u_1 | w_2 u_2 | ...], item
+    vectors [i_1 | i_2 | ...]. Without ``weights`` each teacher's scores are first brought to the first teacher's
+    spread (``score_spread``: an MF and a LightGCN teacher score on very different scales) and averaged,
+    w_k = spread_1 / (n * spread_k), so the ensemble scores on the first teacher's scale and the softmax
+    temperature keeps its meaning. Its validation and test metrics are measured here, as a trained teacher's are
+    recorded in its checkpoint (the report and the promotion gate compare a student with them)."""
+    if weights:
+        w = [float(x) for x in weights]
+    else:
+        spreads = [score_spread(t) for t in members]
+        if min(spreads) <= 0:
+            raise TeacherError(f"{members[spreads.index(min(spreads))].source}: teacher scores do not vary; it "
+                               f"cannot be put on a common scale (give distill.teacher_weights)")
+        w = [spreads[0] / (len(members) * s) for s in spreads]
+    uv = np.ascontiguousarray(np.concatenate([wk * t.user_vectors for wk, t in zip(w, members)], axis=1),
+                              dtype=np.float32)
+    iv = np.ascontiguousarray(np.concatenate([t.item_vectors for t in members], axis=1), dtype=np.float32)
+    h = hashlib.sha256()
+    for wk, t in zip(w, members):
+        h.update(f"{t.fingerprint}:{wk!r};".encode())
+    metrics = {}
+    with torch.no_grad():
+        u, i = torch.from_numpy(uv), torch.from_numpy(iv)
+        for split, target in (("valid", data.valid), ("test", data.test)):
+            m = evaluate(u, i, data.train.indptr, data.train.items, target.indptr, target.items)
+            metrics[split] = {k: v for k, v in m.items() if k != "users"}
+    fingerprints = {t.info.get("data_fingerprint") for t in members}
+    info = {"kind": "ensemble", "dim": int(uv.shape[1]), "metrics": metrics,
+            "members": [{"source": t.source, "fingerprint": t.fingerprint, "kind": t.info.get("kind"),
+                         "dim": t.info.get("dim"), "weight": wk} for wk, t in zip(w, members)]}
+    if len(fingerprints) == 1:
+        info["data_fingerprint"] = fingerprints.pop()
+    return Teacher(uv, iv, h.hexdigest()[:16], " + ".join(t.source for t in members), info)

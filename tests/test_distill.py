@@ -6,7 +6,8 @@ import torch
 
 from compressor import api, kd_retrieval, kd_terms
 from compressor.checkpoint import load_checkpoint
-from compressor.distill import load_teacher
+from compressor.distill import ensemble, load_teacher, load_teachers, score_spread
+from compressor.evaluation import evaluate
 from compressor.kd_retrieval import pair_dot
 from compressor.losses import rcekd_loss_on_sets, rcekd_sets, rowwise_isin, teacher_pair_scores
 from compressor.models import build_model
@@ -177,6 +178,60 @@ def test_teacher_data_mismatch_is_a_clear_error_before_training(teacher, slice_d
     assert p.returncode == 1 and "same dimension" in p.stderr
     p = run_cli("distill", "--out", tmp_path / "nt", "--set", f"data.path={slice_data}", *TINY_TRAIN, check=False)
     assert p.returncode == 1 and "needs --teacher" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def second_teacher(tmp_path_factory, slice_data):
+    """Another teacher on the same data, on another scale (dim 32, init std 0.5, more lr)."""
+    out = tmp_path_factory.mktemp("kd2") / "teacher2"
+    run_cli("train", "--out", out, "--set", f"data.path={slice_data}", "--set", "model.dim=32", "--set",
+            "model.init_std=0.5", "--epochs", 4, "--set", "train.lr=0.02", *TINY_TRAIN)
+    return out
+
+
+def test_ensemble_teacher_scores_are_the_weighted_sum_of_its_members(teacher, second_teacher, slice_data):
+    data = api.load_data(api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat"]))
+    a, b = load_teacher(teacher, data), load_teacher(second_teacher, data)
+    rng = np.random.default_rng(1)
+    u, i = rng.integers(0, data.num_users, 500), rng.integers(0, data.num_items, 500)
+
+    def scores(t):
+        return np.einsum("nd,nd->n", t.user_vectors[u].astype(np.float64), t.item_vectors[i].astype(np.float64))
+
+    e = load_teachers([teacher, second_teacher], data, [0.25, 2.0])
+    np.testing.assert_allclose(scores(e), 0.25 * scores(a) + 2.0 * scores(b), rtol=1e-5, atol=1e-6)
+    assert e.user_vectors.shape[1] == e.item_vectors.shape[1] == a.user_vectors.shape[1] + b.user_vectors.shape[1]
+    # default weights: each member brought to the first one's spread, then averaged
+    sa, sb = score_spread(a), score_spread(b)
+    assert sb > 2 * sa  # the case the rescaling is for: members on very different scales
+    d = load_teachers([teacher, second_teacher], data)
+    np.testing.assert_allclose(scores(d), 0.5 * scores(a) + 0.5 * (sa / sb) * scores(b), rtol=1e-5, atol=1e-6)
+    assert [m["weight"] for m in d.info["members"]] == pytest.approx([0.5, 0.5 * sa / sb])
+    assert score_spread(ensemble([a, a], data)) == pytest.approx(sa, rel=1e-5)  # the mean of equals: itself
+    # its metrics are the ensemble's own full-ranking evaluation; its fingerprint names members and weights
+    ev = evaluate(torch.from_numpy(d.user_vectors), torch.from_numpy(d.item_vectors), data.train.indptr,
+                  data.train.items, data.test.indptr, data.test.items)
+    assert d.info["metrics"]["test"]["ndcg@20"] == pytest.approx(ev["ndcg@20"])
+    assert len({d.fingerprint, e.fingerprint, a.fingerprint, b.fingerprint}) == 4
+    assert load_teachers(teacher, data).fingerprint == a.fingerprint  # one teacher: itself, unchanged
+
+
+def test_distill_from_two_teachers_records_both(teacher, second_teacher, slice_data, tmp_path):
+    out = tmp_path / "two"
+    run_cli("distill", "--teacher", teacher, "--teacher", second_teacher, "--out", out, "--set",
+            f"data.path={slice_data}", "--epochs", 2, *SMALL_KD, *TINY_TRAIN)
+    meta = load_checkpoint(out).meta["teacher"]
+    assert meta["kind"] == "ensemble" and meta["source"] == f"{teacher} + {second_teacher}"
+    assert [m["fingerprint"] for m in meta["members"]] == [load_checkpoint(teacher).fingerprint,
+                                                           load_checkpoint(second_teacher).fingerprint]
+    assert "ndcg@20" in meta["metrics"]["test"]
+    # a weight count that does not match the teachers: one line, nothing written
+    p = run_cli("distill", "--teacher", teacher, "--teacher", second_teacher, "--out", tmp_path / "bad", "--set",
+                f"data.path={slice_data}", "--set", "distill.teacher_weights=[1.0]", "--epochs", 1, *SMALL_KD,
+                *TINY_TRAIN, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "distill.teacher_weights has 1 weight(s) for 2 teacher(s)" in p.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("M", [30, 20])  # M > K + L: [QS | A] scored; M <= K + L: P scored once, QS and A gathered
