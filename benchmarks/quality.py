@@ -105,6 +105,7 @@ def _klm2(recipe: str) -> list[str]:
 LEVERS = {
     "exclude_seen": ["distill.exclude_seen=true"],   # training positives out of QT and the student's top-M
     "tau2": ["distill.tau=2.0"],                     # a softer teacher and student softmax
+    "tau2_anneal": ["distill.tau=2.0", "distill.tau_anneal_epochs=50"],  # soft early, the spec's tau 1 from epoch 51
     "klm2": _klm2,                                   # K, L and M doubled
     "lr_decay": ["train.lr_decay=0.5", "train.lr_decay_patience=5"],  # a longer schedule, lr halved on plateaus
 }

@@ -125,6 +125,8 @@ class DistillConfig:
     method: str = _f("rcekd", "Distillation objective.", choices=METHOD_NAMES)
     lambda_kd: float = _f(500.0, "lambda: weight of the KD loss against the BPR loss.", min=0)
     tau: float = _f(1.0, "Softmax temperature of the CE terms.", gt=0)
+    tau_anneal_epochs: int = _f(0, "RCE-KD and CE: move the temperature linearly from tau at epoch 1 to 1 over this "
+                                   "many epochs, 1 after (0 = tau throughout, the spec's).", min=0)
     K: int = _f(50, "Size of the teacher's and the student's top lists.", min=1)
     M: int = _f(200, "Depth of the student's ranking read each epoch (>= K).", min=1)
     L: int = _f(50, "Items sampled per user from the student's top-M (<= M).", min=1)

@@ -59,9 +59,11 @@ class RCEKDTerm:
     name = "rcekd"
 
     def __init__(self, retrieval: KDRetrieval, *, K: int, M: int, L: int, T: float, tau: float, beta: float,
-                 use_loss_s: bool = True, use_loss_t: bool = True, constant_alpha: float | None = None):
+                 use_loss_s: bool = True, use_loss_t: bool = True, constant_alpha: float | None = None,
+                 tau_anneal_epochs: int = 0):
         self.retrieval = retrieval
         self.K, self.M, self.L, self.T = K, M, L, T
+        self.tau, self.tau_anneal_epochs = tau, tau_anneal_epochs  # the epoch's tau: ``weighting["tau"]``
         self.weighting = {"tau": tau, "beta": beta, "use_loss_s": use_loss_s, "use_loss_t": use_loss_t,
                           "constant_alpha": constant_alpha}
         self.qt: Tensor | None = None  # teacher top-K [U, K] int32 (step 1), fixed for the run
@@ -77,7 +79,7 @@ class RCEKDTerm:
     def from_config(cls, d, retrieval: KDRetrieval) -> RCEKDTerm:
         """From the ``distill`` section of a Config."""
         return cls(retrieval, K=d.K, M=d.M, L=d.L, T=d.T, tau=d.tau, beta=d.beta, use_loss_s=d.use_loss_s,
-                   use_loss_t=d.use_loss_t, constant_alpha=d.constant_alpha)
+                   use_loss_t=d.use_loss_t, constant_alpha=d.constant_alpha, tau_anneal_epochs=d.tau_anneal_epochs)
 
     def setup(self, data: Dataset, sparse_grads: bool = False) -> None:
         self.sparse_grads = sparse_grads
@@ -87,7 +89,9 @@ class RCEKDTerm:
         self.qt = compact_ids(qt)
 
     def on_epoch_start(self, model, epoch: int, gen: torch.Generator) -> dict:
+        self.weighting["tau"] = annealed_tau(self.tau, self.tau_anneal_epochs, epoch)
         p, diag = self.retrieval.student_topm(model, self.M)  # step 2
+        diag["kd_tau"] = self.weighting["tau"]
         t0 = time.perf_counter()
         n_users, m = p.shape
         # Every set test of the epoch follows from where each QT item sits in P (QS is P's first K columns, A is
@@ -151,6 +155,17 @@ class RCEKDTerm:
                     "kd_overlap": parts["overlap"]}
 
 
+def annealed_tau(tau: float, anneal_epochs: int, epoch: int) -> float:
+    """The softmax temperature of ``epoch`` (1-based): ``tau`` throughout when ``anneal_epochs`` is 0 (the spec's),
+    else moved linearly from ``tau`` at epoch 1 to 1 at epoch ``anneal_epochs + 1`` and 1 after: a softer target
+    early, the spec's tau-1 target for the rest of the run. A function of the epoch alone, so a resumed run uses
+    the same temperatures."""
+    if anneal_epochs <= 0:
+        return tau
+    done = min(max(epoch - 1, 0) / anneal_epochs, 1.0)
+    return tau + (1.0 - tau) * done
+
+
 def _blocks(n: int):
     """(start, end) of the user blocks the epoch's set state is built in (bounds its transient memory)."""
     return ((s, min(s + SETS_BLOCK, n)) for s in range(0, n, SETS_BLOCK))
@@ -189,10 +204,12 @@ class CETerm:
 
     name = "ce"
 
-    def __init__(self, retrieval: KDRetrieval, *, K: int, tau: float, target: str = "student"):
+    def __init__(self, retrieval: KDRetrieval, *, K: int, tau: float, target: str = "student",
+                 tau_anneal_epochs: int = 0):
         if target not in CE_TARGETS:
             raise ValueError(f"CE target {target!r}; expected one of {', '.join(CE_TARGETS)}")
         self.retrieval, self.K, self.tau, self.target = retrieval, K, tau, target
+        self.base_tau, self.tau_anneal_epochs = tau, tau_anneal_epochs
         self.qt: Tensor | None = None  # teacher top-K [U, K], fixed for the run
         self.items: Tensor | None = None  # the item lists the CE runs over [U, K]
         self.t_scores: Tensor | None = None  # their teacher scores [U, K]
@@ -200,7 +217,7 @@ class CETerm:
 
     @classmethod
     def from_config(cls, d, retrieval: KDRetrieval) -> CETerm:
-        return cls(retrieval, K=d.K, tau=d.tau, target=d.ce_target)
+        return cls(retrieval, K=d.K, tau=d.tau, target=d.ce_target, tau_anneal_epochs=d.tau_anneal_epochs)
 
     def setup(self, data: Dataset, sparse_grads: bool = False) -> None:
         self.sparse_grads = sparse_grads
@@ -210,12 +227,14 @@ class CETerm:
             self.t_scores = self.retrieval.teacher_scores(self.items)
 
     def on_epoch_start(self, model, epoch: int, gen: torch.Generator) -> dict:
+        self.tau = annealed_tau(self.base_tau, self.tau_anneal_epochs, epoch)
         if self.target == "teacher":
-            return {}
+            return {"kd_tau": self.tau}
         previous = None if self.items is None else (self.items, self.t_scores)  # last epoch's, to reuse
         self.items, diag = self.retrieval.student_topm(model, self.K)
         self.t_scores = self.retrieval.teacher_scores(self.items, previous=previous)
         diag["topk_overlap"] = float(rowwise_isin(self.items, self.qt).float().mean())
+        diag["kd_tau"] = self.tau
         return diag
 
     def loss(self, user_vecs: Tensor, item_vecs: Tensor, users: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

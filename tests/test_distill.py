@@ -234,6 +234,26 @@ def test_distill_from_two_teachers_records_both(teacher, second_teacher, slice_d
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
+def test_tau_annealed_to_one_by_epoch(teacher, slice_data, tmp_path):
+    assert [kd_terms.annealed_tau(3.0, 4, e) for e in (1, 2, 3, 5, 9)] == [3.0, 2.5, 2.0, 1.0, 1.0]
+    assert [kd_terms.annealed_tau(0.5, 2, e) for e in (1, 2, 3)] == [0.5, 0.75, 1.0]  # from below too
+    assert kd_terms.annealed_tau(2.0, 0, 50) == 2.0  # the spec's: tau throughout
+    out = tmp_path / "anneal"
+    run_cli("distill", "--teacher", teacher, "--out", out, "--set", f"data.path={slice_data}", "--set",
+            "distill.tau=2.0", "--set", "distill.tau_anneal_epochs=2", "--epochs", 4, *SMALL_KD, *TINY_TRAIN)
+    assert [h["diag_kd_tau"] for h in _history(out)] == [2.0, 1.5, 1.0, 1.0]
+    # the loss of an epoch uses that epoch's tau: the term's weighting follows the epoch
+    cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8", "distill.K=10",
+                                 "distill.M=30", "distill.L=10", "distill.tau=2.0", "distill.tau_anneal_epochs=2"])
+    data = api.load_data(cfg)
+    obj = build_objective(cfg, load_teacher(teacher, data), torch.device("cpu"), tmp_path / "run")
+    obj.setup(SetupContext(data))
+    model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=8, init_std=0.1)
+    for epoch, tau in ((2, 1.5), (1, 2.0)):
+        obj.on_epoch_start(model, epoch, np.random.default_rng(0), torch.Generator().manual_seed(0))
+        assert obj.term.weighting["tau"] == tau
+
+
 @pytest.mark.parametrize("M", [30, 20])  # M > K + L: [QS | A] scored; M <= K + L: P scored once, QS and A gathered
 def test_rcekd_teacher_scores_of_the_epoch_sets_are_exact(teacher, slice_data, tmp_path, M, monkeypatch):
     """The epoch's teacher scores (QT part cached at setup, the moving part scored per epoch, reusing last epoch's
