@@ -705,6 +705,12 @@ def part_scale(spec: dict) -> dict:
         def batch_loss(self, *args):
             return self.inner.batch_loss(*args)
 
+        def run_state(self):
+            return self.inner.run_state()
+
+        def load_run_state(self, *args):
+            self.inner.load_run_state(*args)
+
     threads = configure_threads(spec["threads"])
     dev = torch.device("cpu")
     res: dict = {"threads": threads, "rss_mb": {}}

@@ -2,6 +2,7 @@
 
 One file holds everything needed to rebuild, evaluate, export or resume a model:
 - tensors ``model.*`` (weights), ``optim.*`` (Adam state, only in resume checkpoints), ``rng.torch``,
+  ``state.*`` (what the objective carries between epochs, only in resume checkpoints),
   ``ids.users`` / ``ids.items`` (external ids, UTF-8, newline separated, as uint8), ``train.indptr`` /
   ``train.indices`` (each user's training items: LightGCN's graph and "exclude seen");
 - a JSON document under the safetensors metadata key ``compress``: format version, model kind and constructor
@@ -64,6 +65,7 @@ class Checkpoint:
     optim_state: dict | None = None
     rng_state: torch.Tensor | None = None
     path: Path | None = field(default=None)
+    run_state: dict[str, torch.Tensor] = field(default_factory=dict)  # ``state.*`` tensors, with training state
 
     @property
     def fingerprint(self) -> str:
@@ -90,8 +92,9 @@ class Checkpoint:
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, meta: dict, user_ids: np.ndarray, item_ids: np.ndarray,
                     train_indptr: np.ndarray, train_indices: np.ndarray, optimizer: torch.optim.Optimizer | dict | None = None,
-                    rng_state: torch.Tensor | None = None) -> dict:
-    """Atomically write a checkpoint; returns the metadata written (with its weights fingerprint)."""
+                    rng_state: torch.Tensor | None = None, run_state: dict[str, torch.Tensor] | None = None) -> dict:
+    """Atomically write a checkpoint; returns the metadata written (with its weights fingerprint). ``run_state``:
+    tensors the objective carries between epochs (a resume checkpoint's), stored as ``state.<key>``."""
     tensors: dict[str, torch.Tensor] = {}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for k, v in state.items():
@@ -109,6 +112,8 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, meta: dict, user_ids:
         meta["optim_param_groups"] = osd["param_groups"]
     if rng_state is not None:
         tensors["rng.torch"] = rng_state.cpu()
+    for k, v in (run_state or {}).items():
+        tensors[f"state.{k}"] = v.detach().cpu().contiguous()
     tensors["ids.users"] = _ids_to_tensor(user_ids)
     tensors["ids.items"] = _ids_to_tensor(item_ids)
     tensors["train.indptr"] = torch.as_tensor(np.asarray(train_indptr, dtype=np.int64))
@@ -183,9 +188,11 @@ def load_checkpoint(path: str | Path, with_training_state: bool = False, user_ro
             indptr = get("train.indptr").numpy()
             indices = get("train.indices").numpy()
             optim = rng = None
+            run_state = {}
             if with_training_state:
                 optim = {k: get(k) for k in keys if k.startswith("optim.")}
                 rng = get("rng.torch") if "rng.torch" in keys else None
+                run_state = {k[len("state."):]: get(k) for k in keys if k.startswith("state.")}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{p}: not a valid checkpoint (expected a safetensors file; "
                               f"pickled checkpoints are refused because they can run code): {e}") from None
@@ -194,7 +201,7 @@ def load_checkpoint(path: str | Path, with_training_state: bool = False, user_ro
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{p}: checkpoint format {meta.get('format_version')} is not supported "
                               f"(this version reads {FORMAT_VERSION})")
-    return Checkpoint(meta, model_state, user_ids, item_ids, indptr, indices, optim, rng, p)
+    return Checkpoint(meta, model_state, user_ids, item_ids, indptr, indices, optim, rng, p, run_state)
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:

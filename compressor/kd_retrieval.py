@@ -68,6 +68,25 @@ class KDRetrieval:
     def num_users(self) -> int:
         return self.t_user.shape[0]
 
+    # What a refresh carries to the next one (the kept quantizer, the raised or held nprobe) is saved with a run's
+    # resume state: without it a resumed run retrained k-means and restarted from the configured nprobe, and no
+    # longer repeated the uninterrupted run.
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON-able numbers, tensors) of what the next refresh starts from; ``load_state`` restores them."""
+        meta = {"raised": dict(self._raised), "held_nprobe": self._held_nprobe}
+        blob = None if self._reusable is None else self._reusable.trained_bytes()
+        if blob is not None:
+            meta["trained"] = {"factory": self._reusable.factory, "dim": self._reusable.dim}
+        return meta, ({} if blob is None else {"ivf_trained": torch.from_numpy(blob)})
+
+    def load_state(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self._raised = dict(meta.get("raised") or {})
+        self._held_nprobe = meta.get("held_nprobe")
+        trained = meta.get("trained")
+        self._reusable = (TopKSearcher.from_trained_bytes(trained["factory"], trained["dim"],
+                                                          tensors["ivf_trained"].numpy())
+                          if trained and "ivf_trained" in tensors else None)
+
     def setup(self, data: Dataset) -> None:
         """Once before the first list is asked for: the data whose training items ``exclude_seen`` removes."""
         if self.exclude_seen:

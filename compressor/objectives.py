@@ -65,6 +65,14 @@ class Objective(Protocol):
     def batch_loss(self, model, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss to minimise, parts) for a batch of (user, positive, negative) triples [b] each."""
 
+    def run_state(self) -> tuple[dict, dict[str, Tensor]]:
+        """What the objective carries from one epoch to the next beyond the model and the random streams, as
+        (JSON-able numbers, tensors): saved with the resume checkpoint, so a resumed run repeats the uninterrupted
+        one. ({}, {}) when it carries nothing."""
+
+    def load_run_state(self, meta: dict, tensors: dict[str, Tensor]) -> None:
+        """Restore ``run_state`` (after ``setup``, before the next epoch)."""
+
 
 def bpr_base_loss(model, users: Tensor, pos: Tensor, neg: Tensor, sparse_grads: bool = False):
     """The BPR loss of a batch, the user vectors of the model it was computed from (a function: user indices
@@ -106,6 +114,12 @@ class Scratch:
 
     def on_epoch_start(self, model, epoch, rng, gen) -> dict:
         return {}
+
+    def run_state(self) -> tuple[dict, dict[str, Tensor]]:
+        return {}, {}
+
+    def load_run_state(self, meta: dict, tensors: dict[str, Tensor]) -> None:
+        pass
 
     def batch_loss(self, model, users: Tensor, pos: Tensor, neg: Tensor):
         loss, _, _ = bpr_base_loss(model, users, pos, neg, self.sparse_grads)
@@ -154,6 +168,17 @@ class Distillation:
     def on_epoch_start(self, model, epoch, rng, gen) -> dict:
         self.kd_users.start_epoch()
         return self.term.on_epoch_start(model, epoch, gen)
+
+    def run_state(self) -> tuple[dict, dict[str, Tensor]]:
+        """The retrieval's (an approximate refresh's kept quantizer and nprobe); the term's epoch sets are rebuilt
+        from the model at every epoch start, so they carry nothing."""
+        meta, tensors = self.retrieval.state()
+        return {"retrieval": meta}, {f"retrieval.{k}": v for k, v in tensors.items()}
+
+    def load_run_state(self, meta: dict, tensors: dict[str, Tensor]) -> None:
+        prefix = "retrieval."
+        self.retrieval.load_state(meta.get("retrieval", {}),
+                                  {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
     def batch_loss(self, model, users: Tensor, pos: Tensor, neg: Tensor):
         base, user_vectors_of, i = bpr_base_loss(model, users, pos, neg, self.sparse_grads)

@@ -121,6 +121,24 @@ class TopKSearcher:
         self._gpu_res = None
         return self
 
+    def trained_bytes(self) -> np.ndarray | None:
+        """What ``trained_like`` reuses, serialised (uint8 [n]; None without a trained structure): a run saves it
+        with its resume state, so a resumed refresh starts from the same quantizer."""
+        return None if self._trained is None else faiss.serialize_index(self._trained)
+
+    @classmethod
+    def from_trained_bytes(cls, factory: str, dim: int, blob: np.ndarray) -> "TopKSearcher":
+        """A released searcher holding only a trained structure (``trained_bytes``), for ``trained_like``."""
+        trained = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
+        if trained.d != dim + 1 or trained.ntotal != 0:  # searched through the ip2l2 reduction: one more dim
+            raise ValueError(f"a trained {factory} structure of dim {trained.d - 1} with {trained.ntotal} vectors; "
+                             f"expected an empty one of dim {dim}")
+        searcher = cls.__new__(cls)
+        searcher.factory, searcher.dim, searcher.is_exact = factory, dim, False
+        searcher._trained, searcher.index, searcher._items, searcher._gpu_res = trained, None, None, None
+        searcher.params, searcher.on_gpu, searcher.reused_training, searcher._nlist = {}, False, False, None
+        return searcher
+
     def _to_gpu(self, index: faiss.Index) -> faiss.Index:
         """Move the index to GPU 0 when this FAISS build can; otherwise warn and stay on CPU."""
         if not faiss_has_gpu():

@@ -165,6 +165,7 @@ class Trainer:
         self.sparse_grads = wants_sparse_gradients(cfg.train.optimizer) and self.model.leaf_tables
         self.stopper = EarlyStopping(cfg.train.patience)
         self.epoch = 0
+        self._resumed_run_state: tuple[dict, dict] | None = None  # the objective's, read by resume()
         self.history: list[dict] = []
         self.train_indptr = data.train.indptr
         self.local_train_indptr = self.local.train.indptr
@@ -189,10 +190,13 @@ class Trainer:
         meta = self._meta(status)
         if metrics is not None:
             meta["metrics"] = metrics
+        run_state = None
+        if with_optimizer:  # a resume checkpoint: what the objective carries to the next epoch too
+            meta["objective_state"], run_state = self.objective.run_state()
         return save_checkpoint(self.out / name, model=model, meta=meta, user_ids=self.data.user_ids,
                                item_ids=self.data.item_ids, train_indptr=self.train_indptr,
                                train_indices=self.data.train.items, optimizer=optimizer,
-                               rng_state=torch.get_rng_state())
+                               rng_state=torch.get_rng_state(), run_state=run_state)
 
     def _whole_model(self, with_optimizer: bool):
         """(model, optimizer or its state dict) holding every user: this process's own in one process; under
@@ -244,6 +248,10 @@ class Trainer:
         restore_optimizer(self.optimizer, ckpt)
         if ckpt.rng_state is not None:
             torch.set_rng_state(ckpt.rng_state)
+        # the objective's carried state (an approximate refresh's quantizer and nprobe) is restored once it is set
+        # up; under torchrun each rank's refresh held its own, and only rank 0's was saved: ranks start afresh
+        if not self.dist.active:
+            self._resumed_run_state = (ckpt.meta.get("objective_state") or {}, ckpt.run_state)
         self.epoch = ckpt.meta["epoch"]
         self.history = ckpt.meta["history"]
         es = ckpt.meta["early_stopping"]
@@ -390,6 +398,9 @@ class Trainer:
         error = None
         try:  # the teacher's top-K (its cache) and the run-long sets: a refusal here is every rank's too
             self.objective.setup(SetupContext(data=self.local, sparse_grads=self.sparse_grads))
+            if self._resumed_run_state is not None:
+                self.objective.load_run_state(*self._resumed_run_state)
+                self._resumed_run_state = None
         except (CompressError, OSError) as e:
             error = e
         self.dist.agree(error)

@@ -110,6 +110,28 @@ def test_an_approximate_refresh_is_held_to_the_recall_floor(teacher, slice_data,
     assert moved["retrieval_recall"] >= 0.95
 
 
+def test_a_resumed_run_with_an_approximate_refresh_repeats_the_uninterrupted_one(teacher, slice_data, tmp_path):
+    """The refresh carries state between epochs (the kept IVF quantizer, the nprobe the recall floor raised): it is
+    saved with the resume checkpoint, so 2 epochs + --resume to 5 ends on the same weights and the same refresh
+    diagnostics as 5 epochs in one go (a resumed run used to retrain k-means and restart at the configured
+    nprobe)."""
+    ivf = ["--set", "distill.index=IVF24,Flat", "--set", "distill.index_params={nprobe: 1}"]
+    args = ["--set", f"data.path={slice_data}", *SMALL_KD, *ivf, *TINY_TRAIN]
+    run_cli("distill", "--teacher", teacher, "--out", tmp_path / "whole", "--epochs", 5, *args)
+    run_cli("distill", "--teacher", teacher, "--out", tmp_path / "cut", "--epochs", 2, *args)
+    state = load_checkpoint(tmp_path / "cut" / "last.safetensors", with_training_state=True)
+    assert state.meta["objective_state"]["retrieval"]["trained"]["factory"] == "IVF24,Flat"
+    assert state.run_state["retrieval.ivf_trained"].dtype == torch.uint8
+    run_cli("distill", "--teacher", teacher, "--out", tmp_path / "cut", "--epochs", 5, "--resume", *args)
+    whole, cut = _history(tmp_path / "whole"), _history(tmp_path / "cut")
+    assert [h["diag_retrieval_nprobe"] for h in whole] != [1.0] * 5  # the floor raised nprobe: state to carry
+    assert whole[2]["diag_retrieval_reused_quantizer"] == 1.0  # epoch 3 starts from epoch 2's quantizer
+    keys = [k for k in whole[0] if k.startswith(("diag_", "valid_", "loss"))]
+    assert [[h[k] for k in keys] for h in cut] == [[h[k] for k in keys] for h in whole]
+    assert (load_checkpoint(tmp_path / "cut" / "last.safetensors").fingerprint
+            == load_checkpoint(tmp_path / "whole" / "last.safetensors").fingerprint)
+
+
 def test_users_an_approximate_index_leaves_short_get_the_exact_top_m(teacher, slice_data, tmp_path, monkeypatch):
     """IVF with many small lists and nprobe 1 finds fewer than M items for many users (a young student's lists
     are uneven: Gowalla's cheap form crashed at epoch 7 on it): those users' lists come from the exact search,
