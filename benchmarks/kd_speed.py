@@ -482,7 +482,8 @@ def part_batch(spec: dict) -> dict:
     from compressor.device import configure_threads
     from compressor.distill import load_teacher
     from compressor.objectives import Scratch, SetupContext, bpr_base_loss, build_objective
-    from compressor.trainer import Trainer, sample_negatives
+    from compressor.objectives import sample_negatives
+    from compressor.trainer import Trainer
 
     threads = configure_threads(spec["threads"])
     dev = torch.device("cpu")

@@ -153,7 +153,7 @@ def distill(teacher: str | Path | list | None, config: str | Path | Config | Non
         if method_needs_teacher(cfg.distill.method):
             if teacher is None:
                 raise TeacherError(f"--method {cfg.distill.method} needs --teacher")
-            t = load_teachers(teacher, d, cfg.distill.teacher_weights)
+            t = load_teachers(teacher, d, cfg.distill.teacher_weights, cfg.train.eval_ks)
             meta["teacher"] = {"source": label, "fingerprint": t.fingerprint, **t.info}
             log.info("teacher %s: %s dim %s, fingerprint %s", label, t.info.get("kind"), t.info.get("dim"),
                      t.fingerprint)

@@ -254,6 +254,9 @@ def _check(cfg: Config, source: str) -> Config:
                           f"needs 'distill.index: Flat', got {d.index!r}")
     if not d.use_loss_s and not d.use_loss_t:
         raise ConfigError(f"{source}: 'distill.use_loss_s' and 'distill.use_loss_t' cannot both be false")
+    w = d.teacher_weights
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0 for x in w) or (w and sum(w) <= 0):
+        raise ConfigError(f"{source}: 'distill.teacher_weights' must be non-negative numbers, not all 0, got {w}")
     return cfg
 
 

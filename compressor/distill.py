@@ -113,15 +113,15 @@ def load_teacher(source: str | Path, data: Dataset) -> Teacher:
     return Teacher(uv, iv, fp, source, info)
 
 
-def load_teachers(sources, data: Dataset, weights=()) -> Teacher:
-    """``load_teacher`` of one source, or of several as their ``ensemble``."""
+def load_teachers(sources, data: Dataset, weights=(), ks=(10, 20)) -> Teacher:
+    """``load_teacher`` of one source, or of several as their ``ensemble`` (its metrics at cut-offs ``ks``)."""
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
     if not sources:
         raise TeacherError("no teacher given")
     if weights and len(weights) != len(sources):
         raise TeacherError(f"distill.teacher_weights has {len(weights)} weight(s) for {len(sources)} teacher(s)")
     members = [load_teacher(s, data) for s in sources]
-    return members[0] if len(members) == 1 and not weights else ensemble(members, data, weights)
+    return members[0] if len(members) == 1 and not weights else ensemble(members, data, weights, ks)
 
 
 def score_spread(t: Teacher, n_pairs: int = SCALE_PAIRS, seed: int = SCALE_SEED) -> float:
@@ -133,13 +133,18 @@ def score_spread(t: Teacher, n_pairs: int = SCALE_PAIRS, seed: int = SCALE_SEED)
     return float(scores.std())
 
 
-def ensemble(members: list[Teacher], data: Dataset, weights=()) -> Teacher:
+def ensemble(members: list[Teacher], data: Dataset, weights=(), ks=(10, 20)) -> Teacher:
     """Several teachers as one, scoring ``sum_k w_k * (u_k . i_k)``: user vectors [w_1 u_1 | w_2 u_2 | ...], item
-    vectors [i_1 | i_2 | ...]. Without ``weights`` each teacher's scores are first brought to the first teacher's
-    spread (``score_spread``: an MF and a LightGCN teacher score on very different scales) and averaged,
-    w_k = spread_1 / (n * spread_k), so the ensemble scores on the first teacher's scale and the softmax
-    temperature keeps its meaning. Its validation and test metrics are measured here, as a trained teacher's are
-    recorded in its checkpoint (the report and the promotion gate compare a student with them)."""
+    vectors [i_1 | i_2 | ...]. Without ``weights`` each teacher's scores are brought to the first teacher's spread
+    (``score_spread``: an MF and a LightGCN teacher score on very different scales) and averaged, and the average
+    is scaled back to that spread (an average of members that disagree spreads less than each of them), so the
+    ensemble scores on the first teacher's scale and the softmax temperature keeps its meaning. Its validation and
+    test metrics (at cut-offs ``ks``) are measured here, as a trained teacher's are recorded in its checkpoint
+    (the report and the promotion gate compare a student with them)."""
+    def combined(w):
+        return np.ascontiguousarray(np.concatenate([wk * t.user_vectors for wk, t in zip(w, members)], axis=1),
+                                    dtype=np.float32)
+
     if weights:
         w = [float(x) for x in weights]
     else:
@@ -148,8 +153,9 @@ def ensemble(members: list[Teacher], data: Dataset, weights=()) -> Teacher:
             raise TeacherError(f"{members[spreads.index(min(spreads))].source}: teacher scores do not vary; it "
                                f"cannot be put on a common scale (give distill.teacher_weights)")
         w = [spreads[0] / (len(members) * s) for s in spreads]
-    uv = np.ascontiguousarray(np.concatenate([wk * t.user_vectors for wk, t in zip(w, members)], axis=1),
-                              dtype=np.float32)
+        mean = score_spread(Teacher(combined(w), np.concatenate([t.item_vectors for t in members], axis=1), "", ""))
+        w = [wk * spreads[0] / mean for wk in w] if mean > 0 else w
+    uv = combined(w)
     iv = np.ascontiguousarray(np.concatenate([t.item_vectors for t in members], axis=1), dtype=np.float32)
     h = hashlib.sha256()
     for wk, t in zip(w, members):
@@ -158,7 +164,7 @@ def ensemble(members: list[Teacher], data: Dataset, weights=()) -> Teacher:
     with torch.no_grad():
         u, i = torch.from_numpy(uv), torch.from_numpy(iv)
         for split, target in (("valid", data.valid), ("test", data.test)):
-            m = evaluate(u, i, data.train.indptr, data.train.items, target.indptr, target.items)
+            m = evaluate(u, i, data.train.indptr, data.train.items, target.indptr, target.items, ks=tuple(ks))
             metrics[split] = {k: v for k, v in m.items() if k != "users"}
     fingerprints = {t.info.get("data_fingerprint") for t in members}
     info = {"kind": "ensemble", "dim": int(uv.shape[1]), "metrics": metrics,

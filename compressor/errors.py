@@ -16,3 +16,7 @@ class MismatchError(CompressError, ValueError):
 
 class DeviceError(CompressError, ValueError):
     """The requested device does not exist here (e.g. ``--device cuda`` without CUDA)."""
+
+
+class TrainingError(CompressError, RuntimeError):
+    """Training cannot go on as asked (nothing to resume, a run already there, a diverging loss ...)."""

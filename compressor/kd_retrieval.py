@@ -18,6 +18,7 @@ import torch
 
 from .data import Dataset
 from .distill import Teacher
+from .errors import TrainingError
 from .evaluation import topk_excluding
 from .losses import csr_matrix, rowwise_positions
 from .retrieval import TopKSearcher, exact_topk_on_device, faiss_has_gpu, measure_recall, topk_cached
@@ -80,12 +81,19 @@ class KDRetrieval:
         return meta, ({} if blob is None else {"ivf_trained": torch.from_numpy(blob)})
 
     def load_state(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore ``state``; nothing when the run now asks for another index (a resume with another
+        distill.index starts its refresh afresh)."""
+        trained = meta.get("trained")
+        if trained and trained.get("factory") != self.index:
+            return
         self._raised = dict(meta.get("raised") or {})
         self._held_nprobe = meta.get("held_nprobe")
-        trained = meta.get("trained")
-        self._reusable = (TopKSearcher.from_trained_bytes(trained["factory"], trained["dim"],
-                                                          tensors["ivf_trained"].numpy())
-                          if trained and "ivf_trained" in tensors else None)
+        try:
+            self._reusable = (TopKSearcher.from_trained_bytes(trained["factory"], trained["dim"],
+                                                              tensors["ivf_trained"].numpy())
+                              if trained and "ivf_trained" in tensors else None)
+        except (ValueError, RuntimeError) as e:  # a damaged resume file: FAISS cannot read the quantizer back
+            raise TrainingError(f"the resume state's {trained['factory']} quantizer cannot be read: {e}") from None
 
     def setup(self, data: Dataset) -> None:
         """Once before the first list is asked for: the data whose training items ``exclude_seen`` removes."""

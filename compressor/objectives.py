@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .data import Dataset
 from .distill import Teacher, TeacherError
+from .errors import TrainingError
 from .kd_retrieval import KDRetrieval
 from .kd_terms import CETerm, KDTerm, RCEKDTerm, RRDTerm
 from .losses import bpr_loss
@@ -72,6 +73,24 @@ class Objective(Protocol):
 
     def load_run_state(self, meta: dict, tensors: dict[str, Tensor]) -> None:
         """Restore ``run_state`` (after ``setup``, before the next epoch)."""
+
+
+def sample_negatives(train_users: np.ndarray, train_items: np.ndarray, num_items: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """BPR's one uniformly sampled negative per positive, never a training positive of that user (vectorised
+    rejection sampling against the sorted (user, item) keys)."""
+    keys = np.sort(train_users * num_items + train_items)
+    neg = rng.integers(0, num_items, size=len(train_users))
+    todo = np.arange(len(train_users))
+    for _ in range(1000):
+        cand = train_users[todo] * num_items + neg[todo]
+        pos = np.searchsorted(keys, cand).clip(max=len(keys) - 1)
+        bad = keys[pos] == cand
+        if not bad.any():
+            return neg
+        todo = todo[bad]
+        neg[todo] = rng.integers(0, num_items, size=len(todo))
+    raise TrainingError("could not sample negatives: some user has interacted with (almost) every item")
 
 
 def bpr_base_loss(model, users: Tensor, pos: Tensor, neg: Tensor, sparse_grads: bool = False):

@@ -40,37 +40,15 @@ from .config import Config, model_numbers, to_dict
 from .data import Dataset
 from .device import thread_settings
 from .distributed import Distributed
-from .errors import CompressError
+from .errors import CompressError, TrainingError
 from .evaluation import evaluate
 from .files import atomic_write_bytes
 from .models import build_model
-from .objectives import Objective, SetupContext
+from .objectives import Objective, SetupContext, sample_negatives
 from .optim import build_optimizer, wants_sparse_gradients
 from .run_dir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, RESULT_FILE, RESUME_FILE
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(CompressError, RuntimeError):
-    """Training cannot go on as asked (nothing to resume, a run already there, a diverging loss ...)."""
-
-
-def sample_negatives(train_users: np.ndarray, train_items: np.ndarray, num_items: int,
-                     rng: np.random.Generator) -> np.ndarray:
-    """One uniformly sampled negative per positive, never a training positive of that user (vectorised
-    rejection sampling against the sorted (user, item) keys)."""
-    keys = np.sort(train_users * num_items + train_items)
-    neg = rng.integers(0, num_items, size=len(train_users))
-    todo = np.arange(len(train_users))
-    for _ in range(1000):
-        cand = train_users[todo] * num_items + neg[todo]
-        pos = np.searchsorted(keys, cand).clip(max=len(keys) - 1)
-        bad = keys[pos] == cand
-        if not bad.any():
-            return neg
-        todo = todo[bad]
-        neg[todo] = rng.integers(0, num_items, size=len(todo))
-    raise TrainingError("could not sample negatives: some user has interacted with (almost) every item")
 
 
 @dataclass

@@ -6,6 +6,7 @@ import torch
 
 from compressor import api, kd_retrieval, kd_terms
 from compressor.checkpoint import load_checkpoint
+from compressor.config import ConfigError
 from compressor.distill import ensemble, load_teacher, load_teachers, score_spread
 from compressor.evaluation import evaluate
 from compressor.kd_retrieval import pair_dot
@@ -227,9 +228,11 @@ def test_ensemble_teacher_scores_are_the_weighted_sum_of_its_members(teacher, se
     sa, sb = score_spread(a), score_spread(b)
     assert sb > 2 * sa  # the case the rescaling is for: members on very different scales
     d = load_teachers([teacher, second_teacher], data)
-    np.testing.assert_allclose(scores(d), 0.5 * scores(a) + 0.5 * (sa / sb) * scores(b), rtol=1e-5, atol=1e-6)
-    assert [m["weight"] for m in d.info["members"]] == pytest.approx([0.5, 0.5 * sa / sb])
-    assert score_spread(ensemble([a, a], data)) == pytest.approx(sa, rel=1e-5)  # the mean of equals: itself
+    w = [m["weight"] for m in d.info["members"]]
+    assert w[1] / w[0] == pytest.approx(sa / sb)  # both on the first one's spread, averaged ...
+    np.testing.assert_allclose(scores(d), w[0] * scores(a) + w[1] * scores(b), rtol=1e-5, atol=1e-6)
+    assert score_spread(d) == pytest.approx(sa, rel=1e-4)  # ... and the average scaled back to that spread
+    assert [m["weight"] for m in ensemble([a, a], data).info["members"]] == pytest.approx([0.5, 0.5])  # equals
     # its metrics are the ensemble's own full-ranking evaluation; its fingerprint names members and weights
     ev = evaluate(torch.from_numpy(d.user_vectors), torch.from_numpy(d.item_vectors), data.train.indptr,
                   data.train.items, data.test.indptr, data.test.items)
@@ -254,6 +257,9 @@ def test_distill_from_two_teachers_records_both(teacher, second_teacher, slice_d
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "distill.teacher_weights has 1 weight(s) for 2 teacher(s)" in p.stderr
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+    for bad in ("[0, 0]", "[1, -1]", "[a, 1]"):  # weights that are no ensemble: refused by the config itself
+        with pytest.raises(ConfigError, match="'distill.teacher_weights' must be non-negative numbers, not all 0"):
+            api.make_config(None, [f"distill.teacher_weights={bad}"])
 
 
 def test_tau_annealed_to_one_by_epoch(teacher, slice_data, tmp_path):

@@ -64,6 +64,8 @@ def test_pipeline_runs_reuses_and_reports(recipes, tmp_path):
     if share["lo"] is not None:
         assert share["lo"] <= share["value"] <= share["hi"]
         assert f"{100 * share['value']:.0f}% [{100 * share['lo']:.0f}%, {100 * share['hi']:.0f}%]" in student_row
+    else:  # a gap whose own interval holds 0 (4 epochs on a slice): the share without an interval, said so
+        assert f"{100 * share['value']:.0f}% [CI undefined]" in student_row
     lo, hi = ev["metrics"]["ndcg@20"]["lo"], ev["metrics"]["ndcg@20"]["hi"]
     assert f"[{lo:.4f}, {hi:.4f}]" in student_row
     assert "paired bootstrap over the" in report

@@ -154,12 +154,15 @@ def _run_locked(o: PipelineOptions, out: Path) -> dict:
 
 
 def test_intervals(checkpoints: dict, n_resamples: int, device: str) -> tuple[dict, dict | None, str]:
-    """Paired bootstrap over the test users of the three models (the student's data decides the users):
-    ({stage: {metric: (lo, hi)}}, the student's gap share {"value", "lo", "hi"} on GATE_METRIC, a report line).
-    With no resamples, or models that cannot be paired (a given teacher with other ids), no intervals and a line
-    that says why."""
+    """Paired bootstrap over the test users of the three models: ({stage: {metric: (lo, hi)}}, the student's gap
+    share {"value", "lo", "hi"} on GATE_METRIC, a report line). With no resamples, or models that cannot be paired
+    (a given teacher trained on other data or splits), no intervals and a line that says why."""
     if n_resamples <= 0:
         return {}, None, "Confidence intervals: not computed (--bootstrap 0)."
+    trained_on = {name: read_meta(ckpt).get("data_fingerprint") for name, ckpt in checkpoints.items()}
+    if len(set(trained_on.values())) > 1:  # a given teacher from other splits: its numbers are on other users
+        return {}, None, ("Confidence intervals: not computed (the teacher was trained and tested on other data "
+                          "or splits than the students, so the three cannot be paired on the same users).")
     try:
         evals = api.evaluate_per_user([checkpoints["rcekd"], checkpoints["scratch"], checkpoints["teacher"]], "test",
                                       device=device)
