@@ -421,7 +421,7 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
         rows = group(named + levers)
         sc = rows[1][2]["ndcg@20"]
         table(ds.title, rows, t["test"]["ndcg@20"], statistics.mean(sc) if sc else None)
-        rcekd = ds.run("rcekd", 0).rsplit("-s", 1)[0]
+        rcekd = f"{ds.prefix}-rcekd"  # the run-name stem ``paired`` adds "-s{seed}" to
         for base in ("scratch", "ce", "rrd"):
             paired(rcekd, f"{ds.prefix}-{base}", "rcekd", base, f"{ds.prefix}:rcekd_minus_{base}")
         if ds.prefix == "gow":

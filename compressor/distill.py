@@ -145,6 +145,8 @@ def ensemble(members: list[Teacher], data: Dataset, weights=(), ks=(10, 20)) -> 
         return np.ascontiguousarray(np.concatenate([wk * t.user_vectors for wk, t in zip(w, members)], axis=1),
                                     dtype=np.float32)
 
+    iv = np.ascontiguousarray(np.concatenate([t.item_vectors for t in members], axis=1), dtype=np.float32)
+
     if weights:
         w = [float(x) for x in weights]
     else:
@@ -153,10 +155,9 @@ def ensemble(members: list[Teacher], data: Dataset, weights=(), ks=(10, 20)) -> 
             raise TeacherError(f"{members[spreads.index(min(spreads))].source}: teacher scores do not vary; it "
                                f"cannot be put on a common scale (give distill.teacher_weights)")
         w = [spreads[0] / (len(members) * s) for s in spreads]
-        mean = score_spread(Teacher(combined(w), np.concatenate([t.item_vectors for t in members], axis=1), "", ""))
+        mean = score_spread(Teacher(combined(w), iv, "", ""))
         w = [wk * spreads[0] / mean for wk in w] if mean > 0 else w
     uv = combined(w)
-    iv = np.ascontiguousarray(np.concatenate([t.item_vectors for t in members], axis=1), dtype=np.float32)
     h = hashlib.sha256()
     for wk, t in zip(w, members):
         h.update(f"{t.fingerprint}:{wk!r};".encode())

@@ -63,7 +63,7 @@ class RCEKDTerm:
                  tau_anneal_epochs: int = 0):
         self.retrieval = retrieval
         self.K, self.M, self.L, self.T = K, M, L, T
-        self.tau, self.tau_anneal_epochs = tau, tau_anneal_epochs  # the epoch's tau: ``weighting["tau"]``
+        self.base_tau, self.tau_anneal_epochs = tau, tau_anneal_epochs  # the epoch's tau: ``weighting["tau"]``
         self.weighting = {"tau": tau, "beta": beta, "use_loss_s": use_loss_s, "use_loss_t": use_loss_t,
                           "constant_alpha": constant_alpha}
         self.qt: Tensor | None = None  # teacher top-K [U, K] int32 (step 1), fixed for the run
@@ -89,7 +89,7 @@ class RCEKDTerm:
         self.qt = compact_ids(qt)
 
     def on_epoch_start(self, model, epoch: int, gen: torch.Generator) -> dict:
-        self.weighting["tau"] = annealed_tau(self.tau, self.tau_anneal_epochs, epoch)
+        self.weighting["tau"] = annealed_tau(self.base_tau, self.tau_anneal_epochs, epoch)
         p, diag = self.retrieval.student_topm(model, self.M)  # step 2
         diag["kd_tau"] = self.weighting["tau"]
         t0 = time.perf_counter()
