@@ -319,7 +319,7 @@ def part_refresh(spec: dict) -> dict:
         for fac, vals in kept:
             prev = TopKSearcher(i_prev, fac)
             t0 = time.perf_counter()
-            s = TopKSearcher(i, fac, trained_like=prev)
+            s = TopKSearcher(i, fac, trained_like=prev.trained)
             kept_build[fac].append(time.perf_counter() - t0)
             assert s.reused_training
             del prev

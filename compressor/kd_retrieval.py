@@ -21,7 +21,7 @@ from .distill import Teacher
 from .errors import TrainingError
 from .evaluation import topk_excluding
 from .losses import csr_matrix, rowwise_positions
-from .retrieval import TopKSearcher, exact_topk_on_device, faiss_has_gpu, measure_recall, topk_cached
+from .retrieval import TopKSearcher, TrainedQuantizer, exact_topk_on_device, faiss_has_gpu, measure_recall, topk_cached
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class KDRetrieval:
         self.t_user = torch.from_numpy(teacher.user_vectors).to(device)
         self.t_item = torch.from_numpy(teacher.item_vectors).to(device)
         self.use_gpu = device.type == "cuda"
-        self._reusable: TopKSearcher | None = None  # last epoch's released searcher, while its recall held
+        self._reusable: TrainedQuantizer | None = None  # last epoch's quantizer, while its recall held
         self._raised: dict = {}  # search parameters raised to hold the recall floor, kept for later refreshes
         self._held_nprobe: int | None = None  # the nprobe at which the last refresh held the floor
         self._said_torch_topk = False
@@ -75,10 +75,10 @@ class KDRetrieval:
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-able numbers, tensors) of what the next refresh starts from; ``load_state`` restores them."""
         meta = {"raised": dict(self._raised), "held_nprobe": self._held_nprobe}
-        blob = None if self._reusable is None else self._reusable.trained_bytes()
-        if blob is not None:
-            meta["trained"] = {"factory": self._reusable.factory, "dim": self._reusable.dim}
-        return meta, ({} if blob is None else {"ivf_trained": torch.from_numpy(blob)})
+        if self._reusable is None:
+            return meta, {}
+        meta["trained"] = {"factory": self._reusable.factory, "dim": self._reusable.dim}
+        return meta, {"ivf_trained": torch.from_numpy(self._reusable.to_bytes())}
 
     def load_state(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Restore ``state``; nothing when the run now asks for another index (a resume with another
@@ -89,8 +89,8 @@ class KDRetrieval:
         self._raised = dict(meta.get("raised") or {})
         self._held_nprobe = meta.get("held_nprobe")
         try:
-            self._reusable = (TopKSearcher.from_trained_bytes(trained["factory"], trained["dim"],
-                                                              tensors["ivf_trained"].numpy())
+            self._reusable = (TrainedQuantizer.from_bytes(trained["factory"], trained["dim"],
+                                                          tensors["ivf_trained"].numpy())
                               if trained and "ivf_trained" in tensors else None)
         except (ValueError, RuntimeError) as e:  # a damaged resume file: FAISS cannot read the quantizer back
             raise TrainingError(f"the resume state's {trained['factory']} quantizer cannot be read: {e}") from None

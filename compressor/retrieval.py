@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -21,6 +22,7 @@ from .files import atomic_write_bytes
 
 __all__ = [
     "TopKSearcher",
+    "TrainedQuantizer",
     "ip2l2_items",
     "measure_recall",
     "recall_at_k",
@@ -48,6 +50,30 @@ def _as_f32(x: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
+@dataclass(frozen=True)
+class TrainedQuantizer:
+    """The trained, empty structure of an approximate searcher (an IVF coarse quantizer, searched through the
+    ip2l2 reduction: ``index.d == dim + 1``): what the next searcher of the same factory and dimension starts
+    from instead of training k-means again (``TopKSearcher(trained_like=...)``)."""
+
+    factory: str
+    dim: int
+    index: faiss.Index
+
+    def to_bytes(self) -> np.ndarray:
+        """uint8 [n]: a run saves it with its resume state, so a resumed refresh starts from the same quantizer."""
+        return faiss.serialize_index(self.index)
+
+    @classmethod
+    def from_bytes(cls, factory: str, dim: int, blob: np.ndarray) -> TrainedQuantizer:
+        """``to_bytes`` read back; ValueError when the blob is not an empty structure of that dimension."""
+        index = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
+        if index.d != dim + 1 or index.ntotal != 0:
+            raise ValueError(f"a trained {factory} structure of dim {index.d - 1} with {index.ntotal} vectors; "
+                             f"expected an empty one of dim {dim}")
+        return cls(factory, dim, index)
+
+
 class TopKSearcher:
     """Maximum-inner-product search over a fixed set of item vectors.
 
@@ -65,11 +91,11 @@ class TopKSearcher:
         use_gpu: bool = False,
         params: Mapping[str, int | float] | None = None,
         seed: int = 0,
-        trained_like: "TopKSearcher | None" = None,
+        trained_like: TrainedQuantizer | None = None,
     ) -> None:
-        """``trained_like``: an earlier searcher of the same factory and dimension whose trained structure
-        (an IVF coarse quantizer) is reused instead of trained again: only the new vectors are added. The
-        per-epoch refresh of a moving student keeps it while the measured recall holds."""
+        """``trained_like``: an earlier searcher's trained structure (``trained``, an IVF coarse quantizer),
+        reused instead of trained again when its factory and dimension match: only the new vectors are added.
+        The per-epoch refresh of a moving student keeps it while the measured recall holds."""
         items = _as_f32(item_vectors, "item_vectors")
         self.factory = factory
         self.is_exact = factory in _EXACT_FACTORIES
@@ -78,7 +104,7 @@ class TopKSearcher:
         self.on_gpu = False
         self._items = items  # kept to recompute true scores for approximate results
         self._gpu_res = None
-        self._trained = None
+        self.trained: TrainedQuantizer | None = None  # an empty trained copy, for the next searcher (IVF only)
         self.reused_training = False
 
         if self.is_exact:
@@ -88,10 +114,8 @@ class TopKSearcher:
         else:  # approximate: searched through the inner-product -> L2 reduction (ip2l2_items)
             self.transform = "ip2l2"
             aug, self._max_norm = ip2l2_items(items)
-            reusable = (trained_like is not None and trained_like.factory == factory
-                        and trained_like.dim == self.dim and trained_like._trained is not None)
-            if reusable:
-                index = faiss.clone_index(trained_like._trained)  # the trained quantizer, no vectors
+            if trained_like is not None and trained_like.factory == factory and trained_like.dim == self.dim:
+                index = faiss.clone_index(trained_like.index)  # the trained quantizer, no vectors
                 self.reused_training = True
             else:
                 index = faiss.index_factory(self.dim + 1, factory, faiss.METRIC_L2)
@@ -101,9 +125,10 @@ class TopKSearcher:
                 if not index.is_trained:
                     index.train(aug)
             # An empty trained copy, for the next searcher to start from (IVF only: HNSW has nothing to reuse).
-            self._trained = faiss.clone_index(index) if _try_extract_ivf(index) is not None else None
-            if self._trained is not None:
-                self._trained.reset()
+            if _try_extract_ivf(index) is not None:
+                empty = faiss.clone_index(index)
+                empty.reset()
+                self.trained = TrainedQuantizer(factory, self.dim, empty)
             index.add(aug)
 
         ivf = _try_extract_ivf(index) if not self.is_exact else None
@@ -113,31 +138,13 @@ class TopKSearcher:
         self.index = index
         self._apply_params()
 
-    def release(self) -> "TopKSearcher":
-        """Drop the searchable index and the vectors, keeping what ``trained_like`` reuses (an empty trained copy).
-        The searcher cannot search afterwards."""
+    def release(self) -> TrainedQuantizer | None:
+        """Drop the searchable index and the vectors, returning what ``trained_like`` reuses (None for an exact
+        or HNSW index). The searcher cannot search afterwards."""
         self.index = None
         self._items = None
         self._gpu_res = None
-        return self
-
-    def trained_bytes(self) -> np.ndarray | None:
-        """What ``trained_like`` reuses, serialised (uint8 [n]; None without a trained structure): a run saves it
-        with its resume state, so a resumed refresh starts from the same quantizer."""
-        return None if self._trained is None else faiss.serialize_index(self._trained)
-
-    @classmethod
-    def from_trained_bytes(cls, factory: str, dim: int, blob: np.ndarray) -> "TopKSearcher":
-        """A released searcher holding only a trained structure (``trained_bytes``), for ``trained_like``."""
-        trained = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
-        if trained.d != dim + 1 or trained.ntotal != 0:  # searched through the ip2l2 reduction: one more dim
-            raise ValueError(f"a trained {factory} structure of dim {trained.d - 1} with {trained.ntotal} vectors; "
-                             f"expected an empty one of dim {dim}")
-        searcher = cls.__new__(cls)
-        searcher.factory, searcher.dim, searcher.is_exact = factory, dim, False
-        searcher._trained, searcher.index, searcher._items, searcher._gpu_res = trained, None, None, None
-        searcher.params, searcher.on_gpu, searcher.reused_training, searcher._nlist = {}, False, False, None
-        return searcher
+        return self.trained
 
     def _to_gpu(self, index: faiss.Index) -> faiss.Index:
         """Move the index to GPU 0 when this FAISS build can; otherwise warn and stay on CPU."""

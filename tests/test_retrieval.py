@@ -12,6 +12,7 @@ import pytest
 from compressor import retrieval
 from compressor.retrieval import (
     TopKSearcher,
+    TrainedQuantizer,
     blocked_torch_topk,
     measure_recall,
     set_thread_count,
@@ -223,7 +224,7 @@ def test_ivf_quantizer_reused_across_refreshes():
     assert not first.reused_training
     rng = np.random.default_rng(5)
     moved = (items * (1 + 0.05 * rng.normal(size=items.shape))).astype(np.float32)  # the student moved a little
-    second = TopKSearcher(moved, "IVF64,Flat", params={"nprobe": 16}, trained_like=first)
+    second = TopKSearcher(moved, "IVF64,Flat", params={"nprobe": 16}, trained_like=first.trained)
     assert second.reused_training
     ivf1, ivf2 = faiss.extract_index_ivf(first.index), faiss.extract_index_ivf(second.index)
     c1 = faiss.rev_swig_ptr(faiss.downcast_index(ivf1.quantizer).get_xb(), ivf1.nlist * ivf1.d)
@@ -235,8 +236,12 @@ def test_ivf_quantizer_reused_across_refreshes():
     np.testing.assert_allclose(scores, true, atol=1e-3)  # scores of the new vectors, not the old ones
     assert measure_recall(second, users, moved, 20) >= 0.95
     # Another factory (or HNSW, which has nothing trained to keep) builds from scratch.
-    assert not TopKSearcher(moved, "IVF32,Flat", trained_like=first).reused_training
+    assert not TopKSearcher(moved, "IVF32,Flat", trained_like=first.trained).reused_training
     third = TopKSearcher(items, "IVF64,Flat", params={"nprobe": 16}, trained_like=second.release())
     assert third.reused_training and second.index is None  # a released searcher keeps only its trained part
-    hnsw = TopKSearcher(items, "HNSW16")
-    assert not TopKSearcher(moved, "HNSW16", trained_like=hnsw).reused_training
+    assert TopKSearcher(items, "HNSW16").trained is None and TopKSearcher(items, "Flat").trained is None
+    # what a resume file carries: the same quantizer back from its bytes; a structure of another dimension refused
+    kept = TrainedQuantizer.from_bytes("IVF64,Flat", items.shape[1], first.trained.to_bytes())
+    assert TopKSearcher(moved, "IVF64,Flat", trained_like=kept).reused_training
+    with pytest.raises(ValueError, match="expected an empty one of dim"):
+        TrainedQuantizer.from_bytes("IVF64,Flat", items.shape[1] + 1, first.trained.to_bytes())
