@@ -429,9 +429,13 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
         for lv in lever_names:  # the levers are chosen on validation: this is the line that decides
             paired(f"{rcekd}-{lv}", rcekd, f"rcekd + {lv}", "rcekd", f"{ds.prefix}:{lv}_minus_rcekd", "valid",
                    VALID_METRIC)
-        labels = [label for label, _ in named[1:] + levers]
-        boot(ds.title, named[1:] + levers, named[0][1], named[1][1], against=[lb for lb in labels
-                                                                            if not lb.startswith("rcekd + ")])
+        boot(ds.title, named[1:], named[0][1], named[1][1])
+        if levers:  # each lever against the recipe on the seeds the levers ran: pooling the recipe's other seeds
+            # would mix the seeds' spread into a difference the users' resampling is meant to show
+            lever_seeds = [s for s in seeds if any(ds.run("rcekd", s, lv) in results for lv in lever_names)]
+            recipe = (f"rcekd, seeds {' '.join(map(str, lever_seeds))}", [ds.run("rcekd", s) for s in lever_seeds])
+            boot(f"{ds.title}, levers against the recipe on the same seeds", [recipe, *levers], named[0][1],
+                 named[1][1], against=[recipe[0]])
     t = results.get("cite-mf400-teacher")
     cite = DATA_SUITES["main"]
     if t:
@@ -445,12 +449,15 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
             table(title, group(once_named), *ends)
             paired("cite-rcekd-once", "cite-rcekd", "once_per_epoch", "every_batch", "once_minus_every_batch")
             boot(title, once_named, *cite_ts)
+        # the full method on the seeds an ablation ran (its other seeds would add their spread to the comparison)
+        abl_seeds = [s for s in seeds[:3] if any(f"abl-{v}-s{s}" in results for v in ABLATIONS)]
         abl = [("full", [f"cite-rcekd-s{s}" if f"cite-rcekd-s{s}" in results else f"abl-full-s{s}"
-                         for s in seeds[:3]])]
-        abl += [(v, [f"abl-{v}-s{s}" for s in seeds[:3]]) for v in ABLATIONS]
-        if any(f"abl-{v}-s{s}" in results for v in ABLATIONS for s in seeds[:3]):
-            table("Ablation, CiteULike MF400 -> MF20 (3 seeds)", group(abl), *ends)
-            boot("Ablation, CiteULike MF400 -> MF20 (3 seeds)", abl, *cite_ts)
+                         for s in abl_seeds])]
+        abl += [(v, [f"abl-{v}-s{s}" for s in abl_seeds]) for v in ABLATIONS]
+        if abl_seeds:
+            title = f"Ablation, CiteULike MF400 -> MF20 (seeds {' '.join(map(str, abl_seeds))})"
+            table(title, group(abl), *ends)
+            boot(title, abl, *cite_ts, against=["full"])
     lt = results.get("cite-lgcn2000-teacher")
     if lt:
         named = [("teacher LightGCN2000", ["cite-lgcn2000-teacher"]), ("scratch MF20", ["cite-scratch-s0"]),

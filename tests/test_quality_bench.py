@@ -93,3 +93,29 @@ def test_tables_gap_share_paired_differences_and_lever_validation(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "rcekd + tau2 minus rcekd, valid ndcg@10" in md
     assert "rcekd ahead on 2/2 seeds" in md
+
+
+def test_a_lever_is_bootstrapped_against_the_recipe_on_its_own_seeds(tmp_path, monkeypatch):
+    """The lever ran on seed 0 only: its per-user CI table pairs it with the recipe's seed 0, not with the recipe
+    pooled over seeds 0 and 1 (whose seed-to-seed spread the users' resampling does not show)."""
+    import numpy as np
+
+    _result(tmp_path, "ml1m-mf200-teacher", 0.30, 0.20)
+    per_user = {}
+    users = np.arange(50)
+    for s in (0, 1):
+        for m, level in (("scratch", 0.20), ("ce", 0.24), ("rrd", 0.22), ("rcekd", 0.26 + 0.04 * s)):
+            _result(tmp_path, f"ml1m-{m}-s{s}", level, 0.1)
+            per_user[f"ml1m-{m}-s{s}"] = {"users": users, **{k: np.full(50, level) for k in quality.PER_USER_METRICS}}
+    _result(tmp_path, "ml1m-rcekd-tau2-s0", 0.27, 0.2)
+    per_user["ml1m-rcekd-tau2-s0"] = {"users": users, **{k: np.full(50, 0.27) for k in quality.PER_USER_METRICS}}
+    per_user["ml1m-mf200-teacher"] = {"users": users, **{k: np.full(50, 0.30) for k in quality.PER_USER_METRICS}}
+    monkeypatch.setattr(quality, "per_user_test", lambda out, names, device="auto": per_user)
+    summary = quality.summarise(tmp_path, [0, 1], n_resamples=50)
+    main = summary["bootstrap"]["ML-1M MF200 -> MF20"]["runs"]
+    assert set(main) == {"scratch", "ce", "rrd", "rcekd"}  # the levers have their own table
+    assert main["rcekd"]["metrics"]["ndcg@20"]["value"] == pytest.approx(0.28)  # seeds 0 and 1 pooled
+    levers = summary["bootstrap"]["ML-1M MF200 -> MF20, levers against the recipe on the same seeds"]["runs"]
+    assert set(levers) == {"rcekd, seeds 0", "rcekd + tau2"}
+    assert levers["rcekd, seeds 0"]["metrics"]["ndcg@20"]["value"] == pytest.approx(0.26)
+    assert levers["rcekd + tau2"]["difference"]["rcekd, seeds 0"]["ndcg@20"]["value"] == pytest.approx(0.01)
