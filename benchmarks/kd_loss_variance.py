@@ -7,11 +7,14 @@ For each teacher and each student state this script fixes the student, draws the
 the KD loss summed over all users and its gradient with respect to the student's two tables. It reports:
 
 - the loss: mean, std and coefficient of variation over draws (and loss_T's);
-- the gradient: noise / signal = mean_d ||g_d - g_mean||^2 / ||g_mean||^2 and the mean cosine of g_d with
-  g_mean (1 = every draw pushes the student the same way). An epoch sees one draw, so this is the draw's share of
-  the noise in an epoch's KD direction;
-- how alike the two models rank: |QS ∩ QT| / K (the student's top-K inside the teacher's), the share of the
-  student's top-M inside QT, and the mean alpha.
+- the loss summed over each block of USER_BLOCK users (about the distinct users of one BPR batch): the mean over
+  blocks of its coefficient of variation over draws;
+- the gradient: noise / signal = sum_d ||g_d - g_mean||^2 / (draws - 1) / ||g_mean||^2 (g_mean's own square holds
+  1/draws of the noise too: with 32 draws that bias is small beside the ratios reported) and the mean cosine of g_d
+  with g_mean (1 = every draw pushes the student the same way). An epoch's sets come from one draw, so this is how
+  much the draw alone turns the KD direction the student follows over an epoch (not the noise of a batch's
+  subset of users, which this does not measure);
+- how alike the two models rank: |QS ∩ QT| / K (the student's top-K inside the teacher's) and the mean alpha.
 
     python benchmarks/kd_loss_variance.py --out bench-out/q15-var/variance.json \\
         --teacher mf400=bench-out/q15/cite-mf400-teacher \\
@@ -19,7 +22,9 @@ the KD loss summed over all users and its gradient with respect to the student's
         --student fresh --student scratch=bench-out/q15/cite-scratch-s0 --draws 32
 
 Every teacher is used with the same KD recipe (``--config``, default the CiteULike MF->MF one), so only the
-teacher changes between rows; ``--kd-set distill.T=1e9`` draws A uniformly (quality.py's ``uniform_A``).
+teacher changes between rows; ``--kd-set distill.T=1e9`` draws A uniformly (quality.py's ``uniform_A``). The
+student's top-M is searched exactly (``distill.index: Flat``, checked): an approximate refresh carries state from
+one search to the next, and the spread would no longer come from the draw of A alone.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from compressor.api import load_data, make_config  # noqa: E402
+from compressor.api import load_data, make_config, model_on_data  # noqa: E402
+from compressor.config import model_numbers  # noqa: E402
 from compressor.checkpoint import load_checkpoint  # noqa: E402
 from compressor.device import configure_threads  # noqa: E402
 from compressor.distill import load_teacher  # noqa: E402
@@ -46,7 +52,7 @@ from compressor.kd_terms import RCEKDTerm  # noqa: E402
 from compressor.models import build_model  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "citeulike" / "mf-rcekd.yaml"
-USER_BLOCK = 2048  # users per loss call (a BPR batch's size): bounds the [b, K + L + K] score blocks
+USER_BLOCK = 2048  # users per loss call (about a BPR batch's distinct users on CiteULike): bounds the score blocks
 
 
 def draw_statistics(term: RCEKDTerm, model: torch.nn.Module, draws: int) -> dict:
@@ -78,7 +84,7 @@ def draw_statistics(term: RCEKDTerm, model: torch.nn.Module, draws: int) -> dict
     g = torch.stack(grads)
     g_mean = g.mean(dim=0)
     signal = float(g_mean.pow(2).sum())
-    noise = float((g - g_mean).pow(2).sum(dim=1).mean())
+    noise = float((g - g_mean).pow(2).sum(dim=1).sum()) / (draws - 1)
     cos = torch.nn.functional.cosine_similarity(g, g_mean.expand_as(g), dim=1)
     return {
         "draws": draws,
@@ -102,12 +108,17 @@ def named(spec: str) -> tuple[str, str]:
     return (name, path) if sep else (spec, spec)
 
 
-def student_model(source: str, data, dim: int, init_std: float, seed: int) -> torch.nn.Module:
-    """``fresh``: an untrained MF student as a distillation starts from it (seeded); else a checkpoint's model."""
+def student_model(source: str, data, cfg, seed: int) -> torch.nn.Module:
+    """``fresh``: an untrained student of the recipe's model as a distillation starts from it (seeded); else a
+    checkpoint's model, its ids checked against the data's."""
     if source == "fresh":
         torch.manual_seed(seed)
-        return build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=dim, init_std=init_std)
-    model = load_checkpoint(source).build_model()
+        model = build_model(cfg.model.kind, num_users=data.num_users, num_items=data.num_items,
+                            **model_numbers(cfg.model))
+        if model.needs_graph:  # LightGCN propagates over the training graph
+            model.set_graph(data.train.users, data.train.items)
+    else:
+        model = model_on_data(load_checkpoint(source), data, torch.device("cpu"))
     model.train()
     return model
 
@@ -129,8 +140,18 @@ def main(argv=None) -> int:
     cfg = make_config(a.config, a.kd_set)
     if cfg.distill.method != "rcekd":
         ap.error(f"{a.config}: distill.method is {cfg.distill.method!r}; this script measures rcekd's draws")
+    if cfg.distill.index != "Flat":
+        ap.error(f"distill.index is {cfg.distill.index!r}: the student's top-M must be exact (Flat), or the spread "
+                 f"would not come from the draw of A alone")
     data = load_data(cfg)
-    rows = json.loads(a.out.read_text())["rows"] if a.out.exists() else []
+    setting = {"config": a.config, "kd_set": a.kd_set, "draws": a.draws, "seed": a.seed}
+    rows = []
+    if a.out.exists():  # rows of the same setting are kept; another setting's file is not added to
+        kept = json.loads(a.out.read_text())
+        if {k: kept.get(k) for k in setting} != setting:
+            ap.error(f"{a.out} holds rows of another setting ({ {k: kept.get(k) for k in setting} }); "
+                     f"use another --out")
+        rows = kept["rows"]
     done = {(r["teacher"], r["student"]) for r in rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     d = cfg.distill
@@ -145,12 +166,12 @@ def main(argv=None) -> int:
             retrieval.setup(data)
             term = RCEKDTerm.from_config(d, retrieval)
             term.setup(data)
-            model = student_model(s_path, data, cfg.model.dim, cfg.model.init_std, a.seed)
+            model = student_model(s_path, data, cfg, a.seed)
             t0 = time.perf_counter()
             row = {"teacher": t_name, "teacher_path": t_path, "student": s_name, "student_path": s_path,
                    **draw_statistics(term, model, a.draws), "seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)
-            a.out.write_text(json.dumps({"config": a.config, "kd_set": a.kd_set, "rows": rows}, indent=1))
+            a.out.write_text(json.dumps({**setting, "rows": rows}, indent=1))
             print(f"{t_name} -> {s_name}: loss cv {row['loss_cv']:.4f}, grad noise/signal "
                   f"{row['grad_noise_over_signal']:.4f}, overlap {row['student_topk_in_teacher_topk']:.3f} "
                   f"({row['seconds']} s)", flush=True)

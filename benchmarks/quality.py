@@ -430,12 +430,14 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
             paired(f"{rcekd}-{lv}", rcekd, f"rcekd + {lv}", "rcekd", f"{ds.prefix}:{lv}_minus_rcekd", "valid",
                    VALID_METRIC)
         boot(ds.title, named[1:], named[0][1], named[1][1])
-        if levers:  # each lever against the recipe on the seeds the levers ran: pooling the recipe's other seeds
+        for lv in lever_names:  # each lever against the recipe on the seeds both finished: pooling other seeds
             # would mix the seeds' spread into a difference the users' resampling is meant to show
-            lever_seeds = [s for s in seeds if any(ds.run("rcekd", s, lv) in results for lv in lever_names)]
-            recipe = (f"rcekd, seeds {' '.join(map(str, lever_seeds))}", [ds.run("rcekd", s) for s in lever_seeds])
-            boot(f"{ds.title}, levers against the recipe on the same seeds", [recipe, *levers], named[0][1],
-                 named[1][1], against=[recipe[0]])
+            both = [s for s in seeds if ds.run("rcekd", s, lv) in results and ds.run("rcekd", s) in results]
+            if both:
+                recipe = (f"rcekd, seeds {' '.join(map(str, both))}", [ds.run("rcekd", s) for s in both])
+                lever = (f"rcekd + {lv}", [ds.run("rcekd", s, lv) for s in both])
+                boot(f"{ds.title}, {lever[0]} against the recipe on the same seeds", [recipe, lever], named[0][1],
+                     named[1][1], against=[recipe[0]])
     t = results.get("cite-mf400-teacher")
     cite = DATA_SUITES["main"]
     if t:
@@ -449,12 +451,15 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
             table(title, group(once_named), *ends)
             paired("cite-rcekd-once", "cite-rcekd", "once_per_epoch", "every_batch", "once_minus_every_batch")
             boot(title, once_named, *cite_ts)
-        # the full method on the seeds an ablation ran (its other seeds would add their spread to the comparison)
-        abl_seeds = [s for s in seeds[:3] if any(f"abl-{v}-s{s}" in results for v in ABLATIONS)]
-        abl = [("full", [f"cite-rcekd-s{s}" if f"cite-rcekd-s{s}" in results else f"abl-full-s{s}"
-                         for s in abl_seeds])]
-        abl += [(v, [f"abl-{v}-s{s}" for s in abl_seeds]) for v in ABLATIONS]
-        if abl_seeds:
+        # every variant that ran, and the full method, on the seeds all of them finished (a seed only some
+        # finished would add its spread to their comparison)
+        def full(s):
+            return f"cite-rcekd-s{s}" if f"cite-rcekd-s{s}" in results else f"abl-full-s{s}"
+
+        ran = [v for v in ABLATIONS if any(f"abl-{v}-s{s}" in results for s in seeds[:3])]
+        abl_seeds = [s for s in seeds[:3] if full(s) in results and all(f"abl-{v}-s{s}" in results for v in ran)]
+        abl = [("full", [full(s) for s in abl_seeds])] + [(v, [f"abl-{v}-s{s}" for s in abl_seeds]) for v in ran]
+        if ran and abl_seeds:
             title = f"Ablation, CiteULike MF400 -> MF20 (seeds {' '.join(map(str, abl_seeds))})"
             table(title, group(abl), *ends)
             boot(title, abl, *cite_ts, against=["full"])

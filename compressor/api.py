@@ -174,7 +174,7 @@ def _evaluation_data(ckpt, data_path: str | None) -> tuple[Config, Dataset]:
     return cfg, load_data(cfg)
 
 
-def _model_on(ckpt, data: Dataset, dev: torch.device, data_label: str = "the data"):
+def model_on_data(ckpt, data: Dataset, dev: torch.device, data_label: str = "the data"):
     """The checkpoint's model on ``dev``, once its ids are checked against ``data``'s."""
     if len(ckpt.user_ids) != data.num_users or len(ckpt.item_ids) != data.num_items:
         raise MismatchError(f"{ckpt.path}: model has {len(ckpt.user_ids):,} users x {len(ckpt.item_ids):,} items, "
@@ -191,7 +191,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", data_path: str | None 
     ckpt = load_checkpoint(checkpoint)
     cfg, data = _evaluation_data(ckpt, data_path)
     with torch.no_grad():
-        u, i = _model_on(ckpt, data, dev).vectors()
+        u, i = model_on_data(ckpt, data, dev).vectors()
     target = data.valid if split == "valid" else data.test
     return run_eval(u, i, data.train.indptr, data.train.items, target.indptr, target.items,
                     ks=ks or cfg.train.eval_ks, block=cfg.train.eval_block)
@@ -221,7 +221,7 @@ def evaluate_per_user(checkpoints, split: str = "test", data_path: str | None = 
         ckpt = first if n == 0 else load_checkpoint(source)
         label = "the data" if n == 0 else f"the data of {first.path}"
         try:
-            model = _model_on(ckpt, data, dev, label)
+            model = model_on_data(ckpt, data, dev, label)
         except MismatchError as e:
             raise MismatchError(f"{e}; paired results need every model on the same users" if n else str(e)) from None
         if ckpt.meta.get("data_fingerprint") not in (None, fingerprint):  # same ids, other splits (or --data)

@@ -50,7 +50,7 @@ def _as_f32(x: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (no equality over a FAISS index)
 class TrainedQuantizer:
     """The trained, empty structure of an approximate searcher (an IVF coarse quantizer, searched through the
     ip2l2 reduction: ``index.d == dim + 1``): what the next searcher of the same factory and dimension starts
@@ -66,8 +66,10 @@ class TrainedQuantizer:
 
     @classmethod
     def from_bytes(cls, factory: str, dim: int, blob: np.ndarray) -> TrainedQuantizer:
-        """``to_bytes`` read back; ValueError when the blob is not an empty structure of that dimension."""
+        """``to_bytes`` read back; ValueError when the blob is not an empty IVF structure of that dimension."""
         index = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
+        if _try_extract_ivf(index) is None:
+            raise ValueError(f"a {type(index).__name__} structure, not the IVF one a {factory} refresh keeps")
         if index.d != dim + 1 or index.ntotal != 0:
             raise ValueError(f"a trained {factory} structure of dim {index.d - 1} with {index.ntotal} vectors; "
                              f"expected an empty one of dim {dim}")

@@ -48,8 +48,25 @@ def test_no_spread_when_every_position_of_p_is_drawn_and_some_when_a_sample_is(n
     assert 0.0 <= sampled["student_topk_in_teacher_topk"] <= 1.0
 
 
-def test_a_rerun_keeps_the_rows_it_has(npz_teacher, slice_data, tmp_path, capsys):
+def test_a_rerun_keeps_the_rows_it_has_and_refuses_another_setting(npz_teacher, slice_data, tmp_path, monkeypatch):
     out, rows = _run(tmp_path, slice_data, npz_teacher, L=10, M=30)
-    capsys.readouterr()
+
+    def must_not_draw(*args):
+        raise AssertionError("a kept row was measured again")
+
+    monkeypatch.setattr(kd_loss_variance, "draw_statistics", must_not_draw)
     _, again = _run(tmp_path, slice_data, npz_teacher, L=10, M=30)
-    assert again == rows and "kept from" in capsys.readouterr().out
+    assert again == rows
+    before = out.read_bytes()
+    with pytest.raises(SystemExit):  # another L: its rows would sit under this file's setting
+        _run(tmp_path, slice_data, npz_teacher, L=20, M=30)
+    assert out.read_bytes() == before
+
+
+def test_an_approximate_refresh_is_refused(npz_teacher, slice_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        kd_loss_variance.main(["--out", str(tmp_path / "v.json"), "--kd-set", f"data.path={slice_data}",
+                               "--kd-set", "data.format=users_dat", "--kd-set", "distill.index=IVF8,Flat",
+                               "--teacher", f"random={npz_teacher}", "--student", "fresh"])
+    assert "must be exact (Flat)" in capsys.readouterr().err
+    assert not (tmp_path / "v.json").exists()

@@ -95,27 +95,59 @@ def test_tables_gap_share_paired_differences_and_lever_validation(tmp_path):
     assert "rcekd ahead on 2/2 seeds" in md
 
 
+def _per_user(per_user, name, level, users):
+    import numpy as np
+
+    per_user[name] = {"users": users, **{k: np.full(len(users), level) for k in quality.PER_USER_METRICS}}
+
+
 def test_a_lever_is_bootstrapped_against_the_recipe_on_its_own_seeds(tmp_path, monkeypatch):
-    """The lever ran on seed 0 only: its per-user CI table pairs it with the recipe's seed 0, not with the recipe
-    pooled over seeds 0 and 1 (whose seed-to-seed spread the users' resampling does not show)."""
+    """tau2 ran on seed 0 only, exclude_seen on seeds 0 and 1: each one's per-user CI table pairs it with the
+    recipe on its own seeds, not with the recipe pooled over other seeds (whose seed-to-seed spread the users'
+    resampling does not show)."""
     import numpy as np
 
     _result(tmp_path, "ml1m-mf200-teacher", 0.30, 0.20)
-    per_user = {}
-    users = np.arange(50)
+    per_user, users = {}, np.arange(50)
+    _per_user(per_user, "ml1m-mf200-teacher", 0.30, users)
     for s in (0, 1):
-        for m, level in (("scratch", 0.20), ("ce", 0.24), ("rrd", 0.22), ("rcekd", 0.26 + 0.04 * s)):
+        for m, level in (("scratch", 0.20), ("ce", 0.24), ("rrd", 0.22), ("rcekd", 0.26 + 0.04 * s),
+                         ("rcekd-exclude_seen", 0.27 + 0.04 * s)):
             _result(tmp_path, f"ml1m-{m}-s{s}", level, 0.1)
-            per_user[f"ml1m-{m}-s{s}"] = {"users": users, **{k: np.full(50, level) for k in quality.PER_USER_METRICS}}
+            _per_user(per_user, f"ml1m-{m}-s{s}", level, users)
     _result(tmp_path, "ml1m-rcekd-tau2-s0", 0.27, 0.2)
-    per_user["ml1m-rcekd-tau2-s0"] = {"users": users, **{k: np.full(50, 0.27) for k in quality.PER_USER_METRICS}}
-    per_user["ml1m-mf200-teacher"] = {"users": users, **{k: np.full(50, 0.30) for k in quality.PER_USER_METRICS}}
+    _per_user(per_user, "ml1m-rcekd-tau2-s0", 0.27, users)
     monkeypatch.setattr(quality, "per_user_test", lambda out, names, device="auto": per_user)
-    summary = quality.summarise(tmp_path, [0, 1], n_resamples=50)
-    main = summary["bootstrap"]["ML-1M MF200 -> MF20"]["runs"]
-    assert set(main) == {"scratch", "ce", "rrd", "rcekd"}  # the levers have their own table
+    boot = quality.summarise(tmp_path, [0, 1], n_resamples=50)["bootstrap"]
+    main = boot["ML-1M MF200 -> MF20"]["runs"]
+    assert set(main) == {"scratch", "ce", "rrd", "rcekd"}  # the levers have their own tables
     assert main["rcekd"]["metrics"]["ndcg@20"]["value"] == pytest.approx(0.28)  # seeds 0 and 1 pooled
-    levers = summary["bootstrap"]["ML-1M MF200 -> MF20, levers against the recipe on the same seeds"]["runs"]
-    assert set(levers) == {"rcekd, seeds 0", "rcekd + tau2"}
-    assert levers["rcekd, seeds 0"]["metrics"]["ndcg@20"]["value"] == pytest.approx(0.26)
-    assert levers["rcekd + tau2"]["difference"]["rcekd, seeds 0"]["ndcg@20"]["value"] == pytest.approx(0.01)
+    tau2 = boot["ML-1M MF200 -> MF20, rcekd + tau2 against the recipe on the same seeds"]["runs"]
+    assert tau2["rcekd, seeds 0"]["metrics"]["ndcg@20"]["value"] == pytest.approx(0.26)
+    assert tau2["rcekd + tau2"]["difference"]["rcekd, seeds 0"]["ndcg@20"]["value"] == pytest.approx(0.01)
+    excl = boot["ML-1M MF200 -> MF20, rcekd + exclude_seen against the recipe on the same seeds"]["runs"]
+    assert excl["rcekd + exclude_seen"]["difference"]["rcekd, seeds 0 1"]["ndcg@20"]["value"] == pytest.approx(0.01)
+
+
+def test_the_ablation_compares_its_variants_on_the_seeds_all_of_them_finished(tmp_path, monkeypatch):
+    import numpy as np
+
+    _result(tmp_path, "cite-mf400-teacher", 0.02, 0.05)
+    per_user, users = {}, np.arange(40)
+    _per_user(per_user, "cite-mf400-teacher", 0.02, users)
+    for s in (0, 1, 2):
+        for name, level in ((f"cite-scratch-s{s}", 0.010), (f"cite-rcekd-s{s}", 0.015 + 0.001 * s),
+                            (f"abl-uniform_A-s{s}", 0.014 + 0.001 * s)):
+            _result(tmp_path, name, level, 0.04)
+            _per_user(per_user, name, level, users)
+    for s in (0, 1):  # const_alpha did not finish seed 2
+        _result(tmp_path, f"abl-const_alpha-s{s}", 0.013, 0.04)
+        _per_user(per_user, f"abl-const_alpha-s{s}", 0.013, users)
+    monkeypatch.setattr(quality, "per_user_test", lambda out, names, device="auto": per_user)
+    summary = quality.summarise(tmp_path, [0, 1, 2], n_resamples=50)
+    (title,) = [t for t in summary["bootstrap"] if t.startswith("Ablation")]
+    assert "seeds 0 1)" in title
+    runs = summary["bootstrap"][title]["runs"]
+    assert set(runs) == {"full", "uniform_A", "const_alpha"}  # the variants that never ran are left out
+    assert runs["full"]["metrics"]["ndcg@20"]["value"] == pytest.approx(0.0155)  # seeds 0 and 1, not 2
+    assert runs["uniform_A"]["difference"]["full"]["ndcg@20"]["value"] == pytest.approx(-0.001)

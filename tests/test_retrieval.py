@@ -242,6 +242,12 @@ def test_ivf_quantizer_reused_across_refreshes():
     assert TopKSearcher(items, "HNSW16").trained is None and TopKSearcher(items, "Flat").trained is None
     # what a resume file carries: the same quantizer back from its bytes; a structure of another dimension refused
     kept = TrainedQuantizer.from_bytes("IVF64,Flat", items.shape[1], first.trained.to_bytes())
-    assert TopKSearcher(moved, "IVF64,Flat", trained_like=kept).reused_training
+    assert np.array_equal(kept.to_bytes(), first.trained.to_bytes())
+    from_kept = TopKSearcher(moved, "IVF64,Flat", params={"nprobe": 16}, trained_like=kept)
+    assert from_kept.reused_training
+    from_first = TopKSearcher(moved, "IVF64,Flat", params={"nprobe": 16}, trained_like=first.trained)
+    np.testing.assert_array_equal(from_kept.search(users, 20)[1], from_first.search(users, 20)[1])
     with pytest.raises(ValueError, match="expected an empty one of dim"):
         TrainedQuantizer.from_bytes("IVF64,Flat", items.shape[1] + 1, first.trained.to_bytes())
+    with pytest.raises(ValueError, match="not the IVF one"):
+        TrainedQuantizer.from_bytes("IVF64,Flat", items.shape[1], faiss.serialize_index(faiss.IndexFlatL2(17)))
