@@ -7,8 +7,8 @@ For each teacher and each student state this script fixes the student, draws the
 the KD loss summed over all users and its gradient with respect to the student's two tables. It reports:
 
 - the loss: mean, std and coefficient of variation over draws (and loss_T's);
-- the loss summed over each block of USER_BLOCK users (about the distinct users of one BPR batch): the mean over
-  blocks of its coefficient of variation over draws;
+- the loss summed over each block of USER_BLOCK users (a BPR batch of 2,048 interactions holds at most that many
+  distinct users): the mean over blocks of its coefficient of variation over draws;
 - the gradient: noise / signal = sum_d ||g_d - g_mean||^2 / (draws - 1) / ||g_mean||^2 (g_mean's own square holds
   1/draws of the noise too: with 32 draws that bias is small beside the ratios reported) and the mean cosine of g_d
   with g_mean (1 = every draw pushes the student the same way). An epoch's sets come from one draw, so this is how
@@ -52,7 +52,7 @@ from compressor.kd_terms import RCEKDTerm  # noqa: E402
 from compressor.models import build_model  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "citeulike" / "mf-rcekd.yaml"
-USER_BLOCK = 2048  # users per loss call (about a BPR batch's distinct users on CiteULike): bounds the score blocks
+USER_BLOCK = 2048  # users per loss call (at most a 2,048-interaction BPR batch's users): bounds the score blocks
 
 
 def draw_statistics(term: RCEKDTerm, model: torch.nn.Module, draws: int) -> dict:
@@ -61,7 +61,7 @@ def draw_statistics(term: RCEKDTerm, model: torch.nn.Module, draws: int) -> dict
     params = [p for p in model.parameters() if p.requires_grad]
     n_users = term.retrieval.num_users
     losses, losses_t, grads, overlaps, alphas = [], [], [], [], []
-    block_losses: list[list[float]] = []  # [draw][block]: the loss one BPR-batch-sized block of users sees
+    block_losses: list[list[float]] = []  # [draw][block]: the loss of each block of USER_BLOCK users
     for d in range(draws):
         diag = term.on_epoch_start(model, 1, torch.Generator().manual_seed(d))
         model.zero_grad(set_to_none=True)
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| teacher -> student state | student top-K in teacher's | mean alpha | epoch loss CV | loss_T CV "
-            "| 2,048-user block loss CV | grad noise / signal | grad cosine to mean (min) |\n"
+            f"| {USER_BLOCK:,}-user block loss CV | grad noise / signal | grad cosine to mean (min) |\n"
             "|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['teacher']} -> {r['student']} | {r['student_topk_in_teacher_topk']:.3f} | {r['alpha_mean']:.3f} "
              f"| {r['loss_cv']:.5f} | {r['loss_t_cv']:.5f} | {r['block_loss_cv_mean']:.5f} "
