@@ -499,3 +499,13 @@ def test_bpr_gradients_are_the_same_bits_every_time_on_two_threads(slice_data):
         assert all(all(torch.equal(a, b) for a, b in zip(g, grads[0])) for g in grads)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_rows", [50, 10_000])  # the bitmap (ids >= a quarter of the rows) and the sort
+def test_distinct_rows_equals_unique_with_inverse(n_rows):
+    ids = torch.randint(0, n_rows, (37, 13), generator=torch.Generator().manual_seed(n_rows))
+    ids[0, :3] = n_rows - 1  # the last row and repeats
+    rows, local = kd_terms.distinct_rows(ids, n_rows)
+    want_rows, want_local = torch.unique(ids, return_inverse=True)
+    assert torch.equal(rows, want_rows) and torch.equal(local, want_local)
+    assert torch.equal(rows[local], ids)
