@@ -12,13 +12,13 @@ student/teacher embedding sizes, ``K`` top-list size, ``L`` sampled interesting 
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from torch import Tensor
+
+from .pair_products import csr_matrix, pair_scores  # noqa: F401  (re-exported: part of this module's API)
 
 __all__ = [
     "bpr_loss",
@@ -47,76 +47,6 @@ _TEACHER_GATHER_ELEMS = 1 << 22
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-
-
-def pair_scores(user: Tensor, item_table: Tensor, idx: Tensor) -> Tensor:
-    """Dot products of each user with its own list of items.
-
-    user [b, d], item_table [n_items, d], idx [b, k] long -> [b, k].
-    Reads only the k listed item vectors per user; never forms a users x items matrix. On CPU the lists are a
-    sparse [b, n_items] pattern (``_CSRPairScores``); elsewhere the listed vectors are gathered for a batched
-    product.
-    """
-    # (torch's sampled product refuses a row with more entries than the table has rows, possible only with
-    # duplicates, and on CPU takes float32 and float64 only)
-    if (user.device.type == "cpu" and idx.numel() and idx.shape[1] <= item_table.shape[0]
-            and user.dtype in (torch.float32, torch.float64) and user.layout == item_table.layout == torch.strided):
-        return _CSRPairScores.apply(user, item_table, idx)
-    vecs = item_table[idx]  # [b, k, d]
-    return torch.bmm(vecs, user.unsqueeze(-1)).squeeze(-1)
-
-
-def csr_matrix(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    """A sparse CSR tensor from its parts, unchecked (callers check their ids)."""
-    # torch warns once per process that sparse CSR is "beta"; the three kernels used here are long-standing.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-
-
-class _CSRPairScores(torch.autograd.Function):
-    """``pair_scores`` with the lists as a CSR pattern: forward a sampled dense-dense product (one dot per
-    listed pair), backward a CSR x dense product for the users and one accumulating scatter for the items.
-    On CPU this is 2x faster than gather + bmm (whose [b, k, d] copy and tiny per-user products dominate an
-    RCE-KD batch: docs/benchmarks.md section 4c).
-
-    The lists may hold duplicate and unsorted ids, which torch's CSR format does not promise to support: its CPU
-    kernels used here treat every entry on its own (one dot per entry; a CSR x dense product summing its
-    entries), and tests/test_losses.py checks exactly that against gather + bmm, so a torch that changed it
-    would fail there. The item gradient's sums come out in the same order every time, with any number of
-    threads (see ``backward``): a run resumes bit for bit."""
-
-    @staticmethod
-    def forward(ctx, user: Tensor, item_table: Tensor, idx: Tensor) -> Tensor:
-        b, k = idx.shape
-        crow = torch.arange(0, b * k + 1, k, dtype=torch.int64)
-        col = idx.reshape(-1).to(torch.int64)
-        n = item_table.shape[0]
-        # the kernels do not check ids (an id outside the table would read or write outside it): checked here
-        if int(col.min()) < 0 or int(col.max()) >= n:
-            raise IndexError(f"item ids must lie in [0, {n}); got {int(col.min())}..{int(col.max())}")
-        pattern = csr_matrix(crow, col, torch.zeros(b * k, dtype=user.dtype), (b, n))
-        # a copy, not a view of the sparse result, so that a caller may change it in place
-        scores = torch.sparse.sampled_addmm(pattern, user, item_table.T, beta=0.0).values().view(b, k).clone()
-        ctx.save_for_backward(user, item_table, crow, col)
-        return scores
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        user, item_table, crow, col = ctx.saved_tensors
-        grad_user = grad_items = None
-        if ctx.needs_input_grad[0]:
-            g = csr_matrix(crow, col, grad.reshape(-1).contiguous(), (user.shape[0], item_table.shape[0]))
-            grad_user = g @ item_table
-        if ctx.needs_input_grad[1]:
-            per_pair = (grad.unsqueeze(-1) * user.unsqueeze(1)).reshape(-1, user.shape[1])
-            grad_items = torch.zeros_like(item_table)
-            if torch.get_num_threads() == 1:  # serial: the same order every time, and 2x index_add_'s speed
-                grad_items.index_put_((col,), per_pair, accumulate=True)
-            else:  # an accumulating index_put_ adds atomically in any order with more threads; index_add_ does not
-                grad_items.index_add_(0, col, per_pair)
-        return grad_user, grad_items, None
 
 
 @torch.no_grad()

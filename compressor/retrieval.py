@@ -221,41 +221,12 @@ class TopKSearcher:
         valid = ids >= 0
         # L2 distances of the augmented vectors lose precision for large norms, so recompute
         # the true inner products of the returned ids and re-sort by them.
-        s = pair_inner_products(q, self._items, np.where(valid, ids, 0))
+        from .pair_products import listed_inner_products  # lazy: this module stays torch-free for export
+
+        s = listed_inner_products(q, self._items, np.where(valid, ids, 0), block=_GATHER_ELEMS)
         s[~valid] = -np.inf
         order = np.argsort(-s, axis=1, kind="stable")
         return np.take_along_axis(s, order, 1), np.take_along_axis(ids, order, 1)
-
-
-def pair_inner_products(queries: np.ndarray, items: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """float32 [n, k]: each query's inner product with each of its own items ``ids`` [n, k] (valid ids).
-
-    One sampled dense-dense product over the sparse [n, n_items] pattern of the ids (torch's CSR kernel: one dot
-    per listed pair), 8x faster than gathering [n, k, dim] item blocks for an einsum (0.06 s against 0.48 s for
-    50,000 x 100 pairs of dim 20; docs/benchmarks.md section 4f); the pattern is built in query blocks to bound
-    its memory. Each score depends only on its two rows, whatever is scored beside it and however many threads
-    run."""
-    import warnings
-
-    import torch  # lazy: this module stays torch-free for export, which imports it for ip2l2 and recall
-
-    n, k = ids.shape
-    out = np.empty((n, k), dtype=np.float32)
-    if n == 0 or k == 0:
-        return out
-    q_t = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    items_t = torch.from_numpy(np.ascontiguousarray(items, dtype=np.float32)).T
-    rows = max(1, _GATHER_ELEMS // k)  # pairs per block: bounds the pattern's index arrays
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        for r in range(0, n, rows):
-            block = torch.from_numpy(np.ascontiguousarray(ids[r : r + rows], dtype=np.int64))
-            b = block.shape[0]
-            pattern = torch.sparse_csr_tensor(torch.arange(0, b * k + 1, k), block.reshape(-1),
-                                              torch.zeros(b * k), (b, items.shape[0]), check_invariants=False)
-            scores = torch.sparse.sampled_addmm(pattern, q_t[r : r + b], items_t, beta=0.0).values()
-            out[r : r + b] = scores.view(b, k).numpy()
-    return out
 
 
 def faiss_has_gpu() -> bool:

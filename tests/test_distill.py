@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from compressor import api, kd_retrieval, kd_terms
+from compressor import api, kd_retrieval, kd_terms, pair_products
 from compressor.checkpoint import load_checkpoint
 from compressor.config import ConfigError
 from compressor.distill import ensemble, load_teacher, load_teachers, score_spread
 from compressor.evaluation import evaluate
-from compressor.kd_retrieval import pair_dot
+from compressor.pair_products import pair_dot
 from compressor.losses import rcekd_loss_on_sets, rcekd_sets, rowwise_isin, teacher_pair_scores
 from compressor.models import build_model
 from compressor.retrieval import TopKSearcher
@@ -367,7 +367,7 @@ def test_pair_dot_scores_each_pair_from_its_own_rows_only(monkeypatch):
     assert torch.equal(pair_dot(tu, ti, users.int(), items.int()), got)  # int32 ids, as the epoch state keeps them
     some = torch.sort(torch.randperm(3000, generator=gen)[:300]).values
     assert torch.equal(pair_dot(tu, ti, users[some], items[some]), got[some])
-    monkeypatch.setattr(kd_retrieval, "PAIR_DOT_ELEMS", 33 * 7)  # chunks of 7 pairs, rows split across chunks
+    monkeypatch.setattr(pair_products, "PAIR_DOT_ELEMS", 33 * 7)  # chunks of 7 pairs, rows split across chunks
     assert torch.equal(pair_dot(tu, ti, users, items), got)
     with pytest.raises(IndexError, match=r"\[0, 25\)"):
         pair_dot(tu, ti, users[:3], torch.tensor([0, 25, 1]))

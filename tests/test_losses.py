@@ -642,8 +642,9 @@ def test_rowwise_isin_equals_broadcast_membership(monkeypatch, bits):
 
 
 def test_pair_scores_csr_path_matches_gather_and_bmm_with_gradients():
-    """The CPU path (a CSR pattern: sampled product forward, CSR product + scatter backward) gives the gather + bmm
-    scores and gradients, with duplicate and unsorted ids in a row; an id outside the table is an error."""
+    """The CPU path (a CSR pattern: sampled product forward, CSR products with the pattern and its transpose
+    backward) gives the gather + bmm scores and gradients, with duplicate and unsorted ids in a row; an id outside
+    the table is an error."""
     from compressor.losses import pair_scores
 
     gen = torch.Generator().manual_seed(3)
@@ -693,3 +694,30 @@ def test_pair_scores_gradients_are_the_same_bits_every_time(threads):
     s.mul_(2)  # a copy, not a view of the sparse result
     half = pair_scores(user.detach().bfloat16(), items.detach().bfloat16(), idx)
     assert half.dtype == torch.bfloat16 and half.shape == idx.shape
+
+
+@pytest.mark.parametrize("n_items", [300, 70_000])  # a 16-bit radix order of the entries, and a 32-bit sort
+def test_pair_scores_item_gradient_is_the_same_bits_with_one_or_two_threads(n_items):
+    """The item gradient (the transposed pattern times the users) sums each item's entries in batch order: one and
+    two threads give the same bits, and the float64 scatter's values."""
+    from compressor.losses import pair_scores
+
+    def item_grad(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            gen = torch.Generator().manual_seed(1)
+            user = torch.randn(512, 8, generator=gen)
+            items = torch.randn(n_items, 8, generator=gen).requires_grad_()
+            idx = (torch.rand(512, 60, generator=gen) ** 3 * n_items).long()
+            weights = torch.randn(512, 60, generator=gen)
+            (pair_scores(user, items, idx) * weights).sum().backward()
+            return items.grad, user, idx, weights
+        finally:
+            torch.set_num_threads(before)
+
+    one, user, idx, weights = item_grad(1)
+    assert torch.equal(one, item_grad(2)[0])
+    want = torch.zeros(n_items, 8, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), (weights.double().unsqueeze(-1) * user.double().unsqueeze(1)).reshape(-1, 8))
+    torch.testing.assert_close(one.double(), want, rtol=1e-5, atol=1e-5)

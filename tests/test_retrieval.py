@@ -253,16 +253,17 @@ def test_ivf_quantizer_reused_across_refreshes():
         TrainedQuantizer.from_bytes("IVF64,Flat", items.shape[1], faiss.serialize_index(faiss.IndexFlatL2(17)))
 
 
-def test_pair_inner_products_are_each_pairs_dot_whatever_the_blocks(monkeypatch):
+def test_listed_inner_products_are_each_pairs_dot_whatever_the_blocks():
+    from compressor.pair_products import listed_inner_products
+
     rng = np.random.default_rng(3)
     items = rng.standard_normal((300, 7)).astype(np.float32)
     queries = rng.standard_normal((41, 7)).astype(np.float32)
     ids = rng.integers(0, 300, (41, 12))
     ids[0, :4] = 5  # repeats in a row
     want = np.einsum("bkd,bd->bk", items[ids].astype(np.float64), queries.astype(np.float64))
-    whole = retrieval.pair_inner_products(queries, items, ids)
+    whole = listed_inner_products(queries, items, ids)
     assert whole.dtype == np.float32 and whole.shape == ids.shape
     np.testing.assert_allclose(whole, want, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(retrieval, "_GATHER_ELEMS", 12 * 5)  # blocks of 5 queries: the same bits
-    np.testing.assert_array_equal(retrieval.pair_inner_products(queries, items, ids), whole)
-    assert retrieval.pair_inner_products(queries[:0], items, ids[:0]).shape == (0, 12)
+    np.testing.assert_array_equal(listed_inner_products(queries, items, ids, block=12 * 5), whole)  # 5 per block
+    assert listed_inner_products(queries[:0], items, ids[:0]).shape == (0, 12)
