@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .pair_products import csr_matrix, pair_scores  # noqa: F401  (re-exported: part of this module's API)
 
@@ -303,29 +304,69 @@ def rcekd_loss_from_scores(
             raise ValueError(f"{name} {tuple(t.shape)} must be {tuple(sets.items.shape)}")
     t_all = teacher_scores.detach().to(s_all.dtype)
 
-    loss_s = subset_ce(t_all[:, :n_qs], s_all[:, :n_qs], None, tau)  # over all of QS
-    loss_t = subset_ce(t_all[:, n_qs:], s_all[:, n_qs:], sets.mask_t, tau)
-
     overlap = sets.overlap_count.to(s_all.dtype) / sets.k
     if constant_alpha is not None:
         alpha = torch.full_like(overlap, float(constant_alpha))
     else:
         alpha = torch.exp(-beta * overlap)
-
+    one, none = torch.ones_like(alpha), torch.zeros_like(alpha)
     if use_loss_s and use_loss_t:
-        per_user = (1.0 - alpha) * loss_s + alpha * loss_t
-    elif use_loss_t:
-        per_user = loss_t
+        w_s, w_t = 1.0 - alpha, alpha
+    elif use_loss_t:  # one term alone, unweighted
+        w_s, w_t = none, one
     else:
-        per_user = loss_s
-
+        w_s, w_t = one, none
+    total, loss_s, loss_t = _RCEKDCrossEntropies.apply(s_all, t_all, sets.mask_t.to(torch.bool), w_s.detach(),
+                                                       w_t.detach(), float(tau), n_qs)
     parts = {
         "loss_s": loss_s.detach().mean(),
         "loss_t": loss_t.detach().mean(),
         "alpha": alpha.detach().mean(),
         "overlap": overlap.detach().mean(),
     }
-    return per_user.sum(), parts
+    return total, parts
+
+
+class _RCEKDCrossEntropies(torch.autograd.Function):
+    """Steps 5-7's two cross-entropies (``subset_ce`` over all of QS, and over B_u inside [A | QT]) and their
+    per-user weighted sum, in one pass with the gradient written out: for w CE(softmax(t_J / tau), softmax(s_J /
+    tau)) it is w / tau (softmax(s_J / tau) - softmax(t_J / tau)) on J (the teacher's distribution sums to 1), 0
+    off J and for an empty J. The same values as ``subset_ce`` up to the order of float sums (tested), in half the
+    time of autograd through its where / logsumexp / softmax chain (docs/benchmarks.md section 4f).
+    s, t [b, K + L + K]; mask_t [b, L + K] bool; w_s, w_t [b] -> (sum_u w_s loss_S + w_t loss_T, loss_S [b],
+    loss_T [b]); only the first has a gradient, and only for s."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, mask_t: Tensor, w_s: Tensor, w_t: Tensor, tau: float, n_qs: int):
+        s_qs, s_t = s[:, :n_qs] / tau, s[:, n_qs:] / tau
+        p_qs = torch.softmax(t[:, :n_qs] / tau, dim=1)
+        lse_qs = torch.logsumexp(s_qs, dim=1)
+        loss_s = lse_qs - (p_qs * s_qs).sum(dim=1)
+        nonempty = mask_t.any(dim=1)
+        neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
+        zero = torch.zeros((), dtype=s.dtype, device=s.device)
+        # an empty J: its row is all -inf here, so its softmax is NaN and its logsumexp -inf; both are replaced
+        lse_t = torch.where(nonempty, torch.logsumexp(torch.where(mask_t, s_t, neg_inf), dim=1), zero)
+        p_t = torch.where(mask_t, torch.softmax(torch.where(mask_t, t[:, n_qs:] / tau, neg_inf), dim=1), zero)
+        loss_t = torch.where(nonempty, lse_t - (p_t * torch.where(mask_t, s_t, zero)).sum(dim=1), zero)
+        ctx.save_for_backward(s_qs, lse_qs, p_qs, s_t, lse_t, p_t, mask_t, w_s, w_t)
+        ctx.tau = tau
+        ctx.mark_non_differentiable(loss_s, loss_t)
+        return (w_s * loss_s + w_t * loss_t).sum(), loss_s, loss_t
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total: Tensor, _grad_loss_s, _grad_loss_t):
+        s_qs, lse_qs, p_qs, s_t, lse_t, p_t, mask_t, w_s, w_t = ctx.saved_tensors
+        scale = grad_total / ctx.tau
+        n_qs = s_qs.shape[1]
+        grad = torch.empty((s_qs.shape[0], n_qs + s_t.shape[1]), dtype=s_qs.dtype, device=s_qs.device)
+        torch.sub(torch.exp(s_qs - lse_qs.unsqueeze(1)), p_qs, out=grad[:, :n_qs]).mul_((w_s * scale).unsqueeze(1))
+        # off J the exponent may overflow; ``where`` keeps those entries out (0), and an empty J has p_t = 0 too
+        q_t = torch.where(mask_t, torch.exp(s_t - lse_t.unsqueeze(1)), torch.zeros((), dtype=s_t.dtype,
+                                                                                   device=s_t.device))
+        torch.sub(q_t, p_t, out=grad[:, n_qs:]).mul_((w_t * scale).unsqueeze(1))
+        return grad, None, None, None, None, None, None
 
 
 def ce_kd_loss(

@@ -721,3 +721,40 @@ def test_pair_scores_item_gradient_is_the_same_bits_with_one_or_two_threads(n_it
     want = torch.zeros(n_items, 8, dtype=torch.float64).index_add_(
         0, idx.reshape(-1), (weights.double().unsqueeze(-1) * user.double().unsqueeze(1)).reshape(-1, 8))
     torch.testing.assert_close(one.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [{}, {"use_loss_s": False}, {"use_loss_t": False}, {"constant_alpha": 0.3}])
+def test_rcekd_loss_from_scores_equals_autograd_through_subset_ce(flags):
+    """The written-out gradient of steps 5-7 against autograd through ``subset_ce`` (the formulation it replaced):
+    the same loss, parts and gradient in float64, with an empty B_u row, tau != 1 and every ablation."""
+    from compressor.losses import RCEKDSets, rcekd_loss_from_scores
+
+    gen = torch.Generator().manual_seed(5)
+    b, k, n_l = 7, 6, 4
+    s = torch.randn(b, k + n_l + k, dtype=torch.float64, generator=gen) * 3
+    t = torch.randn(b, k + n_l + k, dtype=torch.float64, generator=gen) * 3
+    mask = torch.rand(b, n_l + k, generator=gen) > 0.4
+    mask[2] = False  # an empty J: loss_T 0, no gradient
+    sets = RCEKDSets(torch.zeros(b, k + n_l + k, dtype=torch.long), mask, torch.randint(0, k, (b,), generator=gen),
+                     k, k)
+    tau, beta = 0.7, 2.0
+    s1 = s.clone().requires_grad_()
+    got, parts = rcekd_loss_from_scores(s1, t, sets, tau=tau, beta=beta, **flags)
+    (2.5 * got).backward()
+
+    s2 = s.clone().requires_grad_()
+    loss_s = subset_ce(t[:, :k], s2[:, :k], None, tau)
+    loss_t = subset_ce(t[:, k:], s2[:, k:], mask, tau)
+    overlap = sets.overlap_count.double() / k
+    alpha = (torch.full_like(overlap, flags["constant_alpha"]) if "constant_alpha" in flags
+             else torch.exp(-beta * overlap))
+    want = (loss_t if not flags.get("use_loss_s", True) else loss_s if not flags.get("use_loss_t", True)
+            else (1 - alpha) * loss_s + alpha * loss_t).sum()
+    (2.5 * want).backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-10, atol=1e-12)
+    assert torch.all(s1.grad[2, k:] == 0) and torch.isfinite(s1.grad).all()
+    torch.testing.assert_close(parts["loss_s"], loss_s.mean())
+    torch.testing.assert_close(parts["loss_t"], loss_t.mean())
+    torch.autograd.gradcheck(lambda x: rcekd_loss_from_scores(x, t, sets, tau=tau, beta=beta, **flags)[0],
+                             (s.clone().requires_grad_(),))
