@@ -90,11 +90,12 @@ class _CSRPairScores(torch.autograd.Function):
 def _listed_rows_gradient(grad: Tensor, user: Tensor, col: Tensor, n_rows: int) -> Tensor:
     """[n_rows, d]: row j sums grad[e] * user[e // k] over the entries e listing j (grad [b, k], col [b k]).
 
-    The transposed pattern, [rows, users] in CSR, times the users: each output row is one thread's sum of its
-    entries in their order in the batch, so the bits are the same with any number of threads. The entries are put
-    in row order by a stable sort, a 16-bit radix sort where the table has <= 65,536 rows (a KD batch's
-    distinct items). 2.5x faster than the scatter it replaces (an [entries, d] product, then an accumulating
-    index_put_: 37 ms against 14 ms for 470,000 entries; docs/benchmarks.md section 4f)."""
+    The transposed pattern, [rows, users] in CSR, times the users; the entries are put in row order by a stable
+    sort, a 16-bit radix sort where the table has <= 65,536 rows (a KD batch's distinct items). torch hands the
+    product to MKL, which does not document its summation order; what the tests check is the property resume
+    needs: the same bits every time and with 1 to 4 threads. About 2x faster than the scatter it replaces (an
+    [entries, d] product, then an accumulating index_put_): the backward of 1,880 x 200 entries took 14-16 ms
+    against 25-35 ms (a throwaway timing, docs/benchmarks.md section 4f)."""
     b, k = grad.shape
     if n_rows <= U16_SORT_ROWS:  # (numpy: torch has no unsigned 16-bit sort)
         order = torch.from_numpy(np.argsort(col.numpy().astype(np.uint16), kind="stable").astype(np.int64))
@@ -161,7 +162,8 @@ def listed_inner_products(queries: np.ndarray, items: np.ndarray, ids: np.ndarra
                           ) -> np.ndarray:
     """numpy float32 [n, k]: each query's inner product with each of its own items ``ids`` [n, k] (valid ids),
     ``pair_scores`` over blocks of at most ``block`` pairs (bounding the pattern's index arrays); 8x faster than
-    gathering [n, k, dim] item blocks for an einsum (0.06 s against 0.48 s for 50,000 x 100 pairs of dim 20)."""
+    gathering [n, k, dim] item blocks for an einsum (a throwaway timing on random vectors: 0.06 s against 0.48 s
+    for 50,000 x 100 pairs of dim 20)."""
     n, k = ids.shape
     out = np.empty((n, k), dtype=np.float32)
     if n == 0 or k == 0:

@@ -34,7 +34,8 @@ __all__ = [
 logger = logging.getLogger("compressor.retrieval")
 
 _EXACT_FACTORIES = frozenset({"Flat", "FlatIP"})
-# Bound on gathered floats when recomputing true scores of approximate results (64 MiB).
+# (user, item) pairs per block when recomputing the true scores of approximate results: bounds the sparse
+# pattern's index arrays (pair_products.listed_inner_products).
 _GATHER_ELEMS = 1 << 24
 
 

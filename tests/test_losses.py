@@ -696,10 +696,10 @@ def test_pair_scores_gradients_are_the_same_bits_every_time(threads):
     assert half.dtype == torch.bfloat16 and half.shape == idx.shape
 
 
-@pytest.mark.parametrize("n_items", [300, 70_000])  # a 16-bit radix order of the entries, and a 32-bit sort
+@pytest.mark.parametrize("n_items", [300, 65_536, 70_000])  # a 16-bit radix order of the entries, its edge, int32
 def test_pair_scores_item_gradient_is_the_same_bits_with_one_or_two_threads(n_items):
-    """The item gradient (the transposed pattern times the users) sums each item's entries in batch order: one and
-    two threads give the same bits, and the float64 scatter's values."""
+    """The item gradient (the transposed pattern times the users): the same bits with 1, 2 and 4 threads, and the
+    float64 scatter's values (the last item's row included)."""
     from compressor.losses import pair_scores
 
     def item_grad(threads):
@@ -710,6 +710,7 @@ def test_pair_scores_item_gradient_is_the_same_bits_with_one_or_two_threads(n_it
             user = torch.randn(512, 8, generator=gen)
             items = torch.randn(n_items, 8, generator=gen).requires_grad_()
             idx = (torch.rand(512, 60, generator=gen) ** 3 * n_items).long()
+            idx[0, :5] = n_items - 1
             weights = torch.randn(512, 60, generator=gen)
             (pair_scores(user, items, idx) * weights).sum().backward()
             return items.grad, user, idx, weights
@@ -717,7 +718,7 @@ def test_pair_scores_item_gradient_is_the_same_bits_with_one_or_two_threads(n_it
             torch.set_num_threads(before)
 
     one, user, idx, weights = item_grad(1)
-    assert torch.equal(one, item_grad(2)[0])
+    assert torch.equal(one, item_grad(2)[0]) and torch.equal(one, item_grad(4)[0])
     want = torch.zeros(n_items, 8, dtype=torch.float64).index_add_(
         0, idx.reshape(-1), (weights.double().unsqueeze(-1) * user.double().unsqueeze(1)).reshape(-1, 8))
     torch.testing.assert_close(one.double(), want, rtol=1e-5, atol=1e-5)
