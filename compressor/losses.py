@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .pair_products import csr_matrix, pair_scores  # noqa: F401  (re-exported: part of this module's API)
+from .pair_products import pair_scores  # noqa: F401  (re-exported: part of this module's API)
 
 __all__ = [
     "bpr_loss",

@@ -30,6 +30,17 @@ def csr_matrix(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
+def _sampled_dots(crow: Tensor, col: Tensor, user_rows: Tensor, item_table: Tensor) -> Tensor:
+    """The values [nnz] of a CSR pattern (``crow`` over ``user_rows``, item ids ``col`` int64) sampled from
+    user_rows @ item_table.T: one dot per entry. The kernel does not check ids (an id outside the table would read
+    outside it), so they are checked here."""
+    n = item_table.shape[0]
+    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= n):
+        raise IndexError(f"item ids must lie in [0, {n}); got {int(col.min())}..{int(col.max())}")
+    pattern = csr_matrix(crow, col, torch.zeros(col.numel(), dtype=user_rows.dtype), (user_rows.shape[0], n))
+    return torch.sparse.sampled_addmm(pattern, user_rows, item_table.T, beta=0.0).values()
+
+
 def pair_scores(user: Tensor, item_table: Tensor, idx: Tensor) -> Tensor:
     """Dot products of each user with its own list of items.
 
@@ -64,13 +75,9 @@ class _CSRPairScores(torch.autograd.Function):
         b, k = idx.shape
         crow = torch.arange(0, b * k + 1, k, dtype=torch.int64)
         col = idx.reshape(-1).to(torch.int64)
-        n = item_table.shape[0]
-        # the kernels do not check ids (an id outside the table would read or write outside it): checked here
-        if int(col.min()) < 0 or int(col.max()) >= n:
-            raise IndexError(f"item ids must lie in [0, {n}); got {int(col.min())}..{int(col.max())}")
-        pattern = csr_matrix(crow, col, torch.zeros(b * k, dtype=user.dtype), (b, n))
-        # a copy, not a view of the sparse result, so that a caller may change it in place
-        scores = torch.sparse.sampled_addmm(pattern, user, item_table.T, beta=0.0).values().view(b, k).clone()
+        # a copy, not a view of the sparse result, so that a caller may change it in place (the backward's
+        # patterns reuse crow and col, whose ids were checked here)
+        scores = _sampled_dots(crow, col, user, item_table).view(b, k).clone()
         ctx.save_for_backward(user, item_table, crow, col)
         return scores
 
@@ -107,7 +114,6 @@ def _listed_rows_gradient(grad: Tensor, user: Tensor, col: Tensor, n_rows: int) 
     return transposed @ user
 
 
-
 @torch.no_grad()
 def pair_dot(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.Tensor,
              items: torch.Tensor) -> torch.Tensor:
@@ -127,8 +133,6 @@ def pair_dot(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.Te
     if csr:
         if bool((users[1:] < users[:-1]).any()):
             raise ValueError("pair_dot: users must be in ascending order")
-        if int(items.min()) < 0 or int(items.max()) >= n_items:  # the sparse kernel does not check them
-            raise IndexError(f"item ids must lie in [0, {n_items}); got {int(items.min())}..{int(items.max())}")
     chunk = max(1, PAIR_DOT_ELEMS // max(user_table.shape[1], 1))
     for s in range(0, users.shape[0], chunk):
         u, i = users[s:s + chunk], items[s:s + chunk]
@@ -136,10 +140,7 @@ def pair_dot(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.Te
             rows, counts = _pattern_rows(u, n_items)
             crow = torch.zeros(len(rows) + 1, dtype=torch.int64)
             torch.cumsum(counts, 0, out=crow[1:])
-            pattern = csr_matrix(crow, i.to(torch.int64), torch.zeros(len(u), dtype=user_table.dtype),
-                                 (len(rows), n_items))
-            out[s:s + chunk] = torch.sparse.sampled_addmm(pattern, user_table.index_select(0, rows), item_table.T,
-                                                          beta=0.0).values()
+            out[s:s + chunk] = _sampled_dots(crow, i.to(torch.int64), user_table.index_select(0, rows), item_table)
         else:
             out[s:s + chunk] = (user_table.index_select(0, u) * item_table.index_select(0, i)).sum(dim=1)
     return out

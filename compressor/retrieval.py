@@ -36,7 +36,7 @@ logger = logging.getLogger("compressor.retrieval")
 _EXACT_FACTORIES = frozenset({"Flat", "FlatIP"})
 # (user, item) pairs per block when recomputing the true scores of approximate results: bounds the sparse
 # pattern's index arrays (pair_products.listed_inner_products).
-_GATHER_ELEMS = 1 << 24
+_RESCORE_BLOCK_PAIRS = 1 << 24
 
 
 def set_thread_count(n: int) -> None:
@@ -224,7 +224,7 @@ class TopKSearcher:
         # the true inner products of the returned ids and re-sort by them.
         from .pair_products import listed_inner_products  # lazy: this module stays torch-free for export
 
-        s = listed_inner_products(q, self._items, np.where(valid, ids, 0), block=_GATHER_ELEMS)
+        s = listed_inner_products(q, self._items, np.where(valid, ids, 0), block=_RESCORE_BLOCK_PAIRS)
         s[~valid] = -np.inf
         order = np.argsort(-s, axis=1, kind="stable")
         return np.take_along_axis(s, order, 1), np.take_along_axis(ids, order, 1)
