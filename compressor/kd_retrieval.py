@@ -207,7 +207,8 @@ class KDRetrieval:
         IVF4096 nprobe 24 search alone found 0.80 of the exact top-100 and with the previous list 0.96). The
         first warm refresh starts from the nprobe that last held the floor over WARM_START_DIVISOR (an IVF's
         search costs in proportion to nprobe), later ones from the last warm refresh's nprobe, halved after a
-        first recall above RECALL_EASE; the floor holds it as above."""
+        first recall above RECALL_EASE. Below the floor a warm refresh doubles its nprobe back towards the one a
+        refresh without last epoch's list would use before anything else; then as above."""
         params = {**self.index_params, **self._raised}
         # An approximate (IVF) index keeps its trained quantizer from the previous epoch while its recall holds:
         # the student moves little per epoch, and k-means is most of an IVF refresh (docs/benchmarks.md 4).
@@ -217,6 +218,7 @@ class KDRetrieval:
         nlist, held = searcher.nlist, self._held_nprobe
         previous = self._previous if self._previous is not None and self._previous.shape == (len(u), m) else None
         warm = self.warm_refresh and previous is not None
+        cold_nprobe = int(params.get("nprobe", 1))  # what a refresh without last epoch's list would search with
         if warm and nlist is not None:
             params["nprobe"] = self._warm_nprobe or max(1, (held or int(params.get("nprobe", 1))) // WARM_START_DIVISOR)
             searcher.set_params(nprobe=params["nprobe"])
@@ -239,6 +241,10 @@ class KDRetrieval:
         while recall < REUSE_RECALL_FLOOR:
             if nlist is not None and held is not None and nprobe < held:  # stepped down too far: back up
                 nprobe = min(2 * nprobe, held)
+                searcher.set_params(nprobe=nprobe)
+            elif warm and nlist is not None and nprobe < cold_nprobe:  # a warm start too low: more lists first
+                # (before the kept quantizer is retrained: the low start, not the quantizer, is the likelier cause)
+                nprobe = min(2 * nprobe, cold_nprobe)
                 searcher.set_params(nprobe=nprobe)
             elif searcher.reused_training:  # the kept quantizer went stale: k-means on the current vectors
                 searcher = TopKSearcher(i, self.index, use_gpu=self.use_gpu, params={**params, "nprobe": nprobe}
