@@ -736,7 +736,7 @@ def part_scale(spec: dict) -> dict:
     # the trainer's own path (exact teacher top-K, cached on disk) for Flat, else an approximate teacher top-K
     retrieval_cls = KDRetrieval if spec["teacher_index"] == "Flat" else ApproxTeacherTopK
     retrieval = retrieval_cls(teacher, dev, work.resolve() / TOPK_CACHE_DIR, cfg.distill.index,
-                              cfg.distill.index_params, warm_refresh=cfg.distill.warm_refresh)
+                              cfg.distill.index_params)
     term = RCEKDTerm.from_config(cfg.distill, retrieval)
     marks = {}
     obj = PeakAfterEpochStart(Distillation(term, KDUsers(cfg.distill.kd_users, retrieval.num_users, dev),
@@ -757,22 +757,13 @@ def part_scale(spec: dict) -> dict:
     TopKSearcher(t_i, "Flat").search(t_u[:n_probe_users], spec["K"])
     res["teacher_flat_topk_extrapolated_s"] = (time.perf_counter() - t0) * spec["users"] / n_probe_users
     res["rss_mb"]["after_setup"] = peak_rss_mb()
-    # Epoch 1 starts from the synthetic student; from epoch 2 on an approximate refresh is warm (it re-ranks last
-    # epoch's list too, distill.warm_refresh): the table reports the last epoch, the steady state of a run.
-    res["kd_epochs"] = []
-    for epoch in range(1, spec.get("kd_epochs", 1) + 1):
-        cpu0 = cpu_s()
-        row = tr._run_epoch(epoch)
-        breakdown = _epoch_breakdown(row)
-        breakdown["cpu_s"] = cpu_s() - cpu0  # CPU time of the process: unaffected by a SIGSTOP / time-slicing
-        breakdown.update({"epoch": epoch, "retrieval_nprobe": row.get("diag_retrieval_nprobe"),
-                          "retrieval_warm": row.get("diag_retrieval_warm")})
-        res["kd_epochs"].append(breakdown)
-        print(f"  RCE-KD epoch {epoch}: {row['time_epoch_s']:.1f}s (refresh {row['time_refresh_s']:.1f}s, nprobe "
-              f"{row.get('diag_retrieval_nprobe')}, recall {row.get('diag_retrieval_recall')})", flush=True)
+    cpu0 = cpu_s()
+    row = tr._run_epoch(1)
     res["rss_mb"].update(marks)
     res["rss_mb"]["after_kd_epoch"] = peak_rss_mb()
-    res["kd_epoch"] = res["kd_epochs"][-1]
+    res["kd_epoch"] = _epoch_breakdown(row)
+    res["kd_epoch"]["cpu_s"] = cpu_s() - cpu0  # CPU time of the process: unaffected by a SIGSTOP / time-slicing
+    res["kd_epoch"]["retrieval_recall"] = row.get("diag_retrieval_recall")
     res["per_epoch_tensors_mb"] = {
         "qt [U,K] teacher top-K": _nbytes(term.qt), "its teacher scores [U,K]": _nbytes(term.t_scores_qt),
         "scored lists [U,W] (P, or [QS|A])": _nbytes(term.lists), "their teacher scores [U,W]": _nbytes(term.scores),
@@ -780,7 +771,8 @@ def part_scale(spec: dict) -> dict:
         "P [U,M] ids + scores in retrieval (transient)": spec["users"] * spec["M"] * (8 + 4) / MB,
         "teacher vectors": (t_u.nbytes + t_i.nbytes) / MB,
         "train pairs (users+items int64)": (data.train.users.nbytes + data.train.items.nbytes) / MB}
-    print(f"  peak RSS after the RCE-KD epochs {peak_rss_mb():.0f} MB", flush=True)
+    print(f"  RCE-KD epoch {row['time_epoch_s']:.1f}s (refresh {row['time_refresh_s']:.1f}s), "
+          f"peak RSS {peak_rss_mb():.0f} MB", flush=True)
     if spec["scratch"]:
         # same process, after the KD epoch (its RSS adds nothing; the KD peak was recorded above)
         state = tr.model.state_dict()
@@ -913,8 +905,7 @@ def markdown(res: dict) -> str:
                  f"{rss['rc']}). Command: `{rss['cmd']}`\n")
     sc = res.get("scale")
     if sc:
-        L.append("## Scale: synthetic power-law data, RCE-KD epochs per size (own subprocess each; the row's "
-                 "numbers are its last epoch's)\n")
+        L.append("## Scale: synthetic power-law data, one RCE-KD epoch per size (own subprocess each)\n")
         L.append("| users | variant | items | interactions | generate s | teacher top-K (setup) s | KD epoch s | "
                  "refresh s | retrieval s | recall@M | KD sampling+scoring s | recall check + overlap diag s | "
                  "negatives s | batches s | KD epoch CPU s | "
@@ -931,10 +922,6 @@ def markdown(res: dict) -> str:
                          f"{fmt(s['process']['peak_rss_mb'], 0)} | |")
                 continue
             k = s["kd_epoch"]
-            if len(s.get("kd_epochs", [])) > 1:
-                variant += ", epoch " + " / ".join(
-                    f"{e['epoch']}: {fmt(e['epoch_s'], 1)} s ({'warm' if e.get('retrieval_warm') else 'cold'} "
-                    f"refresh, nprobe {fmt(e.get('retrieval_nprobe'), 0)})" for e in s["kd_epochs"])
             L.append(f"| {s['data']['users']:,} | {variant} | {s['data']['items']:,} | {s['data']['interactions']:,} | "
                      f"{fmt(s['generate_s'], 1)} | {fmt(s['setup_teacher_topk_s'], 1)} ({s['teacher_index']}; exact "
                      f"Flat ~{fmt(s.get('teacher_flat_topk_extrapolated_s'), 0)}) | "
@@ -1025,8 +1012,6 @@ def main():
                          "(hours at 1M users here); the exact cost is extrapolated from 2,000 users either way")
     ap.add_argument("--scale-teacher-index-params", nargs="*", default=["nprobe=64"])
     ap.add_argument("--scale-scratch", action="store_true", help="also time one scratch epoch per size")
-    ap.add_argument("--scale-kd-epochs", type=int, default=1,
-                    help="RCE-KD epochs per size; the table reports the last (from epoch 2 on a refresh is warm)")
     ap.add_argument("--scale-optimizer", default="adam", help="train.optimizer of the scale runs")
     ap.add_argument("--scale-kd-users", default="every_batch", help="distill.kd_users of the scale runs")
     ap.add_argument("--scale-timeout", type=float, default=3600.0, help="seconds per size before it is killed")
@@ -1115,8 +1100,7 @@ def main():
                     "teacher_dim": 64, "dim": 20, "K": 100, "L": 50, "M": 100, "seed": 0, "index": a.scale_index,
                     "index_params": parse_params(a.scale_index_params), "teacher_index": a.scale_teacher_index,
                     "teacher_index_params": parse_params(a.scale_teacher_index_params), "work": str(out),
-                    "scratch": a.scale_scratch, "optimizer": a.scale_optimizer, "kd_users": a.scale_kd_users,
-                    "kd_epochs": a.scale_kd_epochs}
+                    "scratch": a.scale_scratch, "optimizer": a.scale_optimizer, "kd_users": a.scale_kd_users}
             name = f"scale-{users}"
             r = child("scale", spec, out, name, timeout=a.scale_timeout,
                       rss_cap_mb=a.scale_rss_cap_gb * 1024)

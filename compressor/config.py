@@ -150,10 +150,6 @@ class DistillConfig:
                                     "one's spread and averaged.")
     index: str = _f("Flat", "FAISS factory string for the top-K retrievals (Flat = exact).")
     index_params: dict = _f({}, "FAISS search parameters, e.g. {nprobe: 32} or {efSearch: 128}.")
-    warm_refresh: bool = _f(True, "An approximate index (not Flat): from the second epoch on, re-rank its "
-                                  "candidates together with last epoch's student top-M, starting from a quarter "
-                                  "of nprobe (the recall floor of 0.95 still holds it; docs/benchmarks.md 4g). "
-                                  "false = every refresh searches the index alone.")
     rrd: RRDConfig = field(default_factory=RRDConfig, metadata={"help": "RRD baseline settings."})
 
 

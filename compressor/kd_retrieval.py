@@ -21,8 +21,8 @@ from .distill import Teacher
 from .errors import TrainingError
 from .evaluation import topk_excluding
 from .losses import rowwise_positions
-from .pair_products import listed_inner_products, pair_dot
-from .retrieval import TopKSearcher, TrainedQuantizer, exact_topk_on_device, faiss_has_gpu, recall_at_k, topk_cached
+from .pair_products import pair_dot
+from .retrieval import TopKSearcher, TrainedQuantizer, exact_topk_on_device, faiss_has_gpu, measure_recall, topk_cached
 
 log = logging.getLogger(__name__)
 
@@ -32,34 +32,6 @@ GPU_MAX_NPROBE = 2048  # FAISS GPU IVF searches take at most this nprobe
 RECALL_SAMPLE_USERS = 500  # users whose approximate top-M is checked against exact search every refresh
 TEACHER_SCORE_BLOCK = 4096  # users per block when scoring per-user item lists with the teacher
 MASKED_TOPK_BLOCK = 2048  # users per block of the exact search with the training items masked (block x items)
-WARM_START_DIVISOR = 4  # a first warm refresh starts from the nprobe that last held the recall floor over this
-UNION_BLOCK = 65536  # users per block when a warm refresh re-ranks its two candidate lists
-
-
-def union_topk(user_vectors: np.ndarray, item_vectors: np.ndarray, found: np.ndarray, previous: np.ndarray,
-               k: int, block: int = UNION_BLOCK) -> np.ndarray:
-    """Each user's top-k items [U, k] int64 by true inner product among two candidate lists, ``found`` [U, a]
-    (-1 = none) and ``previous`` [U, b] (b >= k, distinct valid ids), an item in both counted once; best first,
-    equal scores by item id. Each score depends only on its own pair (``listed_inner_products``), so the result
-    does not depend on the block size or the thread count."""
-    n = found.shape[0]
-    out = np.empty((n, k), dtype=np.int64)
-    for s in range(0, n, block):
-        cand = torch.from_numpy(np.concatenate([found[s:s + block], previous[s:s + block].astype(np.int64)], axis=1))
-        scores = torch.from_numpy(listed_inner_products(user_vectors[s:s + block], item_vectors,
-                                                        cand.clamp(min=0).numpy()))
-        scores[cand < 0] = -np.inf  # last
-        # One sort by (-score, id): the float's bits made order-preserving as a signed int32 above the id, so an
-        # item listed twice (same pair, same score bits) lands next to itself
-        bits = scores.neg_().add_(0.0).view(torch.int32)  # (+ 0.0: -0.0 becomes 0.0, equal scores one key)
-        bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-        key = (bits << 32) | cand.clamp(min=0)
-        key = key.sort(dim=1).values
-        first = torch.ones(key.shape, dtype=torch.bool)
-        first[:, 1:] = key[:, 1:] != key[:, :-1]
-        first &= first.cumsum(dim=1) <= k  # the best k distinct: previous alone holds k, so every row has them
-        out[s:s + block] = key[first].view(-1, k).bitwise_and(0xFFFFFFFF).numpy()
-    return out
 
 
 @torch.no_grad()
@@ -77,12 +49,10 @@ class KDRetrieval:
     """Top-K lists and teacher scores for one run: ``index``/``index_params`` are ``distill.index``/``index_params``,
     ``cache_dir`` is where the teacher's top-K is kept (shared by sibling runs with the same teacher);
     ``exclude_seen`` (``distill.exclude_seen``): both top lists leave each user's training items out, by exact
-    search with those items masked (``setup`` reads them). ``warm_refresh`` (``distill.warm_refresh``): an
-    approximate refresh re-ranks the index's candidates together with the previous refresh's top-M (see
-    ``_approximate_topm``)."""
+    search with those items masked (``setup`` reads them)."""
 
     def __init__(self, teacher: Teacher, device: torch.device, cache_dir: Path, index: str, index_params: dict,
-                 exclude_seen: bool = False, warm_refresh: bool = False):
+                 exclude_seen: bool = False):
         self.teacher, self.device, self.cache_dir = teacher, device, Path(cache_dir)
         self.index, self.index_params = index, index_params
         self.exclude_seen = exclude_seen
@@ -94,9 +64,6 @@ class KDRetrieval:
         self._raised: dict = {}  # search parameters raised to hold the recall floor, kept for later refreshes
         self._held_nprobe: int | None = None  # the nprobe at which the last refresh held the floor
         self._said_torch_topk = False
-        self.warm_refresh = warm_refresh
-        self._previous: np.ndarray | None = None  # the last approximate refresh's top-M [U, M] int32 (warm_refresh)
-        self._warm_nprobe: int | None = None  # the nprobe the next warm refresh starts from
 
     @property
     def num_users(self) -> int:
@@ -107,25 +74,20 @@ class KDRetrieval:
     # longer repeated the uninterrupted run.
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-able numbers, tensors) of what the next refresh starts from; ``load_state`` restores them."""
-        meta = {"raised": dict(self._raised), "held_nprobe": self._held_nprobe, "warm_nprobe": self._warm_nprobe,
-                "index": self.index}
-        tensors = {} if self._previous is None else {"previous_topm": torch.from_numpy(self._previous)}
+        meta = {"raised": dict(self._raised), "held_nprobe": self._held_nprobe}
         if self._reusable is None:
-            return meta, tensors
+            return meta, {}
         meta["trained"] = {"factory": self._reusable.factory, "dim": self._reusable.dim}
-        return meta, {**tensors, "ivf_trained": torch.from_numpy(self._reusable.to_bytes())}
+        return meta, {"ivf_trained": torch.from_numpy(self._reusable.to_bytes())}
 
     def load_state(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Restore ``state``; nothing when the run now asks for another index (a resume with another
         distill.index starts its refresh afresh)."""
         trained = meta.get("trained")
-        if (trained and trained.get("factory") != self.index) or meta.get("index", self.index) != self.index:
+        if trained and trained.get("factory") != self.index:
             return
         self._raised = dict(meta.get("raised") or {})
         self._held_nprobe = meta.get("held_nprobe")
-        self._warm_nprobe = meta.get("warm_nprobe")
-        previous = tensors.get("previous_topm")
-        self._previous = previous.numpy().copy() if previous is not None and self.warm_refresh else None
         try:
             self._reusable = (TrainedQuantizer.from_bytes(trained["factory"], trained["dim"],
                                                           tensors["ivf_trained"].numpy())
@@ -187,8 +149,6 @@ class KDRetrieval:
             log.info("approximate top-%d (%s) came back short for %d users: searched exactly", m, self.index,
                      int(short.sum()))
             diag["retrieval_short_users"] = float(short.sum())
-        if self.warm_refresh and "retrieval_recall" in diag:  # approximate: the next refresh starts from these
-            self._previous = ids.astype(np.int32)
         # (the search and any redone search; the first recall check apart, as the epoch breakdowns report it)
         diag["time_retrieval_s"] = time.perf_counter() - t0 - diag.get("time_recall_check_s", 0.0)
         return torch.from_numpy(ids).to(self.device), diag
@@ -199,52 +159,23 @@ class KDRetrieval:
         and below the floor the search is redone: an nprobe stepped down from the last refresh's raised back,
         then a kept quantizer trained afresh, then nprobe doubled up to the list count. The floor matters: a
         fresh Gowalla student's IVF256 nprobe 8 recall fell from 0.96 to 0.59 over its first 25 RCE-KD epochs,
-        and the KD terms built on those lists lost validation NDCG.
-
-        A warm refresh (``warm_refresh``, from the second refresh on) re-ranks the index's candidates together
-        with the previous refresh's top-m, exactly: the student moves little per epoch, so last epoch's list
-        already holds most of this one's (on the 1M-user synthetic benchmark, docs/benchmarks.md section 4g, an
-        IVF4096 nprobe 24 search alone found 0.80 of the exact top-100 and with the previous list 0.96). The
-        first warm refresh starts from the nprobe that last held the floor over WARM_START_DIVISOR (an IVF's
-        search costs in proportion to nprobe), later ones from the last warm refresh's nprobe, halved after a
-        first recall above RECALL_EASE. Below the floor a warm refresh doubles its nprobe back towards the one a
-        refresh without last epoch's list would use before anything else; then as above."""
+        and the KD terms built on those lists lost validation NDCG."""
         params = {**self.index_params, **self._raised}
         # An approximate (IVF) index keeps its trained quantizer from the previous epoch while its recall holds:
         # the student moves little per epoch, and k-means is most of an IVF refresh (docs/benchmarks.md 4).
         searcher = TopKSearcher(i, self.index, use_gpu=self.use_gpu, params=params, trained_like=self._reusable)
+        ids = searcher.search(u, m)[1]
         if searcher.is_exact:
-            return searcher.search(u, m)[1], {}
-        nlist, held = searcher.nlist, self._held_nprobe
-        previous = self._previous if self._previous is not None and self._previous.shape == (len(u), m) else None
-        warm = self.warm_refresh and previous is not None
-        cold_nprobe = int(params.get("nprobe", 1))  # what a refresh without last epoch's list would search with
-        if warm and nlist is not None:
-            params["nprobe"] = self._warm_nprobe or max(1, (held or int(params.get("nprobe", 1))) // WARM_START_DIVISOR)
-            searcher.set_params(nprobe=params["nprobe"])
+            return ids, {}
         checking = time.perf_counter()
-        # the users whose lists are checked against exact search, and their exact lists (the same all refresh)
-        sample = np.sort(np.random.default_rng(0).choice(len(u), size=min(RECALL_SAMPLE_USERS, len(u)),
-                                                         replace=False))
-        exact = TopKSearcher(i, "Flat").search(u[sample], m)[1]
-        diag = {"time_recall_check_s": time.perf_counter() - checking}
-
-        def search() -> tuple[np.ndarray, float]:
-            found = union_topk(u, i, searcher.candidates(u, m), previous, m) if warm else searcher.search(u, m)[1]
-            return found, recall_at_k(found[sample], exact)
-
-        ids, recall = search()
-        diag["retrieval_recall_first"] = recall
+        recall = measure_recall(searcher, u, i, m, sample_users=RECALL_SAMPLE_USERS)
+        diag = {"retrieval_recall_first": recall, "time_recall_check_s": time.perf_counter() - checking}
+        nlist, nprobe, held = searcher.nlist, int(params.get("nprobe", 1)), self._held_nprobe
         if nlist is not None and searcher.on_gpu:
             nlist = min(nlist, GPU_MAX_NPROBE)
-        nprobe = int(params.get("nprobe", 1))
         while recall < REUSE_RECALL_FLOOR:
             if nlist is not None and held is not None and nprobe < held:  # stepped down too far: back up
                 nprobe = min(2 * nprobe, held)
-                searcher.set_params(nprobe=nprobe)
-            elif warm and nlist is not None and nprobe < cold_nprobe:  # a warm start too low: more lists first
-                # (before the kept quantizer is retrained: the low start, not the quantizer, is the likelier cause)
-                nprobe = min(2 * nprobe, cold_nprobe)
                 searcher.set_params(nprobe=nprobe)
             elif searcher.reused_training:  # the kept quantizer went stale: k-means on the current vectors
                 searcher = TopKSearcher(i, self.index, use_gpu=self.use_gpu, params={**params, "nprobe": nprobe}
@@ -255,33 +186,28 @@ class KDRetrieval:
                 searcher.set_params(nprobe=nprobe)
             else:
                 break
-            ids, recall = search()
-        ease = diag["retrieval_recall_first"] >= RECALL_EASE
+            ids = searcher.search(u, m)[1]
+            recall = measure_recall(searcher, u, i, m, sample_users=RECALL_SAMPLE_USERS)
+        # The next refresh starts at this nprobe, or at half of it after a recall well above the floor (the
+        # student settles, and a raised nprobe costs a proportional share of an exhaustive search).
+        configured = int(self.index_params.get("nprobe", 1))
         self._held_nprobe = nprobe if nlist is not None and recall >= REUSE_RECALL_FLOOR else None
-        if warm:
-            # the next warm refresh starts here, or at half of it after a first recall well above the floor
-            self._warm_nprobe = None if nlist is None else max(1, nprobe // 2) if ease else nprobe
+        if nlist is not None and nprobe > configured:  # (halved only after a first try well above the floor:
+            # a halving that had to be raised back would otherwise repeat every refresh)
+            ease = diag["retrieval_recall_first"] >= RECALL_EASE
+            self._raised = {"nprobe": max(configured, nprobe // 2) if ease else nprobe}
         else:
-            # The next refresh starts at this nprobe, or at half of it after a recall well above the floor (the
-            # student settles, and a raised nprobe costs a proportional share of an exhaustive search).
-            configured = int(self.index_params.get("nprobe", 1))
-            if nlist is not None and nprobe > configured:  # (halved only after a first try well above the floor:
-                # a halving that had to be raised back would otherwise repeat every refresh)
-                self._raised = {"nprobe": max(configured, nprobe // 2) if ease else nprobe}
-            else:
-                self._raised = {}
+            self._raised = {}
         if recall < REUSE_RECALL_FLOOR:
             log.warning("approximate top-%d (%s, %s): recall@%d %.4f below %.2f; use a finer index or Flat", m,
                         self.index, searcher.params, m, recall, REUSE_RECALL_FLOOR)
-        diag.update({"retrieval_recall": recall, "retrieval_reused_quantizer": float(searcher.reused_training),
-                     "retrieval_warm": float(warm)})
+        diag.update({"retrieval_recall": recall, "retrieval_reused_quantizer": float(searcher.reused_training)})
         if "nprobe" in searcher.params:
             diag["retrieval_nprobe"] = float(searcher.params["nprobe"])
         # only its trained quantizer is kept for the next epoch, and only while its recall holds
         self._reusable = searcher.release() if recall >= REUSE_RECALL_FLOOR else None
-        log.info("approximate top-%d (%s%s%s, %s): recall@%d %.4f vs exact", m, self.index,
-                 ", quantizer kept" if searcher.reused_training else "", ", warm" if warm else "", searcher.params,
-                 m, recall)
+        log.info("approximate top-%d (%s%s, %s): recall@%d %.4f vs exact", m, self.index,
+                 ", quantizer kept" if searcher.reused_training else "", searcher.params, m, recall)
         return ids, diag
 
     def teacher_scores(self, items: torch.Tensor,

@@ -235,6 +235,6 @@ def build_objective(cfg: Config, teacher: Teacher | None, device: torch.device, 
     if teacher is None:
         raise TeacherError(f"--method {d.method} needs --teacher")
     retrieval = KDRetrieval(teacher, device, Path(out).resolve().parent / TOPK_CACHE_DIR, d.index, d.index_params,
-                            exclude_seen=d.exclude_seen, warm_refresh=d.warm_refresh)
+                            exclude_seen=d.exclude_seen)
     return Distillation(make_term(d, retrieval), KDUsers(d.kd_users, retrieval.num_users, device), d.lambda_kd,
                         retrieval)

@@ -191,7 +191,11 @@ class TopKSearcher:
         ids [n, k] int64). Searches ``block`` users at a time. An approximate index that
         finds fewer than k items for a user pads with id -1 and score -inf.
         """
-        users = self._queries(user_vectors, k)
+        users = _as_f32(user_vectors, "user_vectors")
+        if users.shape[1] != self.dim:
+            raise ValueError(f"user_vectors have dim {users.shape[1]}, items have {self.dim}")
+        if not 0 < k <= self.n_items:
+            raise ValueError(f"k must be in 1..{self.n_items}, got {k}")
         n = users.shape[0]
         scores = np.empty((n, k), dtype=np.float32)
         ids = np.empty((n, k), dtype=np.int64)
@@ -205,28 +209,7 @@ class TopKSearcher:
             ids[start : start + len(q)] = i
         return scores, ids
 
-    def candidates(self, user_vectors: np.ndarray, k: int, block: int = 4096) -> np.ndarray:
-        """The index's k items per user, in its own order: ids [n, k] int64, -1 = none found. For an
-        approximate index these are not re-ranked by their true inner products (``search`` does that): for a
-        caller that re-ranks them with more candidates of its own."""
-        users = self._queries(user_vectors, k)
-        if self.is_exact:
-            return self.search(users, k, block)[1]
-        ids = np.empty((users.shape[0], k), dtype=np.int64)
-        for start in range(0, users.shape[0], block):
-            q = users[start : start + block]
-            ids[start : start + len(q)] = self._ip2l2_ids(q, k)
-        return ids
-
-    def _queries(self, user_vectors: np.ndarray, k: int) -> np.ndarray:
-        users = _as_f32(user_vectors, "user_vectors")
-        if users.shape[1] != self.dim:
-            raise ValueError(f"user_vectors have dim {users.shape[1]}, items have {self.dim}")
-        if not 0 < k <= self.n_items:
-            raise ValueError(f"k must be in 1..{self.n_items}, got {k}")
-        return users
-
-    def _ip2l2_ids(self, q: np.ndarray, k: int) -> np.ndarray:
+    def _search_ip2l2(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         # Put each query on the items' sphere (norm R). The item order is unchanged, since
         # |q' - x'|^2 = |q'|^2 + R^2 - 2 q'.x for every x, but a query left near the origin
         # would rank IVF centroids (norm < R) by their norm, not their direction.
@@ -235,10 +218,7 @@ class TopKSearcher:
         q_aug = np.hstack([q * scale.astype(np.float32), np.zeros((len(q), 1), dtype=np.float32)])
         q_aug = np.ascontiguousarray(q_aug, dtype=np.float32)
         _, ids = self.index.search(q_aug, k)
-        return ids.astype(np.int64, copy=False)
-
-    def _search_ip2l2(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = self._ip2l2_ids(q, k)
+        ids = ids.astype(np.int64, copy=False)
         valid = ids >= 0
         # L2 distances of the augmented vectors lose precision for large norms, so recompute
         # the true inner products of the returned ids and re-sort by them.

@@ -80,13 +80,12 @@ def test_every_method_runs_on_the_same_trainer(teacher, slice_data, tmp_path, me
         assert hist[1]["diag_retrieval_recall"] >= 0.95
 
 
-def _ivf_retrieval(teacher, slice_data, tmp_path, lists_of: int, nprobe: int, warm: bool = False):
+def _ivf_retrieval(teacher, slice_data, tmp_path, lists_of: int, nprobe: int):
     data = api.load_data(api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat"]))
     index = f"IVF{data.num_items // lists_of},Flat"
     cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8",
                                  "distill.method=rcekd", "distill.K=10", "distill.M=30", "distill.L=10",
-                                 f"distill.index={index}", f"distill.index_params={{nprobe: {nprobe}}}",
-                                 f"distill.warm_refresh={str(warm).lower()}"])
+                                 f"distill.index={index}", f"distill.index_params={{nprobe: {nprobe}}}"])
     retrieval = build_objective(cfg, load_teacher(teacher, data), torch.device("cpu"), tmp_path / "r").term.retrieval
     return data, index, retrieval
 
@@ -112,55 +111,6 @@ def test_an_approximate_refresh_is_held_to_the_recall_floor(teacher, slice_data,
     assert moved["retrieval_recall"] >= 0.95
 
 
-def test_union_topk_equals_a_per_user_reference():
-    """Each user's best k of two candidate lists by true inner product, an item in both once, -1 skipped, equal
-    scores by item id; the same whatever the block size."""
-    rng = np.random.default_rng(0)
-    u = rng.standard_normal((40, 5)).astype(np.float32)
-    items = np.round(rng.standard_normal((60, 5)), 1).astype(np.float32)
-    items[7] = items[3]  # two items with equal scores for every user: the lower id first
-    found = rng.integers(0, 60, (40, 12))
-    found[:, 0] = 3
-    found[:, 1] = 7
-    found[::3, 2:5] = -1
-    previous = rng.integers(0, 60, (40, 10)).astype(np.int32)
-    previous[:, 0] = found[:, 5]  # in both lists
-    ref = []
-    for r in range(40):
-        cand = sorted({int(x) for x in found[r] if x >= 0} | {int(x) for x in previous[r]})
-        scores = {c: float(np.dot(u[r], items[c])) for c in cand}
-        ref.append(sorted(cand, key=lambda c: (-scores[c], c))[:10])
-    ref = np.array(ref)
-    assert (kd_retrieval.union_topk(u, items, found, previous, 10) == ref).all()
-    assert (kd_retrieval.union_topk(u, items, found, previous, 10, block=7) == ref).all()
-
-
-def test_a_warm_refresh_reranks_last_epochs_list_with_a_quarter_of_nprobe(teacher, slice_data, tmp_path):
-    """From the second refresh on, the index's candidates at a quarter of the nprobe that held the floor are
-    re-ranked together with the previous top-M: the list is the exact top-M of that union, and its recall holds
-    the floor; with warm_refresh off every refresh searches at the nprobe that held."""
-    data, index, retrieval = _ivf_retrieval(teacher, slice_data, tmp_path, lists_of=10, nprobe=16, warm=True)
-    torch.manual_seed(0)
-    model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=8, init_std=0.1)
-    first_ids, first = retrieval.student_topm(model, 30)
-    assert first["retrieval_warm"] == 0.0 and first["retrieval_recall"] >= 0.95
-    held = first["retrieval_nprobe"]
-    with torch.no_grad():  # the student moves a little, as in an epoch
-        model.item_emb.weight.add_(torch.randn_like(model.item_emb.weight) * 0.005)
-    u, i = (w.detach().numpy() for w in model.vectors())
-    ids, warm = retrieval.student_topm(model, 30)
-    assert warm["retrieval_warm"] == 1.0 and warm["retrieval_recall"] >= 0.95
-    assert warm["retrieval_nprobe"] < held
-    assert warm["retrieval_reused_quantizer"] == 1.0  # the first refresh's k-means, kept: search with it here
-    searcher = TopKSearcher(i, index, params={"nprobe": int(warm["retrieval_nprobe"])},
-                            trained_like=retrieval._reusable)
-    union = kd_retrieval.union_topk(u, i, searcher.candidates(u, 30), first_ids.numpy(), 30)
-    assert (ids.numpy() == union).all()
-    cold = _ivf_retrieval(teacher, slice_data, tmp_path, lists_of=10, nprobe=16, warm=False)[2]
-    cold.student_topm(model, 30)
-    assert cold.student_topm(model, 30)[1]["retrieval_warm"] == 0.0
-
-
 def test_a_resumed_run_with_an_approximate_refresh_repeats_the_uninterrupted_one(teacher, slice_data, tmp_path):
     """The refresh carries state between epochs (the kept IVF quantizer, the nprobe the recall floor raised): it is
     saved with the resume checkpoint, so 2 epochs + --resume to 5 ends on the same weights and the same refresh
@@ -173,12 +123,10 @@ def test_a_resumed_run_with_an_approximate_refresh_repeats_the_uninterrupted_one
     state = load_checkpoint(tmp_path / "cut" / "last.safetensors", with_training_state=True)
     assert state.meta["objective_state"]["retrieval"]["trained"]["factory"] == "IVF24,Flat"
     assert state.run_state["retrieval.ivf_trained"].dtype == torch.uint8
-    assert state.run_state["retrieval.previous_topm"].shape[1] == 30  # the last list, for epoch 3's warm refresh
     run_cli("distill", "--teacher", teacher, "--out", tmp_path / "cut", "--epochs", 5, "--resume", *args)
     whole, cut = _history(tmp_path / "whole"), _history(tmp_path / "cut")
     assert [h["diag_retrieval_nprobe"] for h in whole] != [1.0] * 5  # the floor raised nprobe: state to carry
     assert whole[2]["diag_retrieval_reused_quantizer"] == 1.0  # epoch 3 starts from epoch 2's quantizer
-    assert [h["diag_retrieval_warm"] for h in whole] == [0.0] + [1.0] * 4
     keys = [k for k in whole[0] if k.startswith(("diag_", "valid_", "loss"))]
     assert [[h[k] for k in keys] for h in cut] == [[h[k] for k in keys] for h in whole]
     assert (load_checkpoint(tmp_path / "cut" / "last.safetensors").fingerprint
