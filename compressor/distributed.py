@@ -235,6 +235,27 @@ class Distributed:
         dist.all_gather_object(every, float(value))
         return every
 
+    def gather_run_states(self, meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Every rank's objective run state (``Objective.run_state``: each rank's refresh holds its own) as one
+        pair for rank 0's resume checkpoint: ({"ranks": [rank r's meta, ...]}, rank r's tensors as "rank<r>.<name>");
+        ``own_run_state`` reads a rank's back."""
+        if not self.active:
+            return meta, tensors
+        every: list = [None] * self.world_size
+        dist.all_gather_object(every, (meta, {k: v.detach().cpu() for k, v in tensors.items()}))
+        return ({"ranks": [m for m, _ in every]},
+                {f"rank{r}.{k}": v for r, (_, rank_tensors) in enumerate(every) for k, v in rank_tensors.items()})
+
+    def own_run_state(self, meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+        """This rank's pair out of ``gather_run_states``'s; ({}, {}) when the checkpoint holds none for a job of
+        this size (one written by one process, or by another world size and resumed with --reshard: the refresh
+        then starts afresh)."""
+        ranks = meta.get("ranks")
+        if not isinstance(ranks, list) or len(ranks) != self.world_size:
+            return {}, {}
+        prefix = f"rank{self.rank}."
+        return ranks[self.rank] or {}, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
     @property
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")

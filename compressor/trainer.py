@@ -163,14 +163,16 @@ class Trainer:
         returns the metadata written ({} on the other ranks)."""
         self._bring_up_to_date()
         model, optimizer = self._whole_model(with_optimizer)
+        objective_state = run_state = None
+        if with_optimizer:  # a resume checkpoint: what the objective carries to the next epoch too (every rank's)
+            objective_state, run_state = self.dist.gather_run_states(*self.objective.run_state())
         if not self.dist.is_main:
             return {}
         meta = self._meta(status)
         if metrics is not None:
             meta["metrics"] = metrics
-        run_state = None
-        if with_optimizer:  # a resume checkpoint: what the objective carries to the next epoch too
-            meta["objective_state"], run_state = self.objective.run_state()
+        if with_optimizer:
+            meta["objective_state"] = objective_state
         return save_checkpoint(self.out / name, model=model, meta=meta, user_ids=self.data.user_ids,
                                item_ids=self.data.item_ids, train_indptr=self.train_indptr,
                                train_indices=self.data.train.items, optimizer=optimizer,
@@ -227,9 +229,9 @@ class Trainer:
         if ckpt.rng_state is not None:
             torch.set_rng_state(ckpt.rng_state)
         # the objective's carried state (an approximate refresh's quantizer and nprobe) is restored once it is set
-        # up; under torchrun each rank's refresh held its own, and only rank 0's was saved: ranks start afresh
-        if not self.dist.active:
-            self._resumed_run_state = (ckpt.meta.get("objective_state") or {}, ckpt.run_state)
+        # up; under torchrun each rank's refresh held its own, and each rank reads its own back
+        objective_state = (ckpt.meta.get("objective_state") or {}, ckpt.run_state)
+        self._resumed_run_state = self.dist.own_run_state(*objective_state) if self.dist.active else objective_state
         self.epoch = ckpt.meta["epoch"]
         self.history = ckpt.meta["history"]
         es = ckpt.meta["early_stopping"]

@@ -199,3 +199,23 @@ def test_row_sparse_optimizer_trains_under_torchrun(slice_data, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["dist_sparse_steps"] > 0 and r["dist_grad_mb_per_step"] > 0 for r in rows)
     assert json.loads(run_cli("evaluate", out, "--json").stdout)["ndcg@20"] >= 0
+
+
+def test_each_rank_resumes_its_own_approximate_refresh_state(teacher, slice_data, tmp_path):
+    """Each rank's refresh keeps its own IVF quantizer and raised nprobe (the recall floor is checked on its own
+    users): the resume checkpoint holds every rank's, and each rank reads its own back, so 2 epochs + --resume to
+    4 end on the uninterrupted job's weights and refresh diagnostics (ranks used to start the refresh afresh)."""
+    ivf = ["--set", "distill.index=IVF24,Flat", "--set", "distill.index_params={nprobe: 1}"]
+    args = ["--teacher", teacher, *data_args(slice_data), *SMALL_KD, *ivf, "--set", "model.dim=8", "--nproc", 2]
+    run_cli("distill", "--out", tmp_path / "whole", *args, "--epochs", 4)
+    run_cli("distill", "--out", tmp_path / "cut", *args, "--epochs", 2)
+    state = read_meta(tmp_path / "cut" / "last.safetensors")["objective_state"]
+    assert len(state["ranks"]) == 2 and all(r["retrieval"]["trained"] for r in state["ranks"])
+    assert all(r["retrieval"]["raised"]["nprobe"] > 1 for r in state["ranks"])  # the floor raised it: to carry
+    run_cli("distill", "--out", tmp_path / "cut", *args, "--epochs", 4, "--resume")
+    whole, cut = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                  for d in ("whole", "cut"))
+    keys = [k for k in whole[0] if k.startswith(("diag_", "valid_", "loss"))]
+    assert [[h[k] for k in keys] for h in cut] == [[h[k] for k in keys] for h in whole]
+    for name in ("model.safetensors", "last.safetensors"):
+        assert read_meta(tmp_path / "cut" / name)["fingerprint"] == read_meta(tmp_path / "whole" / name)["fingerprint"]
