@@ -237,12 +237,14 @@ class Distributed:
 
     def gather_run_states(self, meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
         """Every rank's objective run state (``Objective.run_state``: each rank's refresh holds its own) as one
-        pair for rank 0's resume checkpoint: ({"ranks": [rank r's meta, ...]}, rank r's tensors as "rank<r>.<name>");
+        pair on rank 0, for its resume checkpoint (({}, {}) on the others): ({"ranks": [rank r's meta, ...]}, rank r's tensors as "rank<r>.<name>");
         ``own_run_state`` reads a rank's back."""
         if not self.active:
             return meta, tensors
-        every: list = [None] * self.world_size
-        dist.all_gather_object(every, (meta, {k: v.detach().cpu() for k, v in tensors.items()}))
+        every: list | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object((meta, {k: v.detach().cpu() for k, v in tensors.items()}), every, dst=0)
+        if every is None:  # (the other ranks write nothing)
+            return {}, {}
         return ({"ranks": [m for m, _ in every]},
                 {f"rank{r}.{k}": v for r, (_, rank_tensors) in enumerate(every) for k, v in rank_tensors.items()})
 

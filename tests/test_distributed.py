@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from compressor.checkpoint import read_meta
-from compressor.distributed import DistributedError, user_blocks
+from compressor.distributed import Distributed, DistributedError, user_blocks
 
 from .conftest import ROOT, TINY_TRAIN, assert_one_line_error, cli_command, run_cli, write_slice
 
@@ -203,19 +204,33 @@ def test_row_sparse_optimizer_trains_under_torchrun(slice_data, tmp_path):
 
 def test_each_rank_resumes_its_own_approximate_refresh_state(teacher, slice_data, tmp_path):
     """Each rank's refresh keeps its own IVF quantizer and raised nprobe (the recall floor is checked on its own
-    users): the resume checkpoint holds every rank's, and each rank reads its own back, so 2 epochs + --resume to
-    4 end on the uninterrupted job's weights and refresh diagnostics (ranks used to start the refresh afresh)."""
+    users): the resume checkpoint holds every rank's, and each rank reads its own back, so 3 epochs + --resume to
+    4 end on the uninterrupted job's weights and refresh diagnostics; epoch 4 starts from epoch 3's kept
+    quantizer, which the ranks used to train afresh on resume."""
     ivf = ["--set", "distill.index=IVF24,Flat", "--set", "distill.index_params={nprobe: 1}"]
     args = ["--teacher", teacher, *data_args(slice_data), *SMALL_KD, *ivf, "--set", "model.dim=8", "--nproc", 2]
     run_cli("distill", "--out", tmp_path / "whole", *args, "--epochs", 4)
-    run_cli("distill", "--out", tmp_path / "cut", *args, "--epochs", 2)
+    run_cli("distill", "--out", tmp_path / "cut", *args, "--epochs", 3)
     state = read_meta(tmp_path / "cut" / "last.safetensors")["objective_state"]
     assert len(state["ranks"]) == 2 and all(r["retrieval"]["trained"] for r in state["ranks"])
     assert all(r["retrieval"]["raised"]["nprobe"] > 1 for r in state["ranks"])  # the floor raised it: to carry
     run_cli("distill", "--out", tmp_path / "cut", *args, "--epochs", 4, "--resume")
     whole, cut = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
                   for d in ("whole", "cut"))
+    assert whole[3]["diag_retrieval_reused_quantizer"] == 1.0  # epoch 4 starts from epoch 3's quantizer
     keys = [k for k in whole[0] if k.startswith(("diag_", "valid_", "loss"))]
     assert [[h[k] for k in keys] for h in cut] == [[h[k] for k in keys] for h in whole]
     for name in ("model.safetensors", "last.safetensors"):
         assert read_meta(tmp_path / "cut" / name)["fingerprint"] == read_meta(tmp_path / "whole" / name)["fingerprint"]
+
+
+def test_a_rank_reads_its_own_run_state_and_none_from_another_job_size():
+    """``own_run_state`` picks this rank's meta and "rank<r>." tensors out of the gathered pair; a checkpoint of
+    another job size (or of one process) gives nothing, so the refresh starts afresh."""
+    saved = ({"ranks": [{"retrieval": {"held_nprobe": 4}}, {"retrieval": {"held_nprobe": 8}}]},
+             {"rank0.retrieval.ivf_trained": torch.zeros(3), "rank1.retrieval.ivf_trained": torch.ones(2)})
+    meta, tensors = Distributed(rank=1, world_size=2).own_run_state(*saved)
+    assert meta == {"retrieval": {"held_nprobe": 8}} and list(tensors) == ["retrieval.ivf_trained"]
+    assert tensors["retrieval.ivf_trained"].tolist() == [1.0, 1.0]
+    assert Distributed(rank=0, world_size=3).own_run_state(*saved) == ({}, {})
+    assert Distributed(rank=0, world_size=2).own_run_state({"retrieval": {}}, {}) == ({}, {})
