@@ -237,8 +237,8 @@ class Distributed:
 
     def gather_run_states(self, meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
         """Every rank's objective run state (``Objective.run_state``: each rank's refresh holds its own) as one
-        pair on rank 0, for its resume checkpoint (({}, {}) on the others): ({"ranks": [rank r's meta, ...]}, rank r's tensors as "rank<r>.<name>");
-        ``own_run_state`` reads a rank's back."""
+        pair on rank 0, for its resume checkpoint (({}, {}) on the others): ({"ranks": [rank r's meta, ...]},
+        rank r's tensors as "rank<r>.<name>"); ``own_run_state`` reads a rank's back. One process: the pair as is."""
         if not self.active:
             return meta, tensors
         every: list | None = [None] * self.world_size if self.is_main else None
@@ -249,10 +249,12 @@ class Distributed:
                 {f"rank{r}.{k}": v for r, (_, rank_tensors) in enumerate(every) for k, v in rank_tensors.items()})
 
     def own_run_state(self, meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-        """This rank's pair out of ``gather_run_states``'s; ({}, {}) when the checkpoint holds none for a job of
-        this size (one written by one process, or by another world size and resumed with --reshard: the refresh
-        then starts afresh)."""
+        """This rank's pair out of a resume checkpoint's (what ``gather_run_states`` returned when it was saved);
+        ({}, {}) when it holds none for a job of this size (one written by one process and resumed under torchrun,
+        or the other way round, or by another world size: --reshard; the refresh then starts afresh)."""
         ranks = meta.get("ranks")
+        if not self.active:
+            return ({}, {}) if ranks is not None else (meta, tensors)
         if not isinstance(ranks, list) or len(ranks) != self.world_size:
             return {}, {}
         prefix = f"rank{self.rank}."

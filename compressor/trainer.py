@@ -230,12 +230,7 @@ class Trainer:
             torch.set_rng_state(ckpt.rng_state)
         # the objective's carried state (an approximate refresh's quantizer and nprobe) is restored once it is set
         # up; under torchrun each rank's refresh held its own, and each rank reads its own back
-        objective_state = (ckpt.meta.get("objective_state") or {}, ckpt.run_state)
-        if self.dist.active:
-            objective_state = self.dist.own_run_state(*objective_state)
-        elif "ranks" in objective_state[0]:  # a torchrun job's, resumed in one process (--reshard): start afresh
-            objective_state = ({}, {})
-        self._resumed_run_state = objective_state
+        self._resumed_run_state = self.dist.own_run_state(ckpt.meta.get("objective_state") or {}, ckpt.run_state)
         self.epoch = ckpt.meta["epoch"]
         self.history = ckpt.meta["history"]
         es = ckpt.meta["early_stopping"]

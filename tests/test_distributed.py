@@ -234,3 +234,6 @@ def test_a_rank_reads_its_own_run_state_and_none_from_another_job_size():
     assert tensors["retrieval.ivf_trained"].tolist() == [1.0, 1.0]
     assert Distributed(rank=0, world_size=3).own_run_state(*saved) == ({}, {})
     assert Distributed(rank=0, world_size=2).own_run_state({"retrieval": {}}, {}) == ({}, {})
+    one = Distributed.single()  # one process: its own checkpoint's pair as is, a torchrun job's none (--reshard)
+    assert one.own_run_state({"retrieval": {"held_nprobe": 2}}, {}) == ({"retrieval": {"held_nprobe": 2}}, {})
+    assert one.own_run_state(*saved) == ({}, {})
