@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -114,6 +115,10 @@ def serve(
     from uvicorn.config import LOGGING_CONFIG
 
     state_dir = tempfile.mkdtemp(prefix="compress-serve-")
+    # uvicorn's single-process server re-raises a captured SIGTERM once it has shut down, with the handler it
+    # found: the default one would end the process before the `finally` below and leave state_dir behind. A
+    # handler that exits through Python unwinds it instead (exit status 143, as a killed process reports).
+    previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         metrics_dir = os.path.join(state_dir, "metrics")
         os.mkdir(metrics_dir)
@@ -140,7 +145,12 @@ def serve(
             timeout_graceful_shutdown=10,
         )
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:

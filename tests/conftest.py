@@ -2,6 +2,7 @@
 and one brute-force top-k oracle."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -127,6 +128,10 @@ class Server:
             raise AssertionError("server did not stop within 20 s of SIGTERM")
         text = self.log.read_text()
         assert "Traceback" not in text, text[-3000:]
+        # the server's own state directory (control file and metrics, unless --control-file moved the former)
+        # goes with it: SIGTERM must not leave one behind per start
+        for state_dir in re.findall(r"swap control file: (\S*/compress-serve-[^/\s]+)/control\.json", text):
+            assert not Path(state_dir).exists(), f"{state_dir} left behind"
         return text
 
 
