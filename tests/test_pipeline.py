@@ -34,8 +34,9 @@ def _args(recipes, out, *extra):
 def test_pipeline_runs_reuses_and_reports(recipes, tmp_path):
     out = tmp_path / "p"
     env = {"COMPRESS_NO_MLFLOW": "0", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    # cwd: MLflow's SQLite store puts artifacts under ./mlruns, which must not be the checkout
     p = run_cli(*_args(recipes, out, "--register", "pipe-student", "--alias", "champion", "--gate-share", "0"),
-                env=env)
+                env=env, cwd=tmp_path)
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     report = (out / "report" / "report.md").read_text()
     for label in ("teacher", "scratch student", "RCE-KD student"):
@@ -74,7 +75,7 @@ def test_pipeline_runs_reuses_and_reports(recipes, tmp_path):
     # second run: every stage reused, and summary.json says so
     model_mtime = {s: (out / s / "model.safetensors").stat().st_mtime_ns for s in ("teacher", "scratch", "rcekd")}
     p2 = run_cli(*_args(recipes, out, "--register", "pipe-student", "--alias", "champion", "--gate-share", "0"),
-                 env=env)
+                 env=env, cwd=tmp_path)
     stages = json.loads(p2.stdout.strip().splitlines()[-1])["stages"]
     assert stages == {"teacher": "reused", "scratch": "reused", "rcekd": "reused", "export.teacher": "reused",
                       "export.scratch": "reused", "export.rcekd": "reused", "register": "reused"}
