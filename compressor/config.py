@@ -148,8 +148,11 @@ class DistillConfig:
     teacher_weights: list = _f([], "With several teachers (--teacher given more than once): the weight of each "
                                     "one's scores, in order. Empty: each teacher's scores brought to the first "
                                     "one's spread and averaged.")
-    index: str = _f("Flat", "FAISS factory string for the top-K retrievals (Flat = exact).")
-    index_params: dict = _f({}, "FAISS search parameters, e.g. {nprobe: 32} or {efSearch: 128}.")
+    index: str = _f("Flat", "The student's top-M search: a FAISS factory string (Flat = exact, e.g. IVF1024,Flat), "
+                             "or UserClusters (users grouped by k-means, each ranked over its cluster's candidate "
+                             "items: the cheapest at many users).")
+    index_params: dict = _f({}, "Search parameters, e.g. {nprobe: 32} or {efSearch: 128}; UserClusters: {clusters: "
+                                "2048, candidates: 4000}.")
     rrd: RRDConfig = field(default_factory=RRDConfig, metadata={"help": "RRD baseline settings."})
 
 
@@ -252,6 +255,13 @@ def _check(cfg: Config, source: str) -> Config:
     if d.exclude_seen and d.index not in ("Flat", "FlatIP"):
         raise ConfigError(f"{source}: 'distill.exclude_seen' ranks exactly with the training items masked; it "
                           f"needs 'distill.index: Flat', got {d.index!r}")
+    if d.index == "UserClusters":
+        from .cluster_search import check_params  # (lazy: FAISS and torch only for this index)
+
+        try:
+            check_params(d.index_params)
+        except ValueError as e:
+            raise ConfigError(f"{source}: 'distill.index_params': {e}") from None
     if not d.use_loss_s and not d.use_loss_t:
         raise ConfigError(f"{source}: 'distill.use_loss_s' and 'distill.use_loss_t' cannot both be false")
     w = d.teacher_weights

@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cluster_search import DEFAULT_PARAMS as CLUSTER_DEFAULTS
+from .cluster_search import FACTORY as USER_CLUSTERS
+from .cluster_search import UserClusterSearcher
 from .data import Dataset
 from .distill import Teacher
 from .errors import TrainingError
@@ -62,7 +65,7 @@ class KDRetrieval:
         self.use_gpu = device.type == "cuda"
         self._reusable: TrainedQuantizer | None = None  # last epoch's quantizer, while its recall held
         self._raised: dict = {}  # search parameters raised to hold the recall floor, kept for later refreshes
-        self._held_nprobe: int | None = None  # the nprobe at which the last refresh held the floor
+        self._held: int | None = None  # the nprobe (or candidates) at which the last refresh held the floor
         self._said_torch_topk = False
 
     @property
@@ -74,7 +77,7 @@ class KDRetrieval:
     # longer repeated the uninterrupted run.
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-able numbers, tensors) of what the next refresh starts from; ``load_state`` restores them."""
-        meta = {"raised": dict(self._raised), "held_nprobe": self._held_nprobe}
+        meta = {"raised": dict(self._raised), "held": self._held}
         if self._reusable is None:
             return meta, {}
         meta["trained"] = {"factory": self._reusable.factory, "dim": self._reusable.dim}
@@ -87,7 +90,7 @@ class KDRetrieval:
         if trained and trained.get("factory") != self.index:
             return
         self._raised = dict(meta.get("raised") or {})
-        self._held_nprobe = meta.get("held_nprobe")
+        self._held = meta.get("held", meta.get("held_nprobe"))  # (the key of runs saved before UserClusters)
         try:
             self._reusable = (TrainedQuantizer.from_bytes(trained["factory"], trained["dim"],
                                                           tensors["ivf_trained"].numpy())
@@ -157,53 +160,64 @@ class KDRetrieval:
         """The student's top-m by ``distill.index`` (exact or approximate), an approximate one held to
         REUSE_RECALL_FLOOR: its recall@m against exact search is measured on a sample of users every refresh,
         and below the floor the search is redone: an nprobe stepped down from the last refresh's raised back,
-        then a kept quantizer trained afresh, then nprobe doubled up to the list count. The floor matters: a
+        then a kept quantizer trained afresh, then nprobe doubled up to the list count (UserClusters: its
+        candidates, up to every item). The floor matters: a
         fresh Gowalla student's IVF256 nprobe 8 recall fell from 0.96 to 0.59 over its first 25 RCE-KD epochs,
         and the KD terms built on those lists lost validation NDCG."""
         params = {**self.index_params, **self._raised}
         # An approximate (IVF) index keeps its trained quantizer from the previous epoch while its recall holds:
         # the student moves little per epoch, and k-means is most of an IVF refresh (docs/benchmarks.md 4).
-        searcher = TopKSearcher(i, self.index, use_gpu=self.use_gpu, params=params, trained_like=self._reusable)
+        if self.index == USER_CLUSTERS:
+            searcher = UserClusterSearcher(i, u, params=params)
+        else:
+            searcher = TopKSearcher(i, self.index, use_gpu=self.use_gpu, params=params, trained_like=self._reusable)
         ids = searcher.search(u, m)[1]
         if searcher.is_exact:
             return ids, {}
         checking = time.perf_counter()
         recall = measure_recall(searcher, u, i, m, sample_users=RECALL_SAMPLE_USERS)
         diag = {"retrieval_recall_first": recall, "time_recall_check_s": time.perf_counter() - checking}
-        nlist, nprobe, held = searcher.nlist, int(params.get("nprobe", 1)), self._held_nprobe
-        if nlist is not None and searcher.on_gpu:
-            nlist = min(nlist, GPU_MAX_NPROBE)
+        # the knob that buys recall with time, its configured value and its ceiling
+        if isinstance(searcher, UserClusterSearcher):
+            knob, limit = "candidates", searcher.n_items
+            configured = int(self.index_params.get("candidates", CLUSTER_DEFAULTS["candidates"]))
+        elif searcher.nlist is not None:
+            knob, configured = "nprobe", int(self.index_params.get("nprobe", 1))
+            limit = min(searcher.nlist, GPU_MAX_NPROBE) if searcher.on_gpu else searcher.nlist
+        else:  # (HNSW: nothing raised here)
+            knob, configured, limit = None, 0, 0
+        value = int(params.get(knob, configured)) if knob else 0
+        held = self._held
         while recall < REUSE_RECALL_FLOOR:
-            if nlist is not None and held is not None and nprobe < held:  # stepped down too far: back up
-                nprobe = min(2 * nprobe, held)
-                searcher.set_params(nprobe=nprobe)
+            if knob and held is not None and value < held:  # stepped down too far: back up
+                value = min(2 * value, held)
+                searcher.set_params(**{knob: value})
             elif searcher.reused_training:  # the kept quantizer went stale: k-means on the current vectors
-                searcher = TopKSearcher(i, self.index, use_gpu=self.use_gpu, params={**params, "nprobe": nprobe}
-                                        if nlist is not None else params)
+                searcher = TopKSearcher(i, self.index, use_gpu=self.use_gpu, params={**params, "nprobe": value}
+                                        if knob else params)
                 diag["retrieval_retrained"] = 1.0
-            elif nlist is not None and nprobe < nlist:
-                nprobe = min(2 * nprobe, nlist)
-                searcher.set_params(nprobe=nprobe)
+            elif knob and value < limit:
+                value = min(2 * value, limit)
+                searcher.set_params(**{knob: value})
             else:
                 break
             ids = searcher.search(u, m)[1]
             recall = measure_recall(searcher, u, i, m, sample_users=RECALL_SAMPLE_USERS)
-        # The next refresh starts at this nprobe, or at half of it after a recall well above the floor (the
+        # The next refresh starts at this value, or at half of it after a recall well above the floor (the
         # student settles, and a raised nprobe costs a proportional share of an exhaustive search).
-        configured = int(self.index_params.get("nprobe", 1))
-        self._held_nprobe = nprobe if nlist is not None and recall >= REUSE_RECALL_FLOOR else None
-        if nlist is not None and nprobe > configured:  # (halved only after a first try well above the floor:
+        self._held = value if knob and recall >= REUSE_RECALL_FLOOR else None
+        if knob and value > configured:  # (halved only after a first try well above the floor:
             # a halving that had to be raised back would otherwise repeat every refresh)
             ease = diag["retrieval_recall_first"] >= RECALL_EASE
-            self._raised = {"nprobe": max(configured, nprobe // 2) if ease else nprobe}
+            self._raised = {knob: max(configured, value // 2) if ease else value}
         else:
             self._raised = {}
         if recall < REUSE_RECALL_FLOOR:
             log.warning("approximate top-%d (%s, %s): recall@%d %.4f below %.2f; use a finer index or Flat", m,
                         self.index, searcher.params, m, recall, REUSE_RECALL_FLOOR)
         diag.update({"retrieval_recall": recall, "retrieval_reused_quantizer": float(searcher.reused_training)})
-        if "nprobe" in searcher.params:
-            diag["retrieval_nprobe"] = float(searcher.params["nprobe"])
+        if knob in searcher.params:
+            diag[f"retrieval_{knob}"] = float(searcher.params[knob])
         # only its trained quantizer is kept for the next epoch, and only while its recall holds
         self._reusable = searcher.release() if recall >= REUSE_RECALL_FLOOR else None
         log.info("approximate top-%d (%s%s, %s): recall@%d %.4f vs exact", m, self.index,

@@ -1,0 +1,131 @@
+"""Every user's top-k items through user clusters: the approximate refresh that costs least at many users.
+
+An IVF index (``retrieval.TopKSearcher``) serves one query at a time: it ranks all of its coarse centroids for the
+query, then scans the items of the lists it probes through a heap. At 1M users x 200k items that took 87 s of a
+180 s RCE-KD epoch on 2 cores, half of it the coarse ranking (docs/benchmarks.md 4f). A refresh asks for every
+user at once, so the work can be shared instead: spherical k-means groups users whose vectors point alike; each
+cluster's *candidates* are the items that score highest against its centroid (one exact search per cluster, not
+per user); a user's top-k is then exact over its cluster's candidates, one dense product and one ``topk`` per block
+of a cluster's users. What it misses is an item of a user's true top-k that the centroid does not rank among the
+candidates; like an IVF index's, its recall is measured against exact search on a sample of users every refresh
+(``kd_retrieval``), and more candidates buy recall with time (as many as there are items: exact).
+
+``distill.index: UserClusters`` selects it, ``distill.index_params`` may set ``clusters`` and ``candidates``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import faiss
+import numpy as np
+import torch
+
+FACTORY = "UserClusters"
+DEFAULT_PARAMS = {"clusters": 2048, "candidates": 4000}
+KMEANS_ITERATIONS = 10
+KMEANS_POINTS_PER_CLUSTER = 64  # k-means trains on at most this many users per cluster (FAISS samples them)
+ASSIGN_BLOCK = 1 << 16  # users per block when assigning users to clusters (block x clusters scores)
+SCORE_BLOCK_ELEMS = 1 << 24  # scores per block of one cluster's users x its candidates (64 MiB at float32)
+CENTROID_BLOCK = 256  # centroids per block when ranking the items for each centroid
+
+
+def check_params(params: Mapping) -> dict:
+    """``DEFAULT_PARAMS`` updated by ``params``; ValueError naming an unknown key or a value that is not a positive
+    integer."""
+    unknown = set(params) - set(DEFAULT_PARAMS)
+    if unknown:
+        raise ValueError(f"{FACTORY} takes {' and '.join(DEFAULT_PARAMS)}, not {', '.join(sorted(unknown))}")
+    for key, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{FACTORY} {key} must be a positive integer, got {value!r}")
+    return {**DEFAULT_PARAMS, **params}
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-30), dtype=np.float32)
+
+
+class UserClusterSearcher:
+    """Top-k items by inner product for users, the items ranked within each user's cluster's candidates.
+
+    Built from the item vectors and the users to cluster (k-means on their directions, ``seed`` fixes it); the
+    search may then be asked for any users, each assigned to its nearest centroid. The interface the refresh in
+    ``kd_retrieval`` uses: ``search``, ``set_params(candidates=...)``, ``params``, ``is_exact``, ``release``.
+    Runs with torch on the CPU (FAISS's k-means included); results depend only on the vectors, the parameters,
+    the seed and the thread count.
+    """
+
+    is_exact = False
+    on_gpu = False
+    nlist = None  # (not an IVF index)
+    reused_training = False
+
+    def __init__(self, item_vectors: np.ndarray, user_vectors: np.ndarray,
+                 params: Mapping[str, int] | None = None, seed: int = 0) -> None:
+        items = np.ascontiguousarray(item_vectors, dtype=np.float32)
+        users = np.ascontiguousarray(user_vectors, dtype=np.float32)
+        if items.ndim != 2 or users.ndim != 2 or items.shape[1] != users.shape[1]:
+            raise ValueError(f"item vectors {items.shape} and user vectors {users.shape} must be [n, dim] alike")
+        self.params = check_params(params or {})
+        self.factory = FACTORY
+        self.n_items, self.dim = items.shape
+        self._items = torch.from_numpy(items)
+        clusters = max(1, min(self.params["clusters"], users.shape[0]))
+        kmeans = faiss.Kmeans(self.dim, clusters, niter=KMEANS_ITERATIONS, spherical=True, seed=int(seed),
+                              max_points_per_centroid=KMEANS_POINTS_PER_CLUSTER, min_points_per_centroid=1)
+        kmeans.train(_unit_rows(users))
+        self._centroids = torch.from_numpy(np.ascontiguousarray(kmeans.centroids, dtype=np.float32))
+        self._candidates: torch.Tensor | None = None  # [clusters, candidates] item ids, for self.params
+
+    def set_params(self, **params) -> None:
+        """Change ``candidates`` (e.g. raised to hold a recall floor); ``clusters`` is fixed once built."""
+        if "clusters" in params and params["clusters"] != self.params["clusters"]:
+            raise ValueError(f"{FACTORY}: clusters is fixed once the users are clustered")
+        self.params = check_params({**self.params, **params})
+        self._candidates = None
+
+    def release(self) -> None:
+        """Drop the vectors (nothing is kept for the next refresh: clustering the current users is part of it)."""
+        self._items = self._centroids = self._candidates = None
+
+    def _candidate_lists(self, count: int) -> torch.Tensor:
+        if self._candidates is None or self._candidates.shape[1] != count:
+            items_t = self._items.T.contiguous()
+            self._candidates = torch.cat([
+                torch.topk(self._centroids[s:s + CENTROID_BLOCK] @ items_t, count, dim=1).indices
+                for s in range(0, self._centroids.shape[0], CENTROID_BLOCK)])
+        return self._candidates
+
+    @torch.no_grad()
+    def search(self, user_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [n, k] float32 inner products, ids [n, k] int64) of the users' top-k, best first."""
+        users = torch.from_numpy(np.ascontiguousarray(user_vectors, dtype=np.float32))
+        if users.ndim != 2 or users.shape[1] != self.dim:
+            raise ValueError(f"user_vectors must be [n, {self.dim}], got {tuple(users.shape)}")
+        if not 0 < k <= self.n_items:
+            raise ValueError(f"k must be in 1..{self.n_items}, got {k}")
+        n = users.shape[0]
+        count = min(max(self.params["candidates"], k), self.n_items)
+        candidates = self._candidate_lists(count)
+        units = torch.from_numpy(_unit_rows(users.numpy()))
+        assign = torch.cat([torch.argmax(units[s:s + ASSIGN_BLOCK] @ self._centroids.T, dim=1)
+                            for s in range(0, n, ASSIGN_BLOCK)]) if n else torch.zeros(0, dtype=torch.long)
+        order = torch.argsort(assign, stable=True)
+        bounds = torch.searchsorted(assign[order], torch.arange(candidates.shape[0] + 1)).tolist()
+        scores = torch.empty((n, k), dtype=torch.float32)
+        ids = torch.empty((n, k), dtype=torch.int64)
+        rows_per_block = max(1, SCORE_BLOCK_ELEMS // count)
+        for c in range(candidates.shape[0]):
+            members = order[bounds[c]:bounds[c + 1]]
+            if members.numel() == 0:
+                continue
+            cand = candidates[c]
+            cand_t = self._items[cand].T.contiguous()
+            for s in range(0, members.numel(), rows_per_block):
+                rows = members[s:s + rows_per_block]
+                top = torch.topk(users[rows] @ cand_t, k, dim=1)
+                scores[rows] = top.values
+                ids[rows] = cand[top.indices]
+        return scores.numpy(), ids.numpy()

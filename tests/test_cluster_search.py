@@ -1,0 +1,91 @@
+"""UserClusters, the refresh that ranks each user over its cluster's candidate items: exact at its ceiling, recall
+rising with the candidates, deterministic, its parameters checked, and held to the recall floor inside a run."""
+
+import numpy as np
+import pytest
+import torch
+
+from compressor import api
+from compressor.checkpoint import load_checkpoint
+from compressor.cluster_search import UserClusterSearcher, check_params
+from compressor.config import ConfigError
+from compressor.models import build_model
+from compressor.retrieval import TopKSearcher, recall_at_k
+
+from .conftest import TINY_TRAIN, run_cli
+from .test_distill import SMALL_KD, _history, _ivf_retrieval, teacher  # noqa: F401  (teacher: the fixture)
+
+
+def _vectors(seed=0, users=2000, items=3000, dim=8):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((users, dim)).astype(np.float32),
+            rng.standard_normal((items, dim)).astype(np.float32))
+
+
+def test_with_every_item_a_candidate_it_is_the_exact_search():
+    u, i = _vectors()
+    exact_scores, exact_ids = TopKSearcher(i, "Flat").search(u, 30)
+    scores, ids = UserClusterSearcher(i, u, {"clusters": 32, "candidates": 3000}).search(u, 30)
+    assert (ids == exact_ids).all()  # (random vectors: no ties)
+    np.testing.assert_allclose(scores, exact_scores, rtol=0, atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 0).all()  # best first
+
+
+def test_recall_rises_with_the_candidates_and_any_user_can_be_searched():
+    u, i = _vectors()
+    others, _ = _vectors(seed=1, users=300)  # users the clusters were not built from
+    truth = TopKSearcher(i, "Flat").search(others, 30)[1]
+    searcher = UserClusterSearcher(i, u, {"clusters": 32, "candidates": 100})
+    recalls = []
+    for candidates in (100, 300, 1000):
+        searcher.set_params(candidates=candidates)
+        recalls.append(recall_at_k(searcher.search(others, 30)[1], truth))
+    assert recalls[0] < recalls[1] < recalls[2] and recalls[2] > 0.9, recalls
+    # fewer candidates than k: k of them are ranked all the same
+    assert (searcher.search(others[:5], 30)[1] >= 0).all()
+
+
+def test_the_same_vectors_and_seed_give_the_same_lists():
+    u, i = _vectors()
+    a = UserClusterSearcher(i, u, {"clusters": 16, "candidates": 200}).search(u, 20)
+    b = UserClusterSearcher(i, u, {"clusters": 16, "candidates": 200}).search(u, 20)
+    assert (a[1] == b[1]).all() and (a[0] == b[0]).all()
+
+
+@pytest.mark.parametrize("params,needle", [({"nprobe": 8}, "not nprobe"), ({"clusters": 0}, "clusters must be"),
+                                           ({"candidates": True}, "candidates must be"),
+                                           ({"candidates": 1.5}, "candidates must be")])
+def test_bad_parameters_are_named(params, needle):
+    with pytest.raises(ValueError, match=needle):
+        check_params(params)
+    with pytest.raises(ConfigError) as e:
+        api.make_config(None, ["distill.index=UserClusters", f"distill.index_params={params}".replace("'", "")])
+    assert "distill.index_params" in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_refresh_raises_the_candidates_to_the_recall_floor(teacher, slice_data, tmp_path):
+    data, _, retrieval = _ivf_retrieval(teacher, slice_data, tmp_path, lists_of=10, nprobe=1)
+    retrieval.index, retrieval.index_params = "UserClusters", {"clusters": 16, "candidates": 30}
+    torch.manual_seed(0)
+    model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=8, init_std=0.1)
+    ids, diag = retrieval.student_topm(model, 30)
+    assert diag["retrieval_recall_first"] < 0.95 <= diag["retrieval_recall"]
+    assert diag["retrieval_candidates"] > 30 and (ids >= 0).all()
+    again = retrieval.student_topm(model, 30)[1]  # the next refresh starts from the raised candidates
+    assert again["retrieval_candidates"] == diag["retrieval_candidates"] and again["retrieval_recall_first"] >= 0.95
+    assert retrieval.state()[0]["raised"] == {"candidates": int(diag["retrieval_candidates"])}
+
+
+def test_a_resumed_run_with_user_clusters_repeats_the_uninterrupted_one(teacher, slice_data, tmp_path):
+    clusters = ["--set", "distill.index=UserClusters", "--set", "distill.index_params={clusters: 8, candidates: 30}"]
+    args = ["--set", f"data.path={slice_data}", *SMALL_KD, *clusters, *TINY_TRAIN]
+    run_cli("distill", "--teacher", teacher, "--out", tmp_path / "whole", "--epochs", 4, *args)
+    run_cli("distill", "--teacher", teacher, "--out", tmp_path / "cut", "--epochs", 2, *args)
+    run_cli("distill", "--teacher", teacher, "--out", tmp_path / "cut", "--epochs", 4, "--resume", *args)
+    whole, cut = _history(tmp_path / "whole"), _history(tmp_path / "cut")
+    assert all(h["diag_retrieval_recall"] >= 0.95 for h in whole)
+    assert whole[0]["diag_retrieval_candidates"] > 30  # the floor raised them: state the resume carries
+    keys = [k for k in whole[0] if k.startswith(("diag_", "valid_", "loss"))]
+    assert [[h[k] for k in keys] for h in cut] == [[h[k] for k in keys] for h in whole]
+    assert (load_checkpoint(tmp_path / "cut" / "last.safetensors").fingerprint
+            == load_checkpoint(tmp_path / "whole" / "last.safetensors").fingerprint)
