@@ -2,6 +2,8 @@
 
 The one module that owns "top-K items for these users" (steps 1-2 of RCE-KD, evaluation
 candidates, RRD's teacher lists). numpy float32 in, numpy out; never a users x items matrix.
+Its one sibling is ``cluster_search`` (``distill.index: UserClusters``), which answers the same question for
+every user at once with torch, and so stays out of this torch-free module that export imports.
 """
 
 from __future__ import annotations
