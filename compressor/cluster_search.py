@@ -1,14 +1,14 @@
 """Every user's top-k items through user clusters: the approximate refresh that costs least at many users.
 
 An IVF index (``retrieval.TopKSearcher``) serves one query at a time: it ranks all of its coarse centroids for the
-query, then scans the items of the lists it probes through a heap. At 1M users x 200k items that took 87 s of a
-180 s RCE-KD epoch on 2 cores, half of it the coarse ranking (docs/benchmarks.md 4f). A refresh asks for every
-user at once, so the work can be shared instead: spherical k-means groups users whose vectors point alike; each
-cluster's *candidates* are the items that score highest against its centroid (one exact search per cluster, not
-per user); a user's top-k is then exact over its cluster's candidates, one dense product and one ``topk`` per block
-of a cluster's users. What it misses is an item of a user's true top-k that the centroid does not rank among the
-candidates; like an IVF index's, its recall is measured against exact search on a sample of users every refresh
-(``kd_retrieval``), and more candidates buy recall with time (as many as there are items: exact).
+query, then scans the items of the lists it probes through a heap; at a million users that search was half of an
+RCE-KD epoch (docs/benchmarks.md 4f). A refresh asks for every user at once, so the work can be shared instead:
+spherical k-means groups users whose vectors point alike; each cluster's *candidates* are the items that score
+highest against its centroid (one exact search per cluster, not per user); a user's top-k is then exact over its
+cluster's candidates, one dense product and one ``topk`` per block of a cluster's users. What it misses is an item
+of a user's true top-k that the centroid does not rank among the candidates; like an IVF index's, its recall is
+measured against exact search on a sample of users every refresh (``kd_retrieval``), and more candidates buy
+recall with time (as many as there are items: the exact search itself).
 
 ``distill.index: UserClusters`` selects it, ``distill.index_params`` may set ``clusters`` and ``candidates``.
 """
@@ -21,13 +21,14 @@ import faiss
 import numpy as np
 import torch
 
+from .retrieval import exact_topk_on_device
+
 FACTORY = "UserClusters"
 DEFAULT_PARAMS = {"clusters": 2048, "candidates": 4000}
 KMEANS_ITERATIONS = 10
 KMEANS_POINTS_PER_CLUSTER = 64  # k-means trains on at most this many users per cluster (FAISS samples them)
 ASSIGN_BLOCK = 1 << 16  # users per block when assigning users to clusters (block x clusters scores)
 SCORE_BLOCK_ELEMS = 1 << 24  # scores per block of one cluster's users x its candidates (64 MiB at float32)
-CENTROID_BLOCK = 256  # centroids per block when ranking the items for each centroid
 
 
 def check_params(params: Mapping) -> dict:
@@ -91,12 +92,15 @@ class UserClusterSearcher:
         self._items = self._centroids = self._candidates = None
 
     def _candidate_lists(self, count: int) -> torch.Tensor:
+        """[clusters, count] int32 item ids (int32: at 1M users the floor may raise count towards every item)."""
         if self._candidates is None or self._candidates.shape[1] != count:
-            items_t = self._items.T.contiguous()
-            self._candidates = torch.cat([
-                torch.topk(self._centroids[s:s + CENTROID_BLOCK] @ items_t, count, dim=1).indices
-                for s in range(0, self._centroids.shape[0], CENTROID_BLOCK)])
+            ids = exact_topk_on_device(self._centroids, self._items, count, block=self._score_rows(self.n_items))[1]
+            self._candidates = ids.to(torch.int32)
         return self._candidates
+
+    @staticmethod
+    def _score_rows(columns: int) -> int:
+        return max(1, SCORE_BLOCK_ELEMS // columns)
 
     @torch.no_grad()
     def search(self, user_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,6 +112,9 @@ class UserClusterSearcher:
             raise ValueError(f"k must be in 1..{self.n_items}, got {k}")
         n = users.shape[0]
         count = min(max(self.params["candidates"], k), self.n_items)
+        if count == self.n_items:  # every item a candidate: the exact search, without [clusters, items] lists
+            scores_t, ids_t = exact_topk_on_device(users, self._items, k, block=self._score_rows(self.n_items))
+            return scores_t.numpy(), ids_t.numpy()
         candidates = self._candidate_lists(count)
         units = torch.from_numpy(_unit_rows(users.numpy()))
         assign = torch.cat([torch.argmax(units[s:s + ASSIGN_BLOCK] @ self._centroids.T, dim=1)
@@ -116,12 +123,12 @@ class UserClusterSearcher:
         bounds = torch.searchsorted(assign[order], torch.arange(candidates.shape[0] + 1)).tolist()
         scores = torch.empty((n, k), dtype=torch.float32)
         ids = torch.empty((n, k), dtype=torch.int64)
-        rows_per_block = max(1, SCORE_BLOCK_ELEMS // count)
+        rows_per_block = self._score_rows(count)
         for c in range(candidates.shape[0]):
             members = order[bounds[c]:bounds[c + 1]]
             if members.numel() == 0:
                 continue
-            cand = candidates[c]
+            cand = candidates[c].long()
             cand_t = self._items[cand].T.contiguous()
             for s in range(0, members.numel(), rows_per_block):
                 rows = members[s:s + rows_per_block]

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cluster_search import DEFAULT_PARAMS as CLUSTER_DEFAULTS
 from .cluster_search import FACTORY as USER_CLUSTERS
-from .cluster_search import UserClusterSearcher
+from .cluster_search import UserClusterSearcher, check_params
 from .data import Dataset
 from .distill import Teacher
 from .errors import TrainingError
@@ -77,7 +76,7 @@ class KDRetrieval:
     # longer repeated the uninterrupted run.
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-able numbers, tensors) of what the next refresh starts from; ``load_state`` restores them."""
-        meta = {"raised": dict(self._raised), "held": self._held}
+        meta = {"index": self.index, "raised": dict(self._raised), "held": self._held}
         if self._reusable is None:
             return meta, {}
         meta["trained"] = {"factory": self._reusable.factory, "dim": self._reusable.dim}
@@ -87,7 +86,9 @@ class KDRetrieval:
         """Restore ``state``; nothing when the run now asks for another index (a resume with another
         distill.index starts its refresh afresh)."""
         trained = meta.get("trained")
-        if trained and trained.get("factory") != self.index:
+        # (runs saved before UserClusters name their index only through a kept quantizer, and were not UserClusters)
+        saved_index = meta.get("index") or (trained or {}).get("factory")
+        if saved_index != self.index and (saved_index is not None or self.index == USER_CLUSTERS):
             return
         self._raised = dict(meta.get("raised") or {})
         self._held = meta.get("held", meta.get("held_nprobe"))  # (the key of runs saved before UserClusters)
@@ -165,6 +166,9 @@ class KDRetrieval:
         fresh Gowalla student's IVF256 nprobe 8 recall fell from 0.96 to 0.59 over its first 25 RCE-KD epochs,
         and the KD terms built on those lists lost validation NDCG."""
         params = {**self.index_params, **self._raised}
+        if self.index == USER_CLUSTERS:  # (fewer candidates than m would rank m all the same)
+            params = check_params(params)
+            params["candidates"] = max(params["candidates"], m)
         # An approximate (IVF) index keeps its trained quantizer from the previous epoch while its recall holds:
         # the student moves little per epoch, and k-means is most of an IVF refresh (docs/benchmarks.md 4).
         if self.index == USER_CLUSTERS:
@@ -180,7 +184,7 @@ class KDRetrieval:
         # the knob that buys recall with time, its configured value and its ceiling
         if isinstance(searcher, UserClusterSearcher):
             knob, limit = "candidates", searcher.n_items
-            configured = int(self.index_params.get("candidates", CLUSTER_DEFAULTS["candidates"]))
+            configured = max(check_params(self.index_params)["candidates"], m)
         elif searcher.nlist is not None:
             knob, configured = "nprobe", int(self.index_params.get("nprobe", 1))
             limit = min(searcher.nlist, GPU_MAX_NPROBE) if searcher.on_gpu else searcher.nlist

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 from .files import atomic_write_bytes
 
 __all__ = [
+    "Searcher",
     "TopKSearcher",
     "TrainedQuantizer",
     "ip2l2_items",
@@ -272,8 +274,20 @@ def _try_extract_ivf(index: faiss.Index):
         return None
 
 
+class Searcher(Protocol):
+    """What the refresh's recall floor (``kd_retrieval``) and ``measure_recall`` use of a top-k search over fixed
+    items: ``TopKSearcher`` and ``cluster_search.UserClusterSearcher``."""
+
+    is_exact: bool
+    params: dict
+
+    def search(self, user_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def set_params(self, **params) -> None: ...
+
+
 def measure_recall(
-    searcher: TopKSearcher,
+    searcher: Searcher,
     user_vectors: np.ndarray,
     item_vectors: np.ndarray,
     k: int,

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -117,9 +118,15 @@ def serve(
     state_dir = tempfile.mkdtemp(prefix="compress-serve-")
     # uvicorn's single-process server re-raises a captured SIGTERM once it has shut down, with the handler it
     # found: the default one would end the process before the `finally` below and leave state_dir behind. A
-    # handler that exits through Python unwinds it instead (exit status 143, as a killed process reports).
-    previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # handler that exits through Python unwinds it instead (exit status 143, as a killed process reports). Only
+    # in the main thread (the only one that may set handlers) and only over the default: a caller's own handler
+    # is the caller's to keep.
+    own_sigterm = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
     try:
+        if own_sigterm:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        logger.info("state directory: %s (removed on exit)", state_dir)
         metrics_dir = os.path.join(state_dir, "metrics")
         os.mkdir(metrics_dir)
         control = os.path.abspath(control_file) if control_file is not None else os.path.join(state_dir, "control.json")
@@ -145,8 +152,9 @@ def serve(
             timeout_graceful_shutdown=10,
         )
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
         shutil.rmtree(state_dir, ignore_errors=True)
+        if own_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

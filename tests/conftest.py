@@ -1,6 +1,7 @@
 """Shared test fixtures: a small real data set, the CLI in a subprocess, a free loopback port, a server process,
 and one brute-force top-k oracle."""
 
+import json
 import os
 import re
 import signal
@@ -90,6 +91,25 @@ def brute_force_topk(user_vecs: np.ndarray, item_vecs: np.ndarray, user: int, k:
     return cand[order][:k]
 
 
+# ------------------------------------------------------------------ a small distillation: recipe overrides, teacher
+SMALL_KD = ["--set", "distill.K=10", "--set", "distill.M=30", "--set", "distill.L=10", "--set", "model.dim=8",
+            "--set", "distill.rrd.top_m=40", "--set", "distill.rrd.interesting=10",
+            "--set", "distill.rrd.uninteresting=20"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, slice_data):
+    out = tmp_path_factory.mktemp("kd") / "teacher"
+    run_cli("train", "--out", out, "--set", f"data.path={slice_data}", "--set", "model.dim=64", "--epochs", 12,
+            "--set", "train.lr=0.005", *TINY_TRAIN)
+    return out
+
+
+def run_history(run) -> list[dict]:
+    """A run directory's metrics.jsonl, one dict per epoch."""
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 class Server:
     """A server subprocess in its own session (so its uvicorn workers stop with it), on a free loopback port."""
 
@@ -128,9 +148,9 @@ class Server:
             raise AssertionError("server did not stop within 20 s of SIGTERM")
         text = self.log.read_text()
         assert "Traceback" not in text, text[-3000:]
-        # the server's own state directory (control file and metrics, unless --control-file moved the former)
-        # goes with it: SIGTERM must not leave one behind per start
-        for state_dir in re.findall(r"swap control file: (\S*/compress-serve-[^/\s]+)/control\.json", text):
+        # the server's own state directory (metrics, and the control file unless --control-file moved it) goes
+        # with it: SIGTERM must not leave one behind per start
+        for state_dir in re.findall(r"state directory: (\S+) \(removed on exit\)", text):
             assert not Path(state_dir).exists(), f"{state_dir} left behind"
         return text
 

@@ -9,11 +9,12 @@ from compressor import api
 from compressor.checkpoint import load_checkpoint
 from compressor.cluster_search import UserClusterSearcher, check_params
 from compressor.config import ConfigError
+from compressor.distill import load_teacher
 from compressor.models import build_model
+from compressor.objectives import build_objective
 from compressor.retrieval import TopKSearcher, recall_at_k
 
-from .conftest import TINY_TRAIN, run_cli
-from .test_distill import SMALL_KD, _history, _ivf_retrieval, teacher  # noqa: F401  (teacher: the fixture)
+from .conftest import SMALL_KD, TINY_TRAIN, run_cli, run_history
 
 
 def _vectors(seed=0, users=2000, items=3000, dim=8):
@@ -41,8 +42,12 @@ def test_recall_rises_with_the_candidates_and_any_user_can_be_searched():
         searcher.set_params(candidates=candidates)
         recalls.append(recall_at_k(searcher.search(others, 30)[1], truth))
     assert recalls[0] < recalls[1] < recalls[2] and recalls[2] > 0.9, recalls
-    # fewer candidates than k: k of them are ranked all the same
-    assert (searcher.search(others[:5], 30)[1] >= 0).all()
+    # fewer candidates than k: k of them (the centroid's best k) are ranked all the same
+    searcher.set_params(candidates=10)
+    ids = searcher.search(others[:50], 30)[1]
+    assert all(len(set(row)) == 30 for row in ids.tolist())
+    searcher.set_params(candidates=30)
+    assert (searcher.search(others[:50], 30)[1] == ids).all()
 
 
 def test_the_same_vectors_and_seed_give_the_same_lists():
@@ -63,9 +68,18 @@ def test_bad_parameters_are_named(params, needle):
     assert "distill.index_params" in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
 
 
+def _retrieval(teacher, slice_data, tmp_path, index: str, params: str):
+    """The KD retrieval of a small RCE-KD run (M 30) with this refresh index."""
+    overrides = [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8", "distill.method=rcekd",
+                 "distill.K=10", "distill.M=30", "distill.L=10", f"distill.index={index}",
+                 f"distill.index_params={params}"]
+    data = api.load_data(api.make_config(None, overrides[:2]))
+    cfg = api.make_config(None, overrides)
+    return data, build_objective(cfg, load_teacher(teacher, data), torch.device("cpu"), tmp_path / "r").term.retrieval
+
+
 def test_the_refresh_raises_the_candidates_to_the_recall_floor(teacher, slice_data, tmp_path):
-    data, _, retrieval = _ivf_retrieval(teacher, slice_data, tmp_path, lists_of=10, nprobe=1)
-    retrieval.index, retrieval.index_params = "UserClusters", {"clusters": 16, "candidates": 30}
+    data, retrieval = _retrieval(teacher, slice_data, tmp_path, "UserClusters", "{clusters: 16, candidates: 30}")
     torch.manual_seed(0)
     model = build_model("mf", num_users=data.num_users, num_items=data.num_items, dim=8, init_std=0.1)
     ids, diag = retrieval.student_topm(model, 30)
@@ -82,10 +96,27 @@ def test_a_resumed_run_with_user_clusters_repeats_the_uninterrupted_one(teacher,
     run_cli("distill", "--teacher", teacher, "--out", tmp_path / "whole", "--epochs", 4, *args)
     run_cli("distill", "--teacher", teacher, "--out", tmp_path / "cut", "--epochs", 2, *args)
     run_cli("distill", "--teacher", teacher, "--out", tmp_path / "cut", "--epochs", 4, "--resume", *args)
-    whole, cut = _history(tmp_path / "whole"), _history(tmp_path / "cut")
+    whole, cut = run_history(tmp_path / "whole"), run_history(tmp_path / "cut")
     assert all(h["diag_retrieval_recall"] >= 0.95 for h in whole)
     assert whole[0]["diag_retrieval_candidates"] > 30  # the floor raised them: state the resume carries
     keys = [k for k in whole[0] if k.startswith(("diag_", "valid_", "loss"))]
     assert [[h[k] for k in keys] for h in cut] == [[h[k] for k in keys] for h in whole]
     assert (load_checkpoint(tmp_path / "cut" / "last.safetensors").fingerprint
             == load_checkpoint(tmp_path / "whole" / "last.safetensors").fingerprint)
+
+
+def test_a_resume_state_is_read_only_by_the_index_that_saved_it(teacher, slice_data, tmp_path):
+    """A resume with another distill.index starts its refresh afresh (a UserClusters run's raised candidates are
+    no FAISS parameter); the state of runs saved before UserClusters (key held_nprobe, no index) still loads."""
+    _, clusters = _retrieval(teacher, slice_data, tmp_path / "c", "UserClusters", "{candidates: 30}")
+    _, ivf = _retrieval(teacher, slice_data, tmp_path / "i", "IVF10,Flat", "{nprobe: 1}")
+    from_clusters = {"index": "UserClusters", "raised": {"candidates": 120}, "held": 120}
+    old_ivf = {"raised": {"nprobe": 4}, "held_nprobe": 4}
+    ivf.load_state(from_clusters, {})
+    assert ivf.state()[0] == {"index": "IVF10,Flat", "raised": {}, "held": None}
+    ivf.load_state(old_ivf, {})
+    assert ivf.state()[0] == {"index": "IVF10,Flat", "raised": {"nprobe": 4}, "held": 4}
+    clusters.load_state(old_ivf, {})
+    assert clusters.state()[0] == {"index": "UserClusters", "raised": {}, "held": None}
+    clusters.load_state(from_clusters, {})
+    assert clusters.state()[0] == from_clusters

@@ -16,30 +16,14 @@ from compressor.retrieval import TopKSearcher
 from compressor.objectives import METHOD_NAMES, SetupContext, bpr_base_loss, build_objective
 from compressor.trainer import Trainer
 
-from .conftest import TINY_TRAIN, run_cli
-
-SMALL_KD = ["--set", "distill.K=10", "--set", "distill.M=30", "--set", "distill.L=10", "--set", "model.dim=8",
-            "--set", "distill.rrd.top_m=40", "--set", "distill.rrd.interesting=10",
-            "--set", "distill.rrd.uninteresting=20"]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, slice_data):
-    out = tmp_path_factory.mktemp("kd") / "teacher"
-    run_cli("train", "--out", out, "--set", f"data.path={slice_data}", "--set", "model.dim=64", "--epochs", 12,
-            "--set", "train.lr=0.005", *TINY_TRAIN)
-    return out
-
-
-def _history(run):
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+from .conftest import SMALL_KD, TINY_TRAIN, run_cli, run_history
 
 
 def test_rcekd_end_to_end_improves_over_first_epoch_and_logs_diagnostics(teacher, slice_data, tmp_path):
     out = tmp_path / "rcekd"
     run_cli("distill", "--teacher", teacher, "--out", out, "--config", "configs/citeulike/mf-rcekd.yaml",
             "--set", f"data.path={slice_data}", "--epochs", 6, "--set", "train.lr=0.005", *SMALL_KD, *TINY_TRAIN)
-    hist = _history(out)
+    hist = run_history(out)
     assert max(h["valid_ndcg@10"] for h in hist) > hist[0]["valid_ndcg@10"]
     for key in ("loss_base", "loss_kd", "kd_loss_s", "kd_loss_t", "kd_alpha", "diag_topk_overlap",
                 "time_retrieval_s", "time_epoch_s"):
@@ -71,7 +55,7 @@ def test_every_method_runs_on_the_same_trainer(teacher, slice_data, tmp_path, me
     out = tmp_path / method
     run_cli("distill", "--teacher", teacher, "--method", method, "--out", out, "--set", f"data.path={slice_data}",
             "--epochs", 2, *SMALL_KD, *extra, *TINY_TRAIN)
-    hist = _history(out)
+    hist = run_history(out)
     assert len(hist) == 2 and load_checkpoint(out).meta["method"] == method
     if "IVF8,Flat" in extra:
         assert hist[0]["diag_retrieval_recall"] >= 0.95  # nprobe = nlist: the IVF search is exhaustive
@@ -124,7 +108,7 @@ def test_a_resumed_run_with_an_approximate_refresh_repeats_the_uninterrupted_one
     assert state.meta["objective_state"]["retrieval"]["trained"]["factory"] == "IVF24,Flat"
     assert state.run_state["retrieval.ivf_trained"].dtype == torch.uint8
     run_cli("distill", "--teacher", teacher, "--out", tmp_path / "cut", "--epochs", 5, "--resume", *args)
-    whole, cut = _history(tmp_path / "whole"), _history(tmp_path / "cut")
+    whole, cut = run_history(tmp_path / "whole"), run_history(tmp_path / "cut")
     assert [h["diag_retrieval_nprobe"] for h in whole] != [1.0] * 5  # the floor raised nprobe: state to carry
     assert whole[2]["diag_retrieval_reused_quantizer"] == 1.0  # epoch 3 starts from epoch 2's quantizer
     keys = [k for k in whole[0] if k.startswith(("diag_", "valid_", "loss"))]
@@ -269,7 +253,7 @@ def test_tau_annealed_to_one_by_epoch(teacher, slice_data, tmp_path):
     out = tmp_path / "anneal"
     run_cli("distill", "--teacher", teacher, "--out", out, "--set", f"data.path={slice_data}", "--set",
             "distill.tau=2.0", "--set", "distill.tau_anneal_epochs=2", "--epochs", 4, *SMALL_KD, *TINY_TRAIN)
-    assert [h["diag_kd_tau"] for h in _history(out)] == [2.0, 1.5, 1.0, 1.0]
+    assert [h["diag_kd_tau"] for h in run_history(out)] == [2.0, 1.5, 1.0, 1.0]
     # the loss of an epoch uses that epoch's tau: the term's weighting follows the epoch
     cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8", "distill.K=10",
                                  "distill.M=30", "distill.L=10", "distill.tau=2.0", "distill.tau_anneal_epochs=2"])
