@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,10 +21,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-def parse_params(items: list[str]) -> dict:
-    return {k: int(v) for k, v in (s.split("=") for s in items)}
 
 
 def main() -> None:
@@ -49,12 +44,11 @@ def main() -> None:
     from compressor.cluster_search import FACTORY, UserClusterSearcher
     from compressor.device import configure_threads
     from compressor.retrieval import TopKSearcher, recall_at_k
-    from kd_speed import synthetic
+    from kd_speed import load_note, parse_params, synthetic
 
     threads = configure_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
-    load = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    res: dict = {"command": " ".join(sys.argv), "threads": threads, "load_at_start": load(), "users": a.users,
+    res: dict = {"command": " ".join(sys.argv), "threads": threads, "load_at_start": load_note(), "users": a.users,
                  "items": a.items, "m": a.m}
     t0 = time.perf_counter()
     _, _, _, s_u, s_i, _ = synthetic(a.users, a.items, 7.5, 64, 20, seed=0)
@@ -81,7 +75,7 @@ def main() -> None:
                        for n in names}
     res["ratio_first_over_second"] = res["searches"][names[0]]["median_s"] / res["searches"][names[1]]["median_s"]
     res["paired_ratios"] = [x / y for x, y in zip(times[names[0]], times[names[1]])]
-    res["load_at_end"] = load()
+    res["load_at_end"] = load_note()
     res["torch"] = torch.__version__
     (a.out / "results.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: res[k] for k in ("searches", "ratio_first_over_second", "paired_ratios")}, indent=1))

@@ -59,9 +59,7 @@ class UserClusterSearcher:
     """
 
     is_exact = False
-    on_gpu = False
-    nlist = None  # (not an IVF index)
-    reused_training = False
+    reused_training = False  # (no trained structure is kept between refreshes)
 
     def __init__(self, item_vectors: np.ndarray, user_vectors: np.ndarray,
                  params: Mapping[str, int] | None = None, seed: int = 0) -> None:
@@ -70,7 +68,6 @@ class UserClusterSearcher:
         if items.ndim != 2 or users.ndim != 2 or items.shape[1] != users.shape[1]:
             raise ValueError(f"item vectors {items.shape} and user vectors {users.shape} must be [n, dim] alike")
         self.params = check_params(params or {})
-        self.factory = FACTORY
         self.n_items, self.dim = items.shape
         self._items = torch.from_numpy(items)
         clusters = max(1, min(self.params["clusters"], users.shape[0]))

@@ -169,11 +169,10 @@ class KDRetrieval:
         if self.index == USER_CLUSTERS:  # (fewer candidates than m would rank m all the same)
             params = check_params(params)
             params["candidates"] = max(params["candidates"], m)
-        # An approximate (IVF) index keeps its trained quantizer from the previous epoch while its recall holds:
-        # the student moves little per epoch, and k-means is most of an IVF refresh (docs/benchmarks.md 4).
-        if self.index == USER_CLUSTERS:
             searcher = UserClusterSearcher(i, u, params=params)
         else:
+            # An approximate (IVF) index keeps its trained quantizer from the previous epoch while its recall
+            # holds: the student moves little per epoch, and k-means is most of an IVF refresh (docs/benchmarks.md 4).
             searcher = TopKSearcher(i, self.index, use_gpu=self.use_gpu, params=params, trained_like=self._reusable)
         ids = searcher.search(u, m)[1]
         if searcher.is_exact:
