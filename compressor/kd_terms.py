@@ -20,6 +20,7 @@ from torch import Tensor
 from .data import Dataset
 from .kd_retrieval import KDRetrieval
 from .kd_sets import rrd_positive_keys, sample_interesting_positions, sample_rrd_sets
+from .sparse_rows import distinct_rows
 from .losses import (RCEKDSets, ce_kd_loss, pair_scores, rcekd_loss_from_scores, rowwise_isin, rowwise_positions,
                      rrd_loss)
 
@@ -191,24 +192,6 @@ def gather_items(item_vecs: Tensor, items: Tensor, sparse: bool) -> tuple[Tensor
         return item_vecs, items
     rows, local = distinct_rows(items, item_vecs.shape[0])
     return F.embedding(rows, item_vecs, sparse=True), local
-
-
-def distinct_rows(ids: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
-    """``torch.unique(ids, return_inverse=True)`` for integer ids in [0, n_rows), as int64: the sorted distinct ids
-    and each entry's position among them, the same tensors. Where the ids are at least a quarter as many as the
-    table's rows (a KD batch's ~400k ids of a 200k-item catalogue) a bitmap over the table finds them 3x faster
-    than unique's sort (a throwaway timing: 3.4 ms against 10.7 ms, docs/benchmarks.md section 4f); for a few ids
-    of a huge table the sort is cheaper."""
-    ids = ids.long()  # (a no-op for int64; index_fill_ takes int64 indices only)
-    flat = ids.reshape(-1)
-    if flat.numel() * 4 < n_rows:
-        return torch.unique(ids, return_inverse=True)
-    seen = torch.zeros(n_rows, dtype=torch.bool, device=ids.device)
-    seen.index_fill_(0, flat, True)
-    rows = seen.nonzero().squeeze(1)
-    position = torch.empty(n_rows, dtype=torch.long, device=ids.device)
-    position.index_copy_(0, rows, torch.arange(len(rows), device=ids.device))
-    return rows, position.index_select(0, flat).view(ids.shape)
 
 
 def compact_ids(ids: Tensor) -> Tensor:

@@ -68,6 +68,8 @@ from typing import Callable
 
 import torch
 
+from .sparse_rows import summed_rows
+
 
 def _adam_state(state: dict, p: torch.Tensor) -> dict:
     """A parameter's Adam state, created on its first step: step count (float tensor, as torch Adam keeps it) and
@@ -80,6 +82,7 @@ def _adam_state(state: dict, p: torch.Tensor) -> dict:
 
 
 _ROW_COUNTERS = ("row_step", "row_touch")  # per-row int64 step counters of the deferring optimizers
+POWER_TABLE = 1 << 16  # exponents SparseAdam reads base ** j for from a table (512 KiB per base)
 
 
 class _RowSparseAdam(torch.optim.Optimizer):
@@ -146,8 +149,7 @@ class LazyAdam(_RowSparseAdam):
         bc1, bc2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if p.grad.is_sparse:
-            g = p.grad.coalesce()  # duplicate rows (a user twice in a batch) are summed, as dense would
-            rows, vals = g.indices()[0], g.values()
+            rows, vals = summed_rows(p.grad)  # duplicate rows (a user twice in a batch) are summed, as dense would
             if wd:
                 vals = vals + wd * p[rows]
             m_rows = m[rows].mul_(b1).add_(vals, alpha=1 - b1)
@@ -191,8 +193,7 @@ class SparseAdamW(_RowSparseAdam):
         step_size, bc2_sqrt = lr / (1 - b1 ** t), math.sqrt(1 - b2 ** t)
         m, v, row_step = state["exp_avg"], state["exp_avg_sq"], state["row_step"]
         if p.grad.is_sparse:
-            g = p.grad.coalesce()  # duplicate rows (a user twice in a batch) are summed, as dense would
-            rows, vals = g.indices()[0], g.values()
+            rows, vals = summed_rows(p.grad)  # duplicate rows (a user twice in a batch) are summed, as dense would
             # rows are unique: index_select / index_copy_ (much faster on CPU than tensor[rows])
             fm, fv, fp = self._decays(group, t - row_step.index_select(0, rows), vals)
             m_rows = m.index_select(0, rows).mul_(fm).add_(vals, alpha=1 - b1)
@@ -230,9 +231,23 @@ class SparseAdam(_RowSparseAdam):
             raise ValueError(f"invalid SparseAdam settings: lr={lr}, betas={betas} (needs b1^2 < b2), eps={eps} "
                              f"(> 0), weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        self._power_tables: dict[tuple[float, torch.device], torch.Tensor] = {}  # (base, device) -> base ** j
 
-    @staticmethod
-    def _drift(group: dict, k: torch.Tensor, touch: torch.Tensor, p_rows: torch.Tensor, m_rows: torch.Tensor,
+    def _powers(self, base: float, k: torch.Tensor) -> torch.Tensor:
+        """``base ** k`` in float64 for int64 exponents ``k`` >= 0: read from a table of base ** j, j < POWER_TABLE
+        (the same values as ``torch.pow``, computed once instead of for every row of every step); larger
+        exponents, rare, computed."""
+        table = self._power_tables.get((base, k.device))
+        if table is None:
+            table = torch.pow(base, torch.arange(POWER_TABLE, dtype=torch.float64, device=k.device))
+            self._power_tables[(base, k.device)] = table
+        out = table.index_select(0, k.clamp(max=POWER_TABLE - 1))
+        far = k >= POWER_TABLE
+        if bool(far.any()):
+            out[far] = torch.pow(base, k[far].to(torch.float64))
+        return out
+
+    def _drift(self, group: dict, k: torch.Tensor, touch: torch.Tensor, p_rows: torch.Tensor, m_rows: torch.Tensor,
                v_rows: torch.Tensor, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Move ``p_rows`` in place by k untouched steps (per row, k >= 0) of rows last touched at step ``touch``;
         returns the moments' decay factors (b1^k, b2^k), shaped to broadcast over the rows, for the caller to
@@ -241,18 +256,17 @@ class SparseAdam(_RowSparseAdam):
             return None
         (b1, b2), lr = group["betas"], group["lr"]
         shape = k.shape + (1,) * (p_rows.dim() - 1)
-        k64, tau = k.to(torch.float64), touch.to(torch.float64)
         r = b1 / math.sqrt(b2)
-        geometric = k64 if r == 1 else r * (1 - torch.pow(r, k64)) / (1 - r)  # sum of r^j, j = 1..k
-        held = torch.where(tau > 0, torch.sqrt(1 - torch.pow(b2, tau)) / (1 - torch.pow(b1, tau)), 0.0)
+        geometric = k.to(torch.float64) if r == 1 else r * (1 - self._powers(r, k)) / (1 - r)  # sum r^j, j = 1..k
+        held = torch.where(touch > 0, torch.sqrt(1 - self._powers(b2, touch)) / (1 - self._powers(b1, touch)), 0.0)
         coef = (lr * held * geometric).to(p_rows.dtype).reshape(shape)
         # m / max(sqrt(v), eps): eps is a floor under sqrt(v), not a term of it (so the steps stay a geometric
         # series); it keeps a row whose v underflowed to 0 before its m did from taking a huge step
         torch.sqrt(v_rows, out=buffer).clamp_min_(group["eps"])
         torch.div(m_rows, buffer, out=buffer)
         p_rows.sub_(buffer.mul_(coef))
-        return (torch.pow(b1, k64).to(m_rows.dtype).reshape(shape),
-                torch.pow(b2, k64).to(v_rows.dtype).reshape(shape))
+        return (self._powers(b1, k).to(m_rows.dtype).reshape(shape),
+                self._powers(b2, k).to(v_rows.dtype).reshape(shape))
 
     def _update(self, group: dict, p: torch.Tensor, state: dict) -> None:
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -264,8 +278,7 @@ class SparseAdam(_RowSparseAdam):
         step_size, bc2_sqrt = lr / (1 - b1 ** t), math.sqrt(1 - b2 ** t)
         m, v, row_step, row_touch = state["exp_avg"], state["exp_avg_sq"], state["row_step"], state["row_touch"]
         if p.grad.is_sparse:
-            g = p.grad.coalesce()  # duplicate rows (a user twice in a batch) are summed, as dense would
-            rows, vals = g.indices()[0], g.values()
+            rows, vals = summed_rows(p.grad)  # duplicate rows (a user twice in a batch) are summed, as dense would
             # rows are unique: index_select / index_copy_ (much faster on CPU than tensor[rows])
             p_rows, m_rows, v_rows = (x.index_select(0, rows) for x in (p, m, v))
             behind, touch = (t - 1) - row_step.index_select(0, rows), row_touch.index_select(0, rows)
@@ -275,7 +288,7 @@ class SparseAdam(_RowSparseAdam):
         buffer = torch.empty_like(p_rows)
         decay = self._drift(group, behind, touch, p_rows, m_rows, v_rows, buffer)
         if wd:  # L2, as torch Adam: in place on the coalesced values when they are a copy, never on p.grad
-            own = rows is not None and g is not p.grad
+            own = rows is not None and not p.grad.is_coalesced()  # else vals are the gradient's own
             vals = vals.add_(p_rows, alpha=wd) if own else vals.add(p_rows, alpha=wd)
         # the k untouched steps' decay and this step's in one pass over each moment
         m_rows.mul_(b1 if decay is None else decay[0] * b1).add_(vals, alpha=1 - b1)
@@ -287,7 +300,7 @@ class SparseAdam(_RowSparseAdam):
             row_touch.fill_(t)
         else:
             for full, part in ((p, p_rows), (m, m_rows), (v, v_rows)):
-                full.index_put_((rows,), part)  # unique rows; faster than index_copy_ on CPU
+                full.index_copy_(0, rows, part)  # unique rows
             row_step.index_fill_(0, rows, t)
             row_touch.index_fill_(0, rows, t)
 

@@ -483,15 +483,3 @@ def test_bpr_gradients_are_the_same_bits_every_time_on_two_threads(slice_data):
         assert all(all(torch.equal(a, b) for a, b in zip(g, grads[0])) for g in grads)
     finally:
         torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("n_rows", [1_500, 10_000])  # the bitmap (ids >= a quarter of the rows) and the sort
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-def test_distinct_rows_equals_unique_with_inverse(n_rows, dtype):
-    ids = torch.randint(0, n_rows, (37, 13), generator=torch.Generator().manual_seed(n_rows)).to(dtype)
-    ids[0, :3] = n_rows - 1  # the last row and repeats
-    rows, local = kd_terms.distinct_rows(ids, n_rows)
-    want_rows, want_local = torch.unique(ids.long(), return_inverse=True)
-    assert len(rows) < n_rows  # rows missing from the batch: the positions are renumbered
-    assert torch.equal(rows, want_rows) and torch.equal(local, want_local)
-    assert torch.equal(rows[local], ids.long())

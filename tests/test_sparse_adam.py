@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import pytest
 
+from compressor import optim
 from compressor.optim import LazyAdam, SparseAdam, SparseAdamW
 
 from .test_optim import _dense_grad, _sparse_adamw_reference, _sparse_batches
@@ -48,7 +49,10 @@ def _run(opt_cls, start, batches, weights, catch_up_at=(), **kw):
     return table, opt
 
 
-def test_sparse_adam_equals_its_step_by_step_reference_for_touched_and_skipped_rows():
+@pytest.mark.parametrize("power_table", [optim.POWER_TABLE, 4], ids=["table", "exponents-past-the-table"])
+def test_sparse_adam_equals_its_step_by_step_reference_for_touched_and_skipped_rows(monkeypatch, power_table):
+    # a 4-entry power table sends most gaps and last-touched steps past it, to torch.pow
+    monkeypatch.setattr(optim, "POWER_TABLE", power_table)
     n_rows, dim, n_steps, lr, wd = 9, 3, 60, 0.05, 0.3
     torch.manual_seed(3)
     start = torch.randn(n_rows, dim, dtype=torch.float64)
@@ -154,3 +158,11 @@ def test_sparse_adam_a_row_whose_v_underflowed_takes_no_huge_step():
 def test_sparse_adam_refuses_betas_whose_drift_would_not_converge():
     with pytest.raises(ValueError, match="b1\\^2 < b2"):
         SparseAdam([torch.nn.Parameter(torch.zeros(2, 2))], betas=(0.99, 0.9))
+
+
+def test_sparse_adam_powers_are_torch_pow_in_and_past_the_table(monkeypatch):
+    monkeypatch.setattr(optim, "POWER_TABLE", 64)
+    opt = SparseAdam([torch.nn.Parameter(torch.zeros(2, 2))])
+    k = torch.tensor([0, 1, 5, 63, 64, 65, 1000, 70000])
+    for base in (0.9, 0.999, 0.9 / 0.999 ** 0.5):
+        assert torch.equal(opt._powers(base, k), torch.pow(base, k.to(torch.float64)))
