@@ -73,10 +73,27 @@ def assert_one_line_error(proc, *fragments: str) -> str:
     return lines[0]
 
 
+# Ports for test servers: below Linux's ephemeral range (32768-60999), where the kernel hands out no port of its
+# own, and a block per pytest-xdist worker, so two workers never pick the same port between choosing it and their
+# server binding it (a port from bind(0) is free only until someone else asks).
+_PORT_BASE, _PORTS_PER_WORKER = 20_000, 400
+_next_port = 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    global _next_port
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    first = _PORT_BASE + int(re.sub(r"\D", "", worker) or 0) * _PORTS_PER_WORKER
+    for _ in range(_PORTS_PER_WORKER):
+        port = first + _next_port % _PORTS_PER_WORKER
+        _next_port += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # still held (TIME_WAIT of an earlier server, another program)
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}..{first + _PORTS_PER_WORKER - 1}")
 
 
 def brute_force_topk(user_vecs: np.ndarray, item_vecs: np.ndarray, user: int, k: int,
