@@ -3,9 +3,12 @@
 docs/benchmarks.md 4g times whole RCE-KD epochs, one process per index, and the box's pace moved 2x between them.
 This times only what the two indexes differ in, the search of every user's top-M (the searcher's build included,
 as every refresh builds one), alternating the indexes in one process on the same vectors, and reports each one's
-median and their ratio. Vectors: `kd_speed.synthetic` (power-law data, a trained-like 20-dim student).
+median and their ratio. Vectors: `kd_speed.synthetic` (power-law data, a trained-like 20-dim student), or with
+`--student` a real checkpoint's (a refresh's cost and recall depend on the student's geometry: docs/benchmarks.md 4i).
 
     python benchmarks/refresh_search.py --out bench-out/refresh_search --users 1000000 --repeats 3
+    python benchmarks/refresh_search.py --out bench-out/refresh_search_gowalla --student RUN_DIR --threads 1 \
+        --ivf IVF256,Flat --ivf-params nprobe=16 --clusters-params clusters=256 candidates=1000
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for results.json (created)")
+    ap.add_argument("--student", type=Path, help="search this checkpoint's (or run directory's) user and item "
+                    "vectors instead of synthetic ones (--users and --items are then ignored)")
     ap.add_argument("--users", type=int, default=1_000_000)
     ap.add_argument("--items", type=int, default=200_000)
     ap.add_argument("--m", type=int, default=100, help="top-M per user")
@@ -41,6 +46,7 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from compressor.checkpoint import load_checkpoint
     from compressor.cluster_search import FACTORY, UserClusterSearcher
     from compressor.device import configure_threads
     from compressor.retrieval import TopKSearcher, recall_at_k
@@ -51,8 +57,14 @@ def main() -> None:
     res: dict = {"command": " ".join(sys.argv), "threads": threads, "load_at_start": load_note(), "users": a.users,
                  "items": a.items, "m": a.m}
     t0 = time.perf_counter()
-    _, _, _, s_u, s_i, _ = synthetic(a.users, a.items, 7.5, 64, 20, seed=0)
+    if a.student:
+        with torch.no_grad():
+            s_u, s_i = (x.numpy() for x in load_checkpoint(a.student).build_model().vectors())
+        res["student"], res["users"], res["items"] = str(a.student), len(s_u), len(s_i)
+    else:
+        _, _, _, s_u, s_i, _ = synthetic(a.users, a.items, 7.5, 64, 20, seed=0)
     res["generate_s"] = time.perf_counter() - t0
+    a.users = len(s_u)
     sample = np.sort(np.random.default_rng(1).choice(a.users, min(a.recall_users, a.users), replace=False))
     exact = TopKSearcher(s_i, "Flat").search(s_u[sample], a.m)[1]
     ivf_params, cl_params = parse_params(a.ivf_params), parse_params(a.clusters_params)
