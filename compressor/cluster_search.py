@@ -10,11 +10,13 @@ of a user's true top-k that the centroid does not rank among the candidates; lik
 measured against exact search on a sample of users every refresh (``kd_retrieval``), and more candidates buy
 recall with time (as many as there are items: the exact search itself).
 
-``distill.index: UserClusters`` selects it, ``distill.index_params`` may set ``clusters`` and ``candidates``.
+``distill.index: UserClusters`` selects it, ``distill.index_params`` may set ``clusters`` and ``candidates``; unset,
+they are sized to the data (``sized_defaults``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import faiss
@@ -24,23 +26,33 @@ import torch
 from .retrieval import exact_topk_on_device
 
 FACTORY = "UserClusters"
-DEFAULT_PARAMS = {"clusters": 2048, "candidates": 4000}
+DEFAULT_PARAMS = {"clusters": 2048, "candidates": 4000}  # the 1M-user point's; a searcher sizes its own
 KMEANS_ITERATIONS = 10
 KMEANS_POINTS_PER_CLUSTER = 64  # k-means trains on at most this many users per cluster (FAISS samples them)
 ASSIGN_BLOCK = 1 << 16  # users per block when assigning users to clusters (block x clusters scores)
 SCORE_BLOCK_ELEMS = 1 << 24  # scores per block of one cluster's users x its candidates (64 MiB at float32)
 
 
-def check_params(params: Mapping) -> dict:
-    """``DEFAULT_PARAMS`` updated by ``params``; ValueError naming an unknown key or a value that is not a positive
-    integer."""
+def sized_defaults(n_users: int, n_items: int) -> dict:
+    """``clusters`` and ``candidates`` for n_users x n_items, from the two sizes where they were measured fastest
+    at the recall floor (docs/benchmarks.md 4g and 4i): 2,048 / 4,000 at 1M users x 200k items, 256 / 1,000 at
+    Gowalla's 30k x 41k. Clusters grow as the square root of the users (k-means and the candidate lists cost per
+    cluster, the users' products per user), rounded to a power of two; candidates are 2% of the items, at least
+    1,000 (a top-100 needs room) and at most every item (the exact search)."""
+    clusters = 2 ** round(math.log2(max(1.0, 1.5 * math.sqrt(max(n_users, 1)))))
+    return {"clusters": clusters, "candidates": max(1, min(n_items, max(1000, round(0.02 * n_items))))}
+
+
+def check_params(params: Mapping, sizes: tuple[int, int] | None = None) -> dict:
+    """The defaults (``sized_defaults`` for ``sizes`` = (users, items), else ``DEFAULT_PARAMS``) updated by
+    ``params``; ValueError naming an unknown key or a value that is not a positive integer."""
     unknown = set(params) - set(DEFAULT_PARAMS)
     if unknown:
         raise ValueError(f"{FACTORY} takes {' and '.join(DEFAULT_PARAMS)}, not {', '.join(sorted(unknown))}")
     for key, value in params.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{FACTORY} {key} must be a positive integer, got {value!r}")
-    return {**DEFAULT_PARAMS, **params}
+    return {**(DEFAULT_PARAMS if sizes is None else sized_defaults(*sizes)), **params}
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -67,7 +79,7 @@ class UserClusterSearcher:
         users = np.ascontiguousarray(user_vectors, dtype=np.float32)
         if items.ndim != 2 or users.ndim != 2 or items.shape[1] != users.shape[1]:
             raise ValueError(f"item vectors {items.shape} and user vectors {users.shape} must be [n, dim] alike")
-        self.params = check_params(params or {})
+        self.params = check_params(params or {}, sizes=(users.shape[0], items.shape[0]))
         self.n_items, self.dim = items.shape
         self._items = torch.from_numpy(items)
         clusters = max(1, min(self.params["clusters"], users.shape[0]))

@@ -152,7 +152,8 @@ class DistillConfig:
                              "or UserClusters (users grouped by k-means, each ranked over its cluster's candidate "
                              "items: the cheapest at many users).")
     index_params: dict = _f({}, "Search parameters, e.g. {nprobe: 32} or {efSearch: 128}; UserClusters: {clusters: "
-                                "2048, candidates: 4000}.")
+                                "256, candidates: 1000}, unset ones sized to the data (2048 / 4000 at 1M users x "
+                                "200k items).")
     rrd: RRDConfig = field(default_factory=RRDConfig, metadata={"help": "RRD baseline settings."})
 
 

@@ -167,7 +167,7 @@ class KDRetrieval:
         and the KD terms built on those lists lost validation NDCG."""
         params = {**self.index_params, **self._raised}
         if self.index == USER_CLUSTERS:  # (fewer candidates than m would rank m all the same)
-            params = check_params(params)
+            params = check_params(params, sizes=(len(u), len(i)))
             params["candidates"] = max(params["candidates"], m)
             searcher = UserClusterSearcher(i, u, params=params)
         else:
@@ -183,7 +183,7 @@ class KDRetrieval:
         # the knob that buys recall with time, its configured value and its ceiling
         if isinstance(searcher, UserClusterSearcher):
             knob, limit = "candidates", searcher.n_items
-            configured = max(check_params(self.index_params)["candidates"], m)
+            configured = max(check_params(self.index_params, sizes=(len(u), len(i)))["candidates"], m)
         elif searcher.nlist is not None:
             knob, configured = "nprobe", int(self.index_params.get("nprobe", 1))
             limit = min(searcher.nlist, GPU_MAX_NPROBE) if searcher.on_gpu else searcher.nlist

@@ -7,7 +7,7 @@ import torch
 
 from compressor import api
 from compressor.checkpoint import load_checkpoint
-from compressor.cluster_search import UserClusterSearcher, check_params
+from compressor.cluster_search import UserClusterSearcher, check_params, sized_defaults
 from compressor.config import ConfigError
 from compressor.distill import load_teacher
 from compressor.models import build_model
@@ -120,3 +120,14 @@ def test_a_resume_state_is_read_only_by_the_index_that_saved_it(teacher, slice_d
     assert clusters.state()[0] == {"index": "UserClusters", "raised": {}, "held": None}
     clusters.load_state(from_clusters, {})
     assert clusters.state()[0] == from_clusters
+
+
+def test_unset_params_are_sized_to_the_data():
+    # the two measured points (docs/benchmarks.md 4g, 4i), and a catalogue smaller than 1,000 items: every item
+    assert sized_defaults(1_000_000, 200_000) == {"clusters": 2048, "candidates": 4000}
+    assert sized_defaults(29_858, 40_979) == {"clusters": 256, "candidates": 1000}
+    assert sized_defaults(300, 120) == {"clusters": 32, "candidates": 120}
+    assert check_params({"candidates": 50}, sizes=(29_858, 40_979)) == {"clusters": 256, "candidates": 50}
+    u, i = _vectors(seed=5, users=300, items=120)
+    assert UserClusterSearcher(i, u).params == {"clusters": 32, "candidates": 120}
+    assert UserClusterSearcher(i, u, {"clusters": 4}).params == {"clusters": 4, "candidates": 120}
