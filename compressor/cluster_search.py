@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 import torch
 
-from .retrieval import exact_topk_on_device
+from .retrieval import exact_topk_on_device, topk_rows
 
 FACTORY = "UserClusters"
 DEFAULT_PARAMS = {"clusters": 2048, "candidates": 4000}  # the 1M-user point's; a searcher sizes its own
@@ -141,7 +141,7 @@ class UserClusterSearcher:
             cand_t = self._items[cand].T.contiguous()
             for s in range(0, members.numel(), rows_per_block):
                 rows = members[s:s + rows_per_block]
-                top = torch.topk(users[rows] @ cand_t, k, dim=1)
-                scores[rows] = top.values
-                ids[rows] = cand[top.indices]
+                values, columns = topk_rows(users[rows] @ cand_t, k)
+                scores[rows] = values
+                ids[rows] = cand[columns]
         return scores.numpy(), ids.numpy()

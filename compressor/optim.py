@@ -231,20 +231,42 @@ class SparseAdam(_RowSparseAdam):
             raise ValueError(f"invalid SparseAdam settings: lr={lr}, betas={betas} (needs b1^2 < b2), eps={eps} "
                              f"(> 0), weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-        self._power_tables: dict[tuple[float, torch.device], torch.Tensor] = {}  # (base, device) -> base ** j
+        self._power_tables: dict[tuple, torch.Tensor] = {}  # ((what, betas), device) -> [POWER_TABLE] float64
+
+    def _table(self, key: tuple, build: Callable[[torch.Tensor], torch.Tensor], device) -> torch.Tensor:
+        """A cached float64 table of ``build(j)`` for j = 0 .. POWER_TABLE - 1 (the exponents as float64)."""
+        table = self._power_tables.get((key, device))
+        if table is None:
+            table = build(torch.arange(POWER_TABLE, dtype=torch.float64, device=device))
+            self._power_tables[(key, device)] = table
+        return table
 
     def _powers(self, base: float, k: torch.Tensor) -> torch.Tensor:
-        """``base ** k`` in float64 for int64 exponents ``k`` >= 0: read from a table of base ** j, j < POWER_TABLE
-        (the same values as ``torch.pow``, computed once instead of for every row of every step); larger
-        exponents, rare, computed."""
-        table = self._power_tables.get((base, k.device))
-        if table is None:
-            table = torch.pow(base, torch.arange(POWER_TABLE, dtype=torch.float64, device=k.device))
-            self._power_tables[(base, k.device)] = table
-        out = table.index_select(0, k.clamp(max=POWER_TABLE - 1))
-        far = k >= POWER_TABLE
-        if bool(far.any()):
+        """``base ** k`` in float64 for int64 gaps ``k`` >= 0, read from a table of ``torch.pow(base, j)`` built
+        once instead of computed for every row of every step (torch.pow itself can differ by an ulp between its
+        vectorised and scalar paths, so a value may differ by one from a per-row pow); gaps past the table, rare
+        (a row untouched for 65,536 steps), computed."""
+        out = self._table(("pow", base), lambda j: torch.pow(base, j), k.device).index_select(
+            0, k.clamp(max=POWER_TABLE - 1))
+        if k.numel() and int(k.max()) >= POWER_TABLE:
+            far = k >= POWER_TABLE
             out[far] = torch.pow(base, k[far].to(torch.float64))
+        return out
+
+    def _held(self, b1: float, b2: float, touch: torch.Tensor) -> torch.Tensor:
+        """c(tau) = sqrt(1 - b2^tau) / (1 - b1^tau) of each row's last touched step (0 for a row never touched),
+        from a table. ``touch`` is a step number, past the table once a run has taken 65,536 steps; by then c
+        is exactly 1.0 in float64 for the usual betas (b2^tau < 2^-60), and the table's last entry says so;
+        otherwise those rows are computed."""
+        def held(j: torch.Tensor) -> torch.Tensor:
+            return torch.where(j > 0, torch.sqrt(1 - torch.pow(b2, j)) / (1 - torch.pow(b1, j)), 0.0)
+
+        table = self._table(("held", b1, b2), held, touch.device)
+        out = table.index_select(0, touch.clamp(max=POWER_TABLE - 1))
+        if (touch.numel() and int(touch.max()) >= POWER_TABLE
+                and not (b2 ** (POWER_TABLE - 1) < 2.0 ** -60 and float(table[-1]) == 1.0)):
+            far = touch >= POWER_TABLE
+            out[far] = held(touch[far].to(torch.float64))
         return out
 
     def _drift(self, group: dict, k: torch.Tensor, touch: torch.Tensor, p_rows: torch.Tensor, m_rows: torch.Tensor,
@@ -258,7 +280,7 @@ class SparseAdam(_RowSparseAdam):
         shape = k.shape + (1,) * (p_rows.dim() - 1)
         r = b1 / math.sqrt(b2)
         geometric = k.to(torch.float64) if r == 1 else r * (1 - self._powers(r, k)) / (1 - r)  # sum r^j, j = 1..k
-        held = torch.where(touch > 0, torch.sqrt(1 - self._powers(b2, touch)) / (1 - self._powers(b1, touch)), 0.0)
+        held = self._held(b1, b2, touch)
         coef = (lr * held * geometric).to(p_rows.dtype).reshape(shape)
         # m / max(sqrt(v), eps): eps is a floor under sqrt(v), not a term of it (so the steps stay a geometric
         # series); it keeps a row whose v underflowed to 0 before its m did from taking a huge step

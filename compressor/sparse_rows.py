@@ -35,13 +35,13 @@ def distinct_rows(ids: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
 def summed_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     """(rows, values) of a row-sparse COO gradient [n_rows, ...]: its distinct rows, sorted, and each one's
     entries summed, as ``grad.coalesce()`` gives them (a row named twice, a user twice in a batch, gets the sum a
-    dense gradient would hold). By the bitmap, a row's entries are summed in the order they appear, the same bits
-    on every call and at any thread count; coalesce may add a row named 3+ times in another order. The values
+    dense gradient would hold). By the bitmap (on the CPU), a row's entries are summed in the order they appear, the
+    same bits on every call and at any thread count; coalesce may add a row named 3+ times in another order. The values
     of a gradient that is already coalesced are its own (not a copy)."""
     if grad.is_coalesced():
         return grad.indices()[0], grad.values()
     ids, vals = grad._indices()[0], grad._values()
-    if not _bitmap_pays(ids.numel(), grad.shape[0]):
+    if grad.is_cuda or not _bitmap_pays(ids.numel(), grad.shape[0]):  # (CUDA's index_add_ adds atomically)
         g = grad.coalesce()
         return g.indices()[0], g.values()
     rows, position = distinct_rows(ids, grad.shape[0])

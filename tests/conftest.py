@@ -3,6 +3,7 @@ and one brute-force top-k oracle."""
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -75,15 +76,16 @@ def assert_one_line_error(proc, *fragments: str) -> str:
 
 # Ports for test servers: below Linux's ephemeral range (32768-60999), where the kernel hands out no port of its
 # own, and a block per pytest-xdist worker, so two workers never pick the same port between choosing it and their
-# server binding it (a port from bind(0) is free only until someone else asks).
-_PORT_BASE, _PORTS_PER_WORKER = 20_000, 400
-_next_port = 0
+# server binding it (a port from bind(0) is free only until someone else asks). Each session starts at a random
+# place in its block, so two test sessions side by side (two checkouts) rarely walk the same ports.
+_PORT_BASE, _PORTS_PER_WORKER, _WORKER_BLOCKS = 20_000, 400, 30
+_next_port = random.randrange(_PORTS_PER_WORKER)
 
 
 def free_port() -> int:
     global _next_port
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    first = _PORT_BASE + int(re.sub(r"\D", "", worker) or 0) * _PORTS_PER_WORKER
+    worker = int(re.sub(r"\D", "", os.environ.get("PYTEST_XDIST_WORKER", "gw0")) or 0) % _WORKER_BLOCKS
+    first = _PORT_BASE + worker * _PORTS_PER_WORKER
     for _ in range(_PORTS_PER_WORKER):
         port = first + _next_port % _PORTS_PER_WORKER
         _next_port += 1

@@ -8,6 +8,7 @@ import os
 import faiss
 import numpy as np
 import pytest
+import torch
 
 from compressor import retrieval
 from compressor.retrieval import (
@@ -267,3 +268,19 @@ def test_listed_inner_products_are_each_pairs_dot_whatever_the_blocks():
     np.testing.assert_allclose(whole, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(listed_inner_products(queries, items, ids, block=12 * 5), whole)  # 5 per block
     assert listed_inner_products(queries[:0], items, ids[:0]).shape == (0, 12)
+
+
+@pytest.mark.parametrize("n, c, k", [(37, 4000, 100), (5, 4003, 100), (64, 2600, 20), (8, 500, 100), (3, 41_000, 20)])
+def test_topk_rows_is_torchs_topk(n, c, k):
+    """Through block maxima where rows are long (c >= 25 k; a ragged last block; ties), else torch.topk itself:
+    the same values, columns that hold them, no column twice."""
+    gen = torch.Generator().manual_seed(c)
+    scores = torch.randn(n, c, generator=gen)
+    scores[0] = torch.randint(0, 5, (c,), generator=gen).float()  # a row of ties
+    scores[-1, c - 3:] = 50.0  # the best of the last row in the ragged tail
+    for s in (scores, scores.t().contiguous().t()):  # contiguous and column-major
+        values, cols = retrieval.topk_rows(s, k)
+        want = torch.topk(s, k, dim=1)
+        assert torch.equal(values, want.values)
+        assert torch.equal(s.gather(1, cols), values)
+        assert all(len(set(row.tolist())) == k for row in cols)

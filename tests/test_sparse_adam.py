@@ -160,9 +160,53 @@ def test_sparse_adam_refuses_betas_whose_drift_would_not_converge():
         SparseAdam([torch.nn.Parameter(torch.zeros(2, 2))], betas=(0.99, 0.9))
 
 
-def test_sparse_adam_powers_are_torch_pow_in_and_past_the_table(monkeypatch):
+def test_sparse_adam_powers_and_bias_hold_in_and_past_the_table(monkeypatch):
     monkeypatch.setattr(optim, "POWER_TABLE", 64)
     opt = SparseAdam([torch.nn.Parameter(torch.zeros(2, 2))])
     k = torch.tensor([0, 1, 5, 63, 64, 65, 1000, 70000])
     for base in (0.9, 0.999, 0.9 / 0.999 ** 0.5):
-        assert torch.equal(opt._powers(base, k), torch.pow(base, k.to(torch.float64)))
+        got = opt._powers(base, k)
+        table = torch.pow(base, torch.arange(64, dtype=torch.float64))  # what the table holds, built in one call
+        assert torch.equal(got[:4], table[k[:4]]) and torch.equal(got[4:], torch.pow(base, k[4:].double()))
+        # torch.pow of single rows may take its scalar path, an ulp away
+        torch.testing.assert_close(got, torch.pow(base, k.double()), rtol=4e-16, atol=0)
+
+    def direct(b1, b2, tau):
+        tau = tau.double()
+        return torch.where(tau > 0, torch.sqrt(1 - b2 ** tau) / (1 - b1 ** tau), torch.zeros_like(tau))
+
+    # betas that do not saturate within 64 steps: rows past the table are computed
+    torch.testing.assert_close(opt._held(0.9, 0.999, k), direct(0.9, 0.999, k), rtol=4e-16, atol=0)
+    assert opt._held(0.9, 0.999, k)[0] == 0  # never touched
+    monkeypatch.setattr(optim, "POWER_TABLE", 1 << 16)  # the shipped size: c(tau) is exactly 1.0 past it
+    late = torch.tensor([1, 100, 65_535, 65_536, 3_000_000])
+    assert torch.equal(SparseAdam([torch.nn.Parameter(torch.zeros(2, 2))])._held(0.9, 0.999, late)[2:],
+                       torch.ones(3, dtype=torch.float64))
+    assert torch.equal(direct(0.9, 0.999, late)[2:], torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("opt_cls", [SparseAdam, SparseAdamW, LazyAdam])
+def test_row_sparse_steps_leave_the_gradient_alone_whichever_way_its_rows_are_summed(opt_cls):
+    """With weight decay, on a gradient whose rows are summed through the bitmap (entries >= a quarter of the
+    rows), through coalesce (few entries), or that arrives coalesced: the same weights, the gradient unchanged."""
+    n_rows, dim = 40, 3
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.tensor([3, 7, 3, 12, 39, 7, 3, 0, 21, 30, 12])  # 11 entries >= 40 / 4: the bitmap
+    vals = torch.randn(len(ids), dim, generator=gen, dtype=torch.float64)
+    start = torch.randn(n_rows, dim, generator=gen, dtype=torch.float64)
+    grads = {"bitmap": torch.sparse_coo_tensor(ids[None], vals, (n_rows, dim)),
+             "coalesced": torch.sparse_coo_tensor(ids[None], vals, (n_rows, dim)).coalesce()}
+    wide = torch.sparse_coo_tensor(ids[None], vals, (4 * n_rows, dim))  # 11 < 160 / 4: coalesce's sort
+    weights = {}
+    for name, grad in {**grads, "sort": wide}.items():
+        rows = 4 * n_rows if name == "sort" else n_rows
+        table = torch.nn.Parameter(torch.cat([start, torch.zeros(rows - n_rows, dim, dtype=torch.float64)]))
+        opt = opt_cls([table], lr=0.01, weight_decay=0.1)
+        before = grad.coalesce().values().clone()
+        for _ in range(3):
+            table.grad = grad
+            opt.step()
+        assert torch.equal(grad.coalesce().values(), before)  # the L2 term was not added into the gradient
+        weights[name] = table.detach()[:n_rows]
+    torch.testing.assert_close(weights["bitmap"], weights["coalesced"], rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(weights["sort"], weights["coalesced"], rtol=1e-14, atol=1e-15)
