@@ -2,7 +2,8 @@
 
 A UserClusters refresh takes, per block of a cluster's users, the top-M of [users, candidates] scores; its candidate
 lists are the top-candidates of [clusters, items]. torch's CPU topk spends about 6 ns per score there;
-`topk_rows` selects through block maxima where rows are long (docs/benchmarks.md 4j). Scores: products of random
+`topk_rows` selects by introselect, through maxima of interleaved blocks where rows are long (docs/benchmarks.md
+4j, 4k). Scores: products of random
 20-dim vectors (the selection's cost does not depend on where the top-k lie).
 
     python benchmarks/topk_rows.py --out bench-out/topk_rows
@@ -24,8 +25,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 SHAPES = {  # name: (rows, columns, k)
     "UserClusters at 1M users: a cluster's 488 users x 4,000 candidates, top-100": (488, 4000, 100),
     "UserClusters at 100k users: 146 users x 4,000 candidates, top-100": (146, 4000, 100),
+    "UserClusters at Gowalla: a cluster's 117 users x 1,000 candidates, top-100": (117, 1000, 100),
     "candidate lists at 1M users: 256 centroids x 200,000 items, top-4,000": (256, 200_000, 4000),
     "exact refresh, Gowalla: 512 users x 40,979 items, top-100": (512, 40_979, 100),
+    "the refresh's recall check, Gowalla: 500 users x 40,979 items, top-100": (500, 40_979, 100),
 }
 
 

@@ -24,7 +24,7 @@ from .errors import TrainingError
 from .evaluation import topk_excluding
 from .losses import rowwise_positions
 from .pair_products import pair_dot
-from .retrieval import TopKSearcher, TrainedQuantizer, exact_topk_on_device, faiss_has_gpu, measure_recall, topk_cached
+from .retrieval import TopKSearcher, TrainedQuantizer, exact_topk_on_device, faiss_has_gpu, recall_at_k, topk_cached
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,11 @@ class KDRetrieval:
         if searcher.is_exact:
             return ids, {}
         checking = time.perf_counter()
-        recall = measure_recall(searcher, u, i, m, sample_users=RECALL_SAMPLE_USERS)
+        # Recall@m on a sample of users against their exact top-m (torch: matmul + topk_rows), once per refresh;
+        # a user's approximate list depends on its own vector alone, so the sample's rows of ``ids`` are its lists.
+        sample = np.sort(np.random.default_rng(0).choice(len(u), size=min(RECALL_SAMPLE_USERS, len(u)), replace=False))
+        exact = exact_topk_on_device(torch.from_numpy(u[sample]), torch.from_numpy(i), m)[1].numpy()
+        recall = recall_at_k(ids[sample], exact)
         diag = {"retrieval_recall_first": recall, "time_recall_check_s": time.perf_counter() - checking}
         # the knob that buys recall with time, its configured value and its ceiling
         if isinstance(searcher, UserClusterSearcher):
@@ -205,7 +209,7 @@ class KDRetrieval:
             else:
                 break
             ids = searcher.search(u, m)[1]
-            recall = measure_recall(searcher, u, i, m, sample_users=RECALL_SAMPLE_USERS)
+            recall = recall_at_k(ids[sample], exact)
         # The next refresh starts at this value, or at half of it after a recall well above the floor (the
         # student settles, and a raised nprobe costs a proportional share of an exhaustive search).
         self._held = value if knob and recall >= REUSE_RECALL_FLOOR else None

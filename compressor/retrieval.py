@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -240,35 +241,67 @@ def faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+_SPLIT_SCORES = 1 << 18  # scores from which _selected splits its rows over threads
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # by thread count; a forked child starts without (its threads are gone)
+os.register_at_fork(after_in_child=_POOLS.clear)
+
+
 def topk_rows(scores, k: int):
-    """``torch.topk(scores, k, dim=1)`` for [n, c] scores on the CPU: (values, column indices) best first, the same
-    values, the same columns up to the order of exact ties.
+    """``torch.topk(scores, k, dim=1)`` for [n, c] NaN-free scores on the CPU: (values, column indices) best first,
+    the same values; the columns differ only where exact ties straddle the k-th place or share a value.
 
     torch's CPU topk selects over every score of a row one at a time (about 6 ns per score on the reference box,
-    docs/benchmarks.md 4j). Where a row is long against k (c >= 25 k: a UserClusters refresh ranks a top-100 among
-    4,000 candidates) it is cheaper in three passes: each block of b ~ sqrt(c / k) consecutive columns keeps its
-    maximum (one vectorised pass), the k blocks with the largest maxima are chosen (a topk over c / b), and the top-k
-    is taken among those blocks' k b scores. Exact: an element of the row's top-k lies in a chosen block, since
-    every chosen block holds a distinct element at least as large as the k-th chosen maximum, so a block not
-    chosen, whose maximum is no larger, can hold none above it. Columns past the last whole block are always
-    candidates. Elsewhere (short rows, other devices) it is torch.topk."""
+    docs/benchmarks.md 4j) and sorts its k; numpy's introselect (``argpartition``) and a sort of the k chosen cost
+    about half of it at 1,000-4,000 columns (4k). Where a row is long against k (c >= 25 k: a UserClusters refresh
+    ranks a top-100 among 4,000 candidates) it is cheaper still in three passes: the row is cut into b ~ sqrt(c / k)
+    blocks of interleaved columns (block j: columns j, j + m, j + 2m, ... for m = c // b, so that their maxima are
+    an element-wise max of b contiguous slices), the k blocks with the largest maxima are chosen, and the top-k is
+    taken among those blocks' k b scores. Exact: an element of the row's top-k lies in a chosen block, since every
+    chosen block holds a distinct element at least as large as the k-th chosen maximum, so a block not chosen,
+    whose maximum is no larger, can hold none above it. Columns past the last whole block are always candidates.
+    Elsewhere (other devices, dtypes numpy lacks, k = c) it is torch.topk."""
     import torch  # lazy, as exact_topk_on_device
 
     n, c = scores.shape
-    if scores.device.type != "cpu" or c < 25 * k or n == 0:
+    if scores.device.type != "cpu" or scores.dtype not in (torch.float32, torch.float64) or n == 0 or k >= c:
         top = torch.topk(scores, k, dim=1)
         return top.values, top.indices
+    if c < 25 * k:
+        return _selected(scores, k)
     block = max(2, round(math.sqrt(c / k)))
-    n_blocks = c // block
-    if scores.stride(1) != 1:
-        scores = scores.contiguous()
-    whole = scores.as_strided((n, n_blocks, block), (scores.stride(0), block, 1))  # a view: no copy
-    chosen = torch.topk(whole.amax(dim=2), k, dim=1, sorted=False).indices  # [n, k] blocks
-    cols = (chosen.unsqueeze(2) * block + torch.arange(block)).view(n, k * block)
-    if n_blocks * block < c:
-        cols = torch.cat([cols, torch.arange(n_blocks * block, c).expand(n, -1)], dim=1)
-    top = torch.topk(scores.gather(1, cols), k, dim=1)
-    return top.values, cols.gather(1, top.indices)
+    m = c // block
+    maxima = scores.contiguous()[:, : m * block].view(n, block, m).amax(dim=1)  # [n, m]: block j's maximum
+    cols = (_selected(maxima, k, ordered=False)[1].unsqueeze(2) + m * torch.arange(block)).view(n, k * block)
+    if m * block < c:
+        cols = torch.cat([cols, torch.arange(m * block, c).expand(n, -1)], dim=1)
+    values, picked = _selected(scores.gather(1, cols), k)
+    return values, cols.gather(1, picked)
+
+
+def _selected(scores, k: int, ordered: bool = True):
+    """(values, columns) of each row's k largest by numpy's introselect, best first if ``ordered`` (a stable sort
+    of the k: the result depends on the scores alone). numpy releases the GIL there, so a large input's rows are
+    split over torch's thread count."""
+    import torch
+
+    a, threads = scores.detach().numpy(), torch.get_num_threads()
+    if threads < 2 or a.size < _SPLIT_SCORES or a.shape[0] < 2 * threads:
+        values, cols = _selected_rows(a, k, ordered)
+    else:
+        pool = _POOLS.get(threads) or _POOLS.setdefault(threads, ThreadPoolExecutor(threads, "topk"))
+        parts = list(pool.map(lambda rows: _selected_rows(a[rows[0]:rows[-1] + 1], k, ordered),
+                              np.array_split(np.arange(a.shape[0]), threads)))
+        values, cols = np.concatenate([v for v, _ in parts]), np.concatenate([c for _, c in parts])
+    return torch.from_numpy(values), torch.from_numpy(cols)
+
+
+def _selected_rows(a: np.ndarray, k: int, ordered: bool) -> tuple[np.ndarray, np.ndarray]:
+    cols = np.argpartition(a, a.shape[1] - k, axis=1)[:, a.shape[1] - k:]
+    values = np.take_along_axis(a, cols, 1)
+    if ordered:
+        order = np.argsort(-values, axis=1, kind="stable")
+        values, cols = np.take_along_axis(values, order, 1), np.take_along_axis(cols, order, 1)
+    return values, cols
 
 
 def exact_topk_on_device(user_vectors, item_vectors, k: int, block: int | None = None):

@@ -270,13 +270,17 @@ def test_listed_inner_products_are_each_pairs_dot_whatever_the_blocks():
     assert listed_inner_products(queries[:0], items, ids[:0]).shape == (0, 12)
 
 
-@pytest.mark.parametrize("n, c, k", [(37, 4000, 100), (5, 4003, 100), (64, 2600, 20), (8, 500, 100), (3, 41_000, 20)])
-def test_topk_rows_is_torchs_topk(n, c, k):
-    """Through block maxima where rows are long (c >= 25 k; a ragged last block; ties), else torch.topk itself:
-    the same values, columns that hold them, no column twice."""
+@pytest.mark.parametrize("n, c, k, dtype", [(37, 4000, 100, torch.float32), (5, 4003, 100, torch.float32),
+                                            (64, 2600, 20, torch.float32), (8, 500, 100, torch.float32),
+                                            (3, 41_000, 20, torch.float32), (9, 700, 30, torch.float64),
+                                            (4, 50, 50, torch.float32), (3, 60, 20, torch.bfloat16)])
+def test_topk_rows_is_torchs_topk(n, c, k, dtype):
+    """Through block maxima where rows are long (c >= 25 k; a ragged last block; ties), by introselect on shorter
+    ones, else (k = c, a dtype numpy lacks) torch.topk itself: the same values, columns that hold them, no column
+    twice."""
     gen = torch.Generator().manual_seed(c)
-    scores = torch.randn(n, c, generator=gen)
-    scores[0] = torch.randint(0, 5, (c,), generator=gen).float()  # a row of ties
+    scores = torch.randn(n, c, generator=gen).to(dtype)
+    scores[0] = torch.randint(0, 5, (c,), generator=gen).to(dtype)  # a row of ties
     scores[-1, c - 3:] = 50.0  # the best of the last row in the ragged tail
     for s in (scores, scores.t().contiguous().t()):  # contiguous and column-major
         values, cols = retrieval.topk_rows(s, k)
@@ -284,3 +288,21 @@ def test_topk_rows_is_torchs_topk(n, c, k):
         assert torch.equal(values, want.values)
         assert torch.equal(s.gather(1, cols), values)
         assert all(len(set(row.tolist())) == k for row in cols)
+
+
+def test_topk_rows_split_over_threads_is_the_one_thread_answer():
+    """A large input's rows are selected on torch's thread count in parts: the same values and columns as on one
+    thread, whatever the split (each row's answer depends on that row alone)."""
+    gen = torch.Generator().manual_seed(11)
+    scores = torch.randn(701, 1000, generator=gen)  # 701k scores: split at 2+ threads; an odd row count
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = retrieval.topk_rows(scores, 100)
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            many = retrieval.topk_rows(scores, 100)
+            assert torch.equal(many[0], one[0]) and torch.equal(many[1], one[1])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], torch.topk(scores, 100, dim=1).values)
