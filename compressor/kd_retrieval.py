@@ -32,6 +32,7 @@ REUSE_RECALL_FLOOR = 0.95  # keep an approximate index's trained quantizer acros
 RECALL_EASE = 0.98  # a refresh whose first recall is above this tries half a raised nprobe next time
 GPU_MAX_NPROBE = 2048  # FAISS GPU IVF searches take at most this nprobe
 RECALL_SAMPLE_USERS = 500  # users whose approximate top-M is checked against exact search every refresh
+RECALL_CHECK_SCORES = 1 << 25  # scores per block of that exact search (128 MiB; 167 users at 200k items)
 TEACHER_SCORE_BLOCK = 4096  # users per block when scoring per-user item lists with the teacher
 MASKED_TOPK_BLOCK = 2048  # users per block of the exact search with the training items masked (block x items)
 
@@ -181,7 +182,8 @@ class KDRetrieval:
         # Recall@m on a sample of users against their exact top-m (torch: matmul + topk_rows), once per refresh;
         # a user's approximate list depends on its own vector alone, so the sample's rows of ``ids`` are its lists.
         sample = np.sort(np.random.default_rng(0).choice(len(u), size=min(RECALL_SAMPLE_USERS, len(u)), replace=False))
-        exact = exact_topk_on_device(torch.from_numpy(u[sample]), torch.from_numpy(i), m)[1].numpy()
+        exact = exact_topk_on_device(torch.from_numpy(u[sample]), torch.from_numpy(i), m,
+                                     block=max(1, RECALL_CHECK_SCORES // len(i)))[1].numpy()
         recall = recall_at_k(ids[sample], exact)
         diag = {"retrieval_recall_first": recall, "time_recall_check_s": time.perf_counter() - checking}
         # the knob that buys recall with time, its configured value and its ceiling
