@@ -241,7 +241,7 @@ def faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-_SPLIT_SCORES = 1 << 18  # scores from which _selected splits its rows over threads
+_SPLIT_SCORES = 1 << 20  # scores from which _selected splits its rows over threads (below, not worth it)
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # by thread count; a forked child starts without (its threads are gone)
 os.register_at_fork(after_in_child=_POOLS.clear)
 

@@ -294,8 +294,9 @@ def test_topk_rows_split_over_threads_is_the_one_thread_answer():
     """A large input's rows are selected on torch's thread count in parts: the same values and columns as on one
     thread, whatever the split (each row's answer depends on that row alone)."""
     gen = torch.Generator().manual_seed(11)
-    scores = torch.randn(701, 1000, generator=gen)  # 701k scores: split at 2+ threads; an odd row count
+    scores = torch.randn(1101, 1000, generator=gen)  # 1.1M scores: split at 2+ threads; an odd row count
     before = torch.get_num_threads()
+    retrieval._POOLS.clear()
     try:
         torch.set_num_threads(1)
         one = retrieval.topk_rows(scores, 100)
@@ -305,4 +306,5 @@ def test_topk_rows_split_over_threads_is_the_one_thread_answer():
             assert torch.equal(many[0], one[0]) and torch.equal(many[1], one[1])
     finally:
         torch.set_num_threads(before)
+    assert set(retrieval._POOLS) == {2, 3}  # the split ran (one pool per thread count), and not on one thread
     assert torch.equal(one[0], torch.topk(scores, 100, dim=1).values)
