@@ -395,7 +395,7 @@ def _epoch_breakdown(row: dict) -> dict:
     retr = row.get("time_retrieval_s", 0.0)
     kds = row.get("time_kd_sampling_s", 0.0)
     return {"epoch_s": total, "refresh_s": refresh, "retrieval_s": retr, "kd_sampling_scoring_s": kds,
-            # the rest of on_epoch_start: measure_recall (approximate index only) + the topk_overlap diagnostic
+            # the rest of on_epoch_start: the recall check (approximate index only) + the topk_overlap diagnostic
             "recall_check_s": max(refresh - retr - kds, 0.0), "neg_sampling_s": neg,
             "batches_s": total - refresh - neg, "retrieval_recall": row.get("diag_retrieval_recall"),
             "topk_overlap": row.get("diag_topk_overlap")}

@@ -247,18 +247,19 @@ os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def topk_rows(scores, k: int):
-    """``torch.topk(scores, k, dim=1)`` for [n, c] NaN-free scores on the CPU: (values, column indices) best first,
-    the same values; the columns differ only where exact ties straddle the k-th place or share a value.
+    """``torch.topk(scores, k, dim=1)`` for [n, c] scores on the CPU: (values, column indices) best first, the same
+    values (NaN ranked first, as torch does); the columns differ only where exact ties straddle the k-th place or
+    share a value.
 
-    torch's CPU topk selects over every score of a row one at a time (about 6 ns per score on the reference box,
-    docs/benchmarks.md 4j) and sorts its k; numpy's introselect (``argpartition``) and a sort of the k chosen cost
-    about half of it at 1,000-4,000 columns (4k). Where a row is long against k (c >= 25 k: a UserClusters refresh
-    ranks a top-100 among 4,000 candidates) it is cheaper still in three passes: the row is cut into b ~ sqrt(c / k)
-    blocks of interleaved columns (block j: columns j, j + m, j + 2m, ... for m = c // b, so that their maxima are
-    an element-wise max of b contiguous slices), the k blocks with the largest maxima are chosen, and the top-k is
-    taken among those blocks' k b scores. Exact: an element of the row's top-k lies in a chosen block, since every
-    chosen block holds a distinct element at least as large as the k-th chosen maximum, so a block not chosen,
-    whose maximum is no larger, can hold none above it. Columns past the last whole block are always candidates.
+    torch's CPU topk selects over every score of a row one at a time (~6 ns per score here, docs/benchmarks.md 4j)
+    and sorts its k; numpy's introselect and a sort of the k chosen cost about half of it at 1,000-4,000 columns.
+    Where a row is long against k (c >= 25 k) it is cheaper still in three passes: the row is cut into
+    b ~ sqrt(c / k) blocks of interleaved columns (block j: columns j, j + m, j + 2m, ... for m = c // b, so that
+    their maxima are an element-wise max of b contiguous slices), the k blocks with the largest maxima are chosen,
+    and the top-k is taken among those blocks' k b scores. Exact: an element of the row's top-k lies in a chosen
+    block, since every chosen block holds a distinct element at least as large as the k-th chosen maximum, so a
+    block not chosen, whose maximum is no larger, can hold none above it. The columns past the last whole block
+    are always candidates.
     Elsewhere (other devices, dtypes numpy lacks, k = c) it is torch.topk."""
     import torch  # lazy, as exact_topk_on_device
 
@@ -280,8 +281,7 @@ def topk_rows(scores, k: int):
 
 def _selected(scores, k: int, ordered: bool = True):
     """(values, columns) of each row's k largest by numpy's introselect, best first if ``ordered`` (a stable sort
-    of the k: the result depends on the scores alone). numpy releases the GIL there, so a large input's rows are
-    split over torch's thread count."""
+    of the k); numpy releases the GIL there, so a large input's rows are split over torch's thread count."""
     import torch
 
     a, threads = scores.detach().numpy(), torch.get_num_threads()
@@ -289,17 +289,20 @@ def _selected(scores, k: int, ordered: bool = True):
         values, cols = _selected_rows(a, k, ordered)
     else:
         pool = _POOLS.get(threads) or _POOLS.setdefault(threads, ThreadPoolExecutor(threads, "topk"))
-        parts = list(pool.map(lambda rows: _selected_rows(a[rows[0]:rows[-1] + 1], k, ordered),
-                              np.array_split(np.arange(a.shape[0]), threads)))
-        values, cols = np.concatenate([v for v, _ in parts]), np.concatenate([c for _, c in parts])
+        try:
+            parts = list(pool.map(lambda rows: _selected_rows(a[rows[0]:rows[-1] + 1], k, ordered),
+                                  np.array_split(np.arange(a.shape[0]), threads)))
+            values, cols = np.concatenate([v for v, _ in parts]), np.concatenate([c for _, c in parts])
+        except RuntimeError:  # no new work after the interpreter began to shut down: on this thread
+            values, cols = _selected_rows(a, k, ordered)
     return torch.from_numpy(values), torch.from_numpy(cols)
 
 
 def _selected_rows(a: np.ndarray, k: int, ordered: bool) -> tuple[np.ndarray, np.ndarray]:
     cols = np.argpartition(a, a.shape[1] - k, axis=1)[:, a.shape[1] - k:]
     values = np.take_along_axis(a, cols, 1)
-    if ordered:
-        order = np.argsort(-values, axis=1, kind="stable")
+    if ordered:  # (NaN first, as torch.topk ranks it)
+        order = np.argsort(np.where(np.isnan(values), -np.inf, -values), axis=1, kind="stable")
         values, cols = np.take_along_axis(values, order, 1), np.take_along_axis(cols, order, 1)
     return values, cols
 
@@ -318,7 +321,8 @@ def exact_topk_on_device(user_vectors, item_vectors, k: int, block: int | None =
     n_items = item_vectors.shape[0]
     if not 0 < k <= n_items:
         raise ValueError(f"k must be in 1..{n_items} (the number of items), got {k}")
-    block = block or max(1, min(8192, (1 << 28) // n_items))  # <= 1 GiB of scores
+    # <= 1 GiB of scores; on the CPU 256 MiB, as topk_rows' introselect adds int64 column indices twice their size
+    block = block or max(1, min(8192, (1 << (28 if user_vectors.device.type != "cpu" else 26)) // n_items))
     scores, ids = [], []
     with torch.no_grad():
         items_t = item_vectors.t().contiguous()

@@ -86,10 +86,11 @@ def test_the_refresh_raises_the_candidates_to_the_recall_floor(teacher, slice_da
     assert diag["retrieval_recall_first"] < 0.95 <= diag["retrieval_recall"]
     assert diag["retrieval_candidates"] > 30 and (ids >= 0).all()
     # the recall the refresh read off the lists it found (and one exact search of its sample) is what searching
-    # the sample again and FAISS's exact search give
+    # the sample again and FAISS's exact search give (to a few of its 400 x 30 entries: a matmul's last bits
+    # may depend on how many rows it multiplies; misread rows would be far off)
     u, i = (t.detach().numpy() for t in model.vectors())
     final = UserClusterSearcher(i, u, params={"clusters": 16, "candidates": int(diag["retrieval_candidates"])})
-    assert diag["retrieval_recall"] == pytest.approx(measure_recall(final, u, i, 30, sample_users=500), abs=1e-12)
+    assert diag["retrieval_recall"] == pytest.approx(measure_recall(final, u, i, 30, sample_users=500), abs=3e-4)
     again = retrieval.student_topm(model, 30)[1]  # the next refresh starts from the raised candidates
     assert again["retrieval_candidates"] == diag["retrieval_candidates"] and again["retrieval_recall_first"] >= 0.95
     assert retrieval.state()[0]["raised"] == {"candidates": int(diag["retrieval_candidates"])}

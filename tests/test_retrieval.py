@@ -296,7 +296,7 @@ def test_topk_rows_split_over_threads_is_the_one_thread_answer():
     gen = torch.Generator().manual_seed(11)
     scores = torch.randn(1101, 1000, generator=gen)  # 1.1M scores: split at 2+ threads; an odd row count
     before = torch.get_num_threads()
-    retrieval._POOLS.clear()
+    _drop_pools()
     try:
         torch.set_num_threads(1)
         one = retrieval.topk_rows(scores, 100)
@@ -308,3 +308,29 @@ def test_topk_rows_split_over_threads_is_the_one_thread_answer():
         torch.set_num_threads(before)
     assert set(retrieval._POOLS) == {2, 3}  # the split ran (one pool per thread count), and not on one thread
     assert torch.equal(one[0], torch.topk(scores, 100, dim=1).values)
+    # a pool that takes no more work (as after the interpreter began to shut down): the same answer on this thread
+    retrieval._POOLS[2].shutdown()
+    try:
+        torch.set_num_threads(2)
+        late = retrieval.topk_rows(scores, 100)
+    finally:
+        torch.set_num_threads(before)
+        _drop_pools()
+    assert torch.equal(late[0], one[0]) and torch.equal(late[1], one[1])
+
+
+def _drop_pools():
+    for pool in retrieval._POOLS.values():
+        pool.shutdown()
+    retrieval._POOLS.clear()
+
+
+@pytest.mark.parametrize("c, k", [(300, 10), (3000, 10)])  # introselect alone; through block maxima
+def test_topk_rows_ranks_nan_first_as_torch_does(c, k):
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(4, c, generator=gen)
+    scores[1, [7, 70]] = float("nan")
+    values, cols = retrieval.topk_rows(scores, k)
+    want = torch.topk(scores, k, dim=1)
+    assert torch.allclose(values, want.values, equal_nan=True)
+    assert set(cols[1, :2].tolist()) == {7, 70} and torch.isnan(values[1, :2]).all()
