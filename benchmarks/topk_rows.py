@@ -3,8 +3,7 @@
 A UserClusters refresh takes, per block of a cluster's users, the top-M of [users, candidates] scores; its candidate
 lists are the top-candidates of [clusters, items]. torch's CPU topk spends about 6 ns per score there;
 `topk_rows` selects by introselect, through maxima of interleaved blocks where rows are long (docs/benchmarks.md
-4j, 4k). Scores: products of random
-20-dim vectors (the selection's cost does not depend on where the top-k lie).
+4j, 4k). Scores: products of random 20-dim vectors (the selection's cost does not depend on where the top-k lie).
 
     python benchmarks/topk_rows.py --out bench-out/topk_rows
 """

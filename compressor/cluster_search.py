@@ -36,9 +36,9 @@ SCORE_BLOCK_ELEMS = 1 << 24  # scores per block of one cluster's users x its can
 def sized_defaults(n_users: int, n_items: int) -> dict:
     """``clusters`` and ``candidates`` for n_users x n_items, from the two sizes where they were timed, the fastest
     of the settings tried that held the recall floor (docs/benchmarks.md 4g and 4i): 2,048 / 4,000 at 1M users x
-    200k items, 256 / 1,000 at Gowalla's 30k x 41k. Clusters grow as the square root of the users (k-means and the candidate lists cost per
-    cluster, the users' products per user), rounded to a power of two; candidates are 2% of the items, at least
-    1,000 (a top-100 needs room) and at most every item (the exact search)."""
+    200k items, 256 / 1,000 at Gowalla's 30k x 41k. Clusters grow as the square root of the users (k-means and the
+    candidate lists cost per cluster, the users' products per user), rounded to a power of two; candidates are 2%
+    of the items, at least 1,000 (a top-100 needs room) and at most every item (the exact search)."""
     clusters = 2 ** round(math.log2(max(1.0, 1.5 * math.sqrt(max(n_users, 1)))))
     return {"clusters": clusters, "candidates": max(1, min(n_items, max(1000, round(0.02 * n_items))))}
 

@@ -24,7 +24,8 @@ from .errors import TrainingError
 from .evaluation import topk_excluding
 from .losses import rowwise_positions
 from .pair_products import pair_dot
-from .retrieval import TopKSearcher, TrainedQuantizer, exact_topk_on_device, faiss_has_gpu, recall_at_k, topk_cached
+from .retrieval import (TopKSearcher, TrainedQuantizer, exact_topk_on_device, faiss_has_gpu, recall_at_k, recall_sample,
+                        topk_cached)
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +180,10 @@ class KDRetrieval:
         if searcher.is_exact:
             return ids, {}
         checking = time.perf_counter()
-        # Recall@m on a sample of users against their exact top-m (torch: matmul + topk_rows), once per refresh;
-        # a user's approximate list depends on its own vector alone, so the sample's rows of ``ids`` are its lists.
-        sample = np.sort(np.random.default_rng(0).choice(len(u), size=min(RECALL_SAMPLE_USERS, len(u)), replace=False))
+        # Recall@m on measure_recall's sample of users against their exact top-m (torch: matmul + topk_rows), once
+        # per refresh; a user's approximate list depends on its own vector (up to a matmul's last bits, which may
+        # depend on how many rows it multiplies), so the sample's rows of ``ids`` are its lists.
+        sample = recall_sample(len(u), RECALL_SAMPLE_USERS)
         exact = exact_topk_on_device(torch.from_numpy(u[sample]), torch.from_numpy(i), m,
                                      block=max(1, RECALL_CHECK_SCORES // len(i)))[1].numpy()
         recall = recall_at_k(ids[sample], exact)

@@ -32,6 +32,7 @@ __all__ = [
     "ip2l2_items",
     "measure_recall",
     "recall_at_k",
+    "recall_sample",
     "set_thread_count",
     "topk_cached",
     "blocked_torch_topk",
@@ -252,15 +253,14 @@ def topk_rows(scores, k: int):
     share a value.
 
     torch's CPU topk selects over every score of a row one at a time (~6 ns per score here, docs/benchmarks.md 4j)
-    and sorts its k; numpy's introselect and a sort of the k chosen cost about half of it at 1,000-4,000 columns.
+    and sorts its k; numpy's introselect and a sort of the k chosen cost about half of it on 1,000-column rows.
     Where a row is long against k (c >= 25 k) it is cheaper still in three passes: the row is cut into
     b ~ sqrt(c / k) blocks of interleaved columns (block j: columns j, j + m, j + 2m, ... for m = c // b, so that
     their maxima are an element-wise max of b contiguous slices), the k blocks with the largest maxima are chosen,
     and the top-k is taken among those blocks' k b scores. Exact: an element of the row's top-k lies in a chosen
     block, since every chosen block holds a distinct element at least as large as the k-th chosen maximum, so a
     block not chosen, whose maximum is no larger, can hold none above it. The columns past the last whole block
-    are always candidates.
-    Elsewhere (other devices, dtypes numpy lacks, k = c) it is torch.topk."""
+    are always candidates. Elsewhere (other devices, dtypes numpy lacks, k = c) it is torch.topk."""
     import torch  # lazy, as exact_topk_on_device
 
     n, c = scores.shape
@@ -355,26 +355,22 @@ class Searcher(Protocol):
     def set_params(self, **params) -> None: ...
 
 
-def measure_recall(
-    searcher: Searcher,
-    user_vectors: np.ndarray,
-    item_vectors: np.ndarray,
-    k: int,
-    sample_users: int = 1000,
-    seed: int = 0,
-) -> float:
+def measure_recall(searcher: Searcher, user_vectors: np.ndarray, item_vectors: np.ndarray, k: int,
+                   sample_users: int = 1000, seed: int = 0) -> float:
     """Recall@k of ``searcher`` against exact search, on a random sample of users.
 
     Mean over sampled users of |approx top-k ∩ exact top-k| / k.
     """
     users = _as_f32(user_vectors, "user_vectors")
-    rng = np.random.default_rng(seed)
-    n = users.shape[0]
-    pick = rng.choice(n, size=min(sample_users, n), replace=False)
-    sample = users[np.sort(pick)]
+    sample = users[recall_sample(users.shape[0], sample_users, seed)]
     _, exact = TopKSearcher(item_vectors, "Flat").search(sample, k)
     _, approx = searcher.search(sample, k)
     return recall_at_k(approx, exact)
+
+
+def recall_sample(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """The rows, ascending, of the users a recall check samples from n: min(size, n) distinct, fixed by seed."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
