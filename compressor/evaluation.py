@@ -23,6 +23,7 @@ import torch
 
 from . import bootstrap
 from .errors import MismatchError
+from .retrieval import topk_rows
 
 METRICS = ("recall", "ndcg", "mrr", "map")
 CLASSIC_METRICS = ("recall", "ndcg")  # what ``evaluate`` returns unless asked: training, result.json, checkpoints
@@ -38,15 +39,26 @@ def _block_mask(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray) -> t
     return rows, cols
 
 
+def scores_buffer(user_vecs: torch.Tensor, item_vecs: torch.Tensor, rows: int) -> torch.Tensor:
+    """An uninitialised [rows, n_items] block for ``topk_excluding``'s ``out``, made once and reused by a loop over
+    user blocks. A fresh block per call costs its first touch (page faults over ~170 MB at 1,024 x 41k items),
+    which at 20 dims took longer than the product itself (docs/benchmarks.md 3d)."""
+    return torch.empty((rows, item_vecs.shape[0]), dtype=user_vecs.dtype, device=user_vecs.device)
+
+
 @torch.no_grad()
 def topk_excluding(user_vecs: torch.Tensor, item_vecs: torch.Tensor, users: np.ndarray, k: int,
-                   exclude_indptr: np.ndarray | None, exclude_indices: np.ndarray | None) -> torch.Tensor:
-    """Top-k item indices [len(users), k] by inner product, excluded items (e.g. training items) masked out."""
-    scores = user_vecs[torch.as_tensor(users, device=user_vecs.device)] @ item_vecs.T
+                   exclude_indptr: np.ndarray | None, exclude_indices: np.ndarray | None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k item indices [len(users), k] by inner product, excluded items (e.g. training items) masked out.
+    ``out``: a ``scores_buffer`` of at least len(users) rows to compute the scores in. The selection is
+    ``retrieval.topk_rows`` (torch.topk's values; among exactly tied scores the order may differ from it)."""
+    rows = user_vecs[torch.as_tensor(users, device=user_vecs.device)]
+    scores = rows @ item_vecs.T if out is None else torch.mm(rows, item_vecs.T, out=out[: len(users)])
     if exclude_indptr is not None:
         r, c = _block_mask(exclude_indptr, exclude_indices, users)
         scores[torch.as_tensor(r, device=scores.device), torch.as_tensor(c, device=scores.device)] = -torch.inf
-    return torch.topk(scores, k, dim=1).indices
+    return topk_rows(scores, k)[1]
 
 
 @dataclass(frozen=True)
@@ -80,9 +92,10 @@ def per_user_metrics(user_vecs: torch.Tensor, item_vecs: torch.Tensor, train_ind
     discounts = 1.0 / np.log2(np.arange(2, kmax + 2))
     ideal_cum = np.cumsum(discounts)
     inv_rank = 1.0 / np.arange(1, kmax + 1)
+    buffer = scores_buffer(user_vecs, item_vecs, min(block, len(users)))
     for start in range(0, len(users), block):
         b = users[start:start + block]
-        top = topk_excluding(user_vecs, item_vecs, b, kmax, train_indptr, train_indices).cpu().numpy()
+        top = topk_excluding(user_vecs, item_vecs, b, kmax, train_indptr, train_indices, buffer).cpu().numpy()
         # hits[r, j] = 1 if the j-th ranked item of user b[r] is a target item
         r, c = _block_mask(target_indptr, target_indices, b)
         target_keys = np.sort(r.astype(np.int64) * n_items + c)

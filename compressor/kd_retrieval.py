@@ -21,7 +21,7 @@ from .cluster_search import UserClusterSearcher, check_params
 from .data import Dataset
 from .distill import Teacher
 from .errors import TrainingError
-from .evaluation import topk_excluding
+from .evaluation import scores_buffer, topk_excluding
 from .losses import rowwise_positions
 from .pair_products import pair_dot
 from .retrieval import (TopKSearcher, TrainedQuantizer, exact_topk_on_device, faiss_has_gpu, recall_at_k, recall_sample,
@@ -44,8 +44,9 @@ def masked_topk(user_vecs: torch.Tensor, item_vecs: torch.Tensor, k: int, exclud
     """Exact top-k item indices [U, k] (on the vectors' device) of every user, each user's items in the CSR
     (over the same users) masked out; scored in user blocks, so nothing users x items is allocated."""
     n = user_vecs.shape[0]
+    buffer = scores_buffer(user_vecs, item_vecs, min(MASKED_TOPK_BLOCK, n))
     blocks = [topk_excluding(user_vecs, item_vecs, np.arange(s, min(s + MASKED_TOPK_BLOCK, n)), k,
-                             exclude_indptr, exclude_indices) for s in range(0, n, MASKED_TOPK_BLOCK)]
+                             exclude_indptr, exclude_indices, buffer) for s in range(0, n, MASKED_TOPK_BLOCK)]
     return torch.cat(blocks) if blocks else torch.zeros((0, k), dtype=torch.long, device=user_vecs.device)
 
 

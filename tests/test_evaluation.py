@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from compressor.evaluation import evaluate
+from compressor.evaluation import evaluate, scores_buffer, topk_excluding
 
 
 def _csr(rows, n_users):
@@ -67,3 +67,26 @@ def test_matches_dense_brute_force_with_blocks():
     for k, v in ref.items():
         assert math.isclose(res[k], v, rel_tol=1e-9, abs_tol=1e-12), k
     assert res["users"] == len(test)
+
+
+def test_long_rows_and_a_reused_score_block_match_the_reference():
+    # 400 items against k = 10 takes topk_rows' block-maxima path; 7-user blocks reuse one score buffer, so a
+    # block's masked (-inf) entries must not leak into the next block's users
+    rng = np.random.default_rng(1)
+    nu, ni, d = 50, 400, 6
+    U = rng.normal(size=(nu, d)).astype(np.float32)
+    I = rng.normal(size=(ni, d)).astype(np.float32)
+    train = {u: sorted(rng.choice(ni, size=rng.integers(1, 120), replace=False).tolist()) for u in range(nu)}
+    test = {u: sorted(rng.choice(sorted(set(range(ni)) - set(train[u])), size=3, replace=False).tolist())
+            for u in range(nu)}
+    ref = _dense_reference(U, I, train, test, (5, 10))
+    for block in (7, 1024):
+        res = evaluate(torch.from_numpy(U), torch.from_numpy(I), *_csr(train, nu), *_csr(test, nu), ks=(5, 10),
+                       block=block)
+        for k, v in ref.items():
+            assert math.isclose(res[k], v, rel_tol=1e-9, abs_tol=1e-12), (block, k)
+    users = np.arange(nu)
+    buffer = scores_buffer(torch.from_numpy(U), torch.from_numpy(I), nu)
+    fresh = topk_excluding(torch.from_numpy(U), torch.from_numpy(I), users, 10, *_csr(train, nu))
+    reused = topk_excluding(torch.from_numpy(U), torch.from_numpy(I), users, 10, *_csr(train, nu), out=buffer)
+    assert torch.equal(fresh, reused)

@@ -1,0 +1,101 @@
+"""Full-ranking evaluation alone: `compressor.evaluation.evaluate` of this code against another commit's, in one
+process, on a real data set's validation split.
+
+Every training run evaluates its validation split every epoch (`train.eval_every: 1` in every recipe); on Gowalla
+a 20-dim student's evaluation took about as long as its training epoch. This times that call alone: the same
+vectors through each implementation, the implementations alternated, medians and per-repeat ratios, and whether
+their metrics agree. Vectors are random (scaled like a trained model's, which does not change the cost) or a
+checkpoint's (``--checkpoint``, a run directory or model file trained on ``--data``).
+
+    python benchmarks/evaluate_speed.py --out bench-out/evaluate_speed --baseline /tmp/old/compressor/evaluation.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def load_module(path: Path, name: str):
+    """Another commit's evaluation.py as a module of its own (its relative imports resolve against this
+    checkout's package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "compressor"
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="directory for results.json (created)")
+    ap.add_argument("--baseline", type=Path, help="another commit's compressor/evaluation.py, timed beside this one")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gowalla"))
+    ap.add_argument("--dims", type=int, nargs="+", default=[20, 300], help="random vectors of these sizes")
+    ap.add_argument("--checkpoint", nargs="*", default=[], help="run directories or model files to evaluate too")
+    ap.add_argument("--block", type=int, default=1024, help="users per block (train.eval_block)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1])
+    a = ap.parse_args()
+
+    import torch
+
+    from compressor import evaluation
+    from compressor.checkpoint import load_checkpoint
+    from compressor.data import load_dataset
+    from compressor.device import configure_threads
+    from kd_speed import load_note
+
+    impls = {"this code": evaluation}
+    if a.baseline:
+        impls["baseline"] = load_module(a.baseline, "baseline_evaluation")
+    data = load_dataset(a.data)
+    tr, va = data.train, data.valid
+    gen = torch.Generator().manual_seed(0)
+    models = {}
+    for dim in a.dims:  # init-sized vectors have scores of a trained model's spread after scaling
+        models[f"random dim {dim}"] = (torch.randn(data.num_users, dim, generator=gen) / dim ** 0.25,
+                                       torch.randn(data.num_items, dim, generator=gen) / dim ** 0.25)
+    for path in a.checkpoint:
+        with torch.no_grad():
+            models[f"checkpoint {path}"] = load_checkpoint(path).build_model("cpu").vectors()
+    a.out.mkdir(parents=True, exist_ok=True)
+    res = {"command": sys.argv, "data": a.data, "block": a.block, "valid_users": int((va.indptr[1:] > va.indptr[:-1]).sum()),
+           "items": data.num_items, "load_at_start": load_note(), "runs": []}
+    for threads in a.threads:
+        configure_threads(threads)
+        for label, (u, i) in models.items():
+            times = {name: [] for name in impls}
+            metrics = {}
+            for _ in range(a.repeats):
+                for name, module in impls.items():
+                    t0 = time.perf_counter()
+                    metrics[name] = module.evaluate(u, i, tr.indptr, tr.items, va.indptr, va.items, block=a.block)
+                    times[name].append(time.perf_counter() - t0)
+            row = {"model": label, "threads": threads, "seconds": times,
+                   "median_s": {n: statistics.median(t) for n, t in times.items()}, "metrics": metrics}
+            if "baseline" in impls:
+                row["paired_ratios_baseline_over_this"] = [b / t for b, t in zip(times["baseline"], times["this code"])]
+                row["max_metric_difference"] = max(abs(metrics["baseline"][k] - metrics["this code"][k])
+                                                   for k in metrics["this code"] if k != "users")
+            res["runs"].append(row)
+            print(f"{label}, {threads} thread(s): " + ", ".join(f"{n} {s:.2f} s" for n, s in row["median_s"].items())
+                  + (f", paired ratios {', '.join(f'{x:.2f}' for x in row['paired_ratios_baseline_over_this'])}, "
+                     f"largest metric difference {row['max_metric_difference']:.2e}" if a.baseline else ""),
+                  flush=True)
+    res["load_at_end"] = load_note()
+    (a.out / "results.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
