@@ -1,13 +1,16 @@
-"""Full-ranking evaluation alone: `compressor.evaluation.evaluate` of this code against another commit's, in one
-process, on a real data set's validation split.
+"""Full-ranking evaluation and exact top-k alone: `compressor.evaluation.evaluate` and
+`compressor.retrieval.exact_topk_on_device` of this code against another commit's, in one process, on a real data
+set's validation split and users.
 
 Every training run evaluates its validation split every epoch (`train.eval_every: 1` in every recipe); on Gowalla
 a 20-dim student's evaluation took about as long as its training epoch. This times that call alone: the same
 vectors through each implementation, the implementations alternated, medians and per-repeat ratios, and whether
-their metrics agree. Vectors are random (scaled like a trained model's, which does not change the cost) or a
-checkpoint's (``--checkpoint``, a run directory or model file trained on ``--data``).
+their metrics agree. The exact top-M (M = 100 by default) of every user is what UserClusters falls back to and
+what its candidate lists and the recall check compute; timed the same way, with whether the ids agree.
+Vectors are random (scaled like a trained model's, which does not change the cost) or a checkpoint's
+(``--checkpoint``, a run directory or model file trained on ``--data``).
 
-    python benchmarks/evaluate_speed.py --out bench-out/evaluate_speed --baseline /tmp/old/compressor/evaluation.py
+    python benchmarks/evaluate_speed.py --out bench-out/evaluate_speed --baseline /tmp/old  # a checkout of another commit
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ def load_module(path: Path, name: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for results.json (created)")
-    ap.add_argument("--baseline", type=Path, help="another commit's compressor/evaluation.py, timed beside this one")
+    ap.add_argument("--baseline", type=Path, help="a checkout of another commit: its compressor/evaluation.py and "
+                    "compressor/retrieval.py are timed beside this one's")
+    ap.add_argument("--parts", nargs="+", default=["evaluate", "exact_topk"], choices=["evaluate", "exact_topk"])
+    ap.add_argument("--topk", type=int, default=100, help="M of the exact top-M part")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gowalla"))
     ap.add_argument("--dims", type=int, nargs="+", default=[20, 300], help="random vectors of these sizes")
     ap.add_argument("--checkpoint", nargs="*", default=[], help="run directories or model files to evaluate too")
@@ -50,15 +56,16 @@ def main() -> None:
 
     import torch
 
-    from compressor import evaluation
+    from compressor import evaluation, retrieval
     from compressor.checkpoint import load_checkpoint
     from compressor.data import load_dataset
     from compressor.device import configure_threads
     from kd_speed import load_note
 
-    impls = {"this code": evaluation}
+    impls = {"this code": (evaluation, retrieval)}
     if a.baseline:
-        impls["baseline"] = load_module(a.baseline, "baseline_evaluation")
+        impls["baseline"] = (load_module(a.baseline / "compressor" / "evaluation.py", "baseline_evaluation"),
+                             load_module(a.baseline / "compressor" / "retrieval.py", "baseline_retrieval"))
     data = load_dataset(a.data)
     tr, va = data.train, data.valid
     gen = torch.Generator().manual_seed(0)
@@ -75,24 +82,38 @@ def main() -> None:
     for threads in a.threads:
         configure_threads(threads)
         for label, (u, i) in models.items():
-            times = {name: [] for name in impls}
-            metrics = {}
-            for _ in range(a.repeats):
-                for name, module in impls.items():
-                    t0 = time.perf_counter()
-                    metrics[name] = module.evaluate(u, i, tr.indptr, tr.items, va.indptr, va.items, block=a.block)
-                    times[name].append(time.perf_counter() - t0)
-            row = {"model": label, "threads": threads, "seconds": times,
-                   "median_s": {n: statistics.median(t) for n, t in times.items()}, "metrics": metrics}
-            if "baseline" in impls:
-                row["paired_ratios_baseline_over_this"] = [b / t for b, t in zip(times["baseline"], times["this code"])]
-                row["max_metric_difference"] = max(abs(metrics["baseline"][k] - metrics["this code"][k])
-                                                   for k in metrics["this code"] if k != "users")
-            res["runs"].append(row)
-            print(f"{label}, {threads} thread(s): " + ", ".join(f"{n} {s:.2f} s" for n, s in row["median_s"].items())
-                  + (f", paired ratios {', '.join(f'{x:.2f}' for x in row['paired_ratios_baseline_over_this'])}, "
-                     f"largest metric difference {row['max_metric_difference']:.2e}" if a.baseline else ""),
-                  flush=True)
+            for part in a.parts:
+                times = {name: [] for name in impls}
+                answers = {}
+                for _ in range(a.repeats):
+                    for name, (ev, rt) in impls.items():
+                        t0 = time.perf_counter()
+                        if part == "evaluate":
+                            answers[name] = ev.evaluate(u, i, tr.indptr, tr.items, va.indptr, va.items, block=a.block)
+                        else:
+                            answers[name] = rt.exact_topk_on_device(u, i, a.topk)[1]
+                        times[name].append(time.perf_counter() - t0)
+                row = {"part": part, "model": label, "threads": threads, "seconds": times,
+                       "median_s": {n: statistics.median(t) for n, t in times.items()}}
+                if part == "evaluate":
+                    row["metrics"] = answers
+                if "baseline" in impls:
+                    row["paired_ratios_baseline_over_this"] = [b / t for b, t in zip(times["baseline"],
+                                                                                     times["this code"])]
+                    if part == "evaluate":
+                        agree = max(abs(answers["baseline"][k] - answers["this code"][k])
+                                    for k in answers["this code"] if k != "users")
+                        row["max_metric_difference"] = agree
+                        agreement = f"largest metric difference {agree:.2e}"
+                    else:
+                        agree = float((answers["baseline"] == answers["this code"]).float().mean())
+                        row["share_of_equal_ids"] = agree
+                        agreement = f"equal ids {agree:.6f}"
+                res["runs"].append(row)
+                print(f"{part}, {label}, {threads} thread(s): "
+                      + ", ".join(f"{n} {s:.2f} s" for n, s in row["median_s"].items())
+                      + (f", paired ratios {', '.join(f'{x:.2f}' for x in row['paired_ratios_baseline_over_this'])}"
+                         f", {agreement}" if a.baseline else ""), flush=True)
     res["load_at_end"] = load_note()
     (a.out / "results.json").write_text(json.dumps(res, indent=1))
 

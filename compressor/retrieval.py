@@ -326,8 +326,12 @@ def exact_topk_on_device(user_vectors, item_vectors, k: int, block: int | None =
     scores, ids = [], []
     with torch.no_grad():
         items_t = item_vectors.t().contiguous()
+        # one block reused on the CPU (fresh ones pay page faults: docs/benchmarks.md 3d); CUDA's allocator caches
+        buffer = (torch.empty((min(block, user_vectors.shape[0]), n_items), dtype=user_vectors.dtype)
+                  if user_vectors.device.type == "cpu" else None)
         for start in range(0, user_vectors.shape[0], block):
-            s, i = topk_rows(user_vectors[start:start + block] @ items_t, k)
+            rows = user_vectors[start:start + block]
+            s, i = topk_rows(rows @ items_t if buffer is None else torch.mm(rows, items_t, out=buffer[: len(rows)]), k)
             scores.append(s)
             ids.append(i)
     if not ids:

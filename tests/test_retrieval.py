@@ -201,10 +201,12 @@ def test_exact_topk_on_device_equals_faiss_flat(block):
     import torch
 
     users, items = _skewed(n_items=3000, n_users=150, d=12, seed=3)
-    _, ids = retrieval.exact_topk_on_device(torch.from_numpy(users), torch.from_numpy(items), 40, block=block)
+    scores, ids = retrieval.exact_topk_on_device(torch.from_numpy(users), torch.from_numpy(items), 40, block=block)
     assert ids.dtype == torch.int64 and tuple(ids.shape) == (150, 40)
-    _, ref = TopKSearcher(items, "Flat").search(users, 40)
+    ref_scores, ref = TopKSearcher(items, "Flat").search(users, 40)
     assert np.array_equal(ids.numpy(), ref)
+    # every block's scores survive the next block (on the CPU the blocks share one buffer)
+    np.testing.assert_allclose(scores.numpy(), ref_scores, rtol=1e-5, atol=1e-5)
 
 
 def test_exact_topk_on_device_refuses_k_beyond_the_catalogue():
