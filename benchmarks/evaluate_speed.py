@@ -16,7 +16,6 @@ Vectors are random (scaled like a trained model's, which does not change the cos
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -26,17 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-def load_module(path: Path, name: str):
-    """Another commit's evaluation.py as a module of its own (its relative imports resolve against this
-    checkout's package)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "compressor"
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -61,6 +49,7 @@ def main() -> None:
     from compressor.data import load_dataset
     from compressor.device import configure_threads
     from kd_speed import load_note
+    from optimizer_step import load_module
 
     impls = {"this code": (evaluation, retrieval)}
     if a.baseline:

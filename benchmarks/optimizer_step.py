@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 ROW_COUNTS = (55_000, 45_000, 37_000, 30_000, 24_000, 18_000, 14_000, 10_000, 7_500, 2_000)
 
 
-def load_optim(path: Path, name: str):
-    """Another commit's optim.py as a module of its own (it imports ``compressor.sparse_rows`` where it has one)."""
+def load_module(path: Path, name: str):
+    """Another commit's module of the ``compressor`` package (e.g. its optim.py) as a module of its own; its
+    relative imports (optim.py's ``compressor.sparse_rows``) resolve against this checkout's package."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "compressor"  # its relative imports resolve against this checkout's package
@@ -57,7 +58,7 @@ def main() -> None:
 
     impls = {"this code": optim}
     if a.baseline:
-        impls["baseline"] = load_optim(a.baseline, "baseline_optim")
+        impls["baseline"] = load_module(a.baseline, "baseline_optim")
     a.out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
 
