@@ -11,6 +11,9 @@ Vectors are random (scaled like a trained model's, which does not change the cos
 (``--checkpoint``, a run directory or model file trained on ``--data``).
 
     python benchmarks/evaluate_speed.py --out bench-out/evaluate_speed --baseline /tmp/old  # a checkout of another commit
+
+The baseline's modules resolve their relative imports against this checkout's package: a baseline whose
+evaluation.py imports ``.retrieval`` times this checkout's retrieval there.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["evaluate", "exact_topk"], choices=["evaluate", "exact_topk"])
     ap.add_argument("--topk", type=int, default=100, help="M of the exact top-M part")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gowalla"))
-    ap.add_argument("--dims", type=int, nargs="+", default=[20, 300], help="random vectors of these sizes")
+    ap.add_argument("--dims", type=int, nargs="*", default=[20, 300], help="random vectors of these sizes (none: only --checkpoint)")
     ap.add_argument("--checkpoint", nargs="*", default=[], help="run directories or model files to evaluate too")
     ap.add_argument("--block", type=int, default=1024, help="users per block (train.eval_block)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -74,8 +77,10 @@ def main() -> None:
             for part in a.parts:
                 times = {name: [] for name in impls}
                 answers = {}
-                for _ in range(a.repeats):
-                    for name, (ev, rt) in impls.items():
+                for r in range(a.repeats):
+                    names = list(impls) if r % 2 == 0 else list(impls)[::-1]  # alternated against drifting load
+                    for name in names:
+                        ev, rt = impls[name]
                         t0 = time.perf_counter()
                         if part == "evaluate":
                             answers[name] = ev.evaluate(u, i, tr.indptr, tr.items, va.indptr, va.items, block=a.block)

@@ -53,6 +53,10 @@ def topk_excluding(user_vecs: torch.Tensor, item_vecs: torch.Tensor, users: np.n
     """Top-k item indices [len(users), k] by inner product, excluded items (e.g. training items) masked out.
     ``out``: a ``scores_buffer`` of at least len(users) rows to compute the scores in. The selection is
     ``retrieval.topk_rows`` (torch.topk's values; among exactly tied scores the order may differ from it)."""
+    if out is not None and (out.shape[0] < len(users) or out.shape[1] != item_vecs.shape[0]
+                            or out.dtype != user_vecs.dtype or out.device != user_vecs.device):
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device} cannot hold the scores of "
+                         f"{len(users)} users x {item_vecs.shape[0]} items ({user_vecs.dtype} on {user_vecs.device})")
     rows = user_vecs[torch.as_tensor(users, device=user_vecs.device)]
     scores = rows @ item_vecs.T if out is None else torch.mm(rows, item_vecs.T, out=out[: len(users)])
     if exclude_indptr is not None:

@@ -45,9 +45,11 @@ def masked_topk(user_vecs: torch.Tensor, item_vecs: torch.Tensor, k: int, exclud
     (over the same users) masked out; scored in user blocks, so nothing users x items is allocated."""
     n = user_vecs.shape[0]
     buffer = scores_buffer(user_vecs, item_vecs, min(MASKED_TOPK_BLOCK, n))
-    blocks = [topk_excluding(user_vecs, item_vecs, np.arange(s, min(s + MASKED_TOPK_BLOCK, n)), k,
-                             exclude_indptr, exclude_indices, buffer) for s in range(0, n, MASKED_TOPK_BLOCK)]
-    return torch.cat(blocks) if blocks else torch.zeros((0, k), dtype=torch.long, device=user_vecs.device)
+    ids = torch.empty((n, k), dtype=torch.long, device=user_vecs.device)  # filled block by block (no concatenation)
+    for s in range(0, n, MASKED_TOPK_BLOCK):
+        e = min(s + MASKED_TOPK_BLOCK, n)
+        ids[s:e] = topk_excluding(user_vecs, item_vecs, np.arange(s, e), k, exclude_indptr, exclude_indices, buffer)
+    return ids
 
 
 class KDRetrieval:

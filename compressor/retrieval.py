@@ -264,7 +264,7 @@ def topk_rows(scores, k: int):
     import torch  # lazy, as exact_topk_on_device
 
     n, c = scores.shape
-    if scores.device.type != "cpu" or scores.dtype not in (torch.float32, torch.float64) or n == 0 or k >= c:
+    if scores.device.type != "cpu" or scores.dtype not in (torch.float32, torch.float64) or n == 0 or not 0 < k < c:
         top = torch.topk(scores, k, dim=1)
         return top.values, top.indices
     if c < 25 * k:
@@ -323,21 +323,18 @@ def exact_topk_on_device(user_vectors, item_vectors, k: int, block: int | None =
         raise ValueError(f"k must be in 1..{n_items} (the number of items), got {k}")
     # <= 1 GiB of scores; on the CPU 256 MiB, as topk_rows' introselect adds int64 column indices twice their size
     block = block or max(1, min(8192, (1 << (28 if user_vectors.device.type != "cpu" else 26)) // n_items))
-    scores, ids = [], []
+    n = user_vectors.shape[0]
+    scores = torch.empty((n, k), dtype=item_vectors.dtype, device=item_vectors.device)
+    ids = torch.empty((n, k), dtype=torch.int64, device=item_vectors.device)
     with torch.no_grad():
         items_t = item_vectors.t().contiguous()
         # one block reused on the CPU (fresh ones pay page faults: docs/benchmarks.md 3d); CUDA's allocator caches
-        buffer = (torch.empty((min(block, user_vectors.shape[0]), n_items), dtype=user_vectors.dtype)
-                  if user_vectors.device.type == "cpu" else None)
-        for start in range(0, user_vectors.shape[0], block):
+        buffer = torch.empty((min(block, n), n_items), dtype=user_vectors.dtype) if scores.is_cpu else None
+        for start in range(0, n, block):
             rows = user_vectors[start:start + block]
-            s, i = topk_rows(rows @ items_t if buffer is None else torch.mm(rows, items_t, out=buffer[: len(rows)]), k)
-            scores.append(s)
-            ids.append(i)
-    if not ids:
-        return (torch.empty((0, k), dtype=item_vectors.dtype, device=item_vectors.device),
-                torch.empty((0, k), dtype=torch.int64, device=item_vectors.device))
-    return torch.cat(scores), torch.cat(ids)
+            scores[start:start + len(rows)], ids[start:start + len(rows)] = topk_rows(
+                rows @ items_t if buffer is None else torch.mm(rows, items_t, out=buffer[: len(rows)]), k)
+    return scores, ids
 
 
 def _try_extract_ivf(index: faiss.Index):

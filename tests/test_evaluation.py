@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from compressor.evaluation import evaluate, scores_buffer, topk_excluding
@@ -88,5 +89,13 @@ def test_long_rows_and_a_reused_score_block_match_the_reference():
     users = np.arange(nu)
     buffer = scores_buffer(torch.from_numpy(U), torch.from_numpy(I), nu)
     fresh = topk_excluding(torch.from_numpy(U), torch.from_numpy(I), users, 10, *_csr(train, nu))
+    where = buffer.data_ptr()
     reused = topk_excluding(torch.from_numpy(U), torch.from_numpy(I), users, 10, *_csr(train, nu), out=buffer)
     assert torch.equal(fresh, reused)
+    # the scores were computed in the buffer itself (not in memory the product allocated instead)
+    assert buffer.data_ptr() == where
+    unseen = sorted(set(range(ni)) - set(train[1]))[:5]
+    assert torch.isinf(buffer[0, train[0]]).all()
+    assert torch.allclose(buffer[1, unseen], torch.from_numpy(U[1] @ I[unseen].T))
+    with pytest.raises(ValueError, match="cannot hold the scores of 50 users"):
+        topk_excluding(torch.from_numpy(U), torch.from_numpy(I), users, 10, *_csr(train, nu), out=buffer[:49])

@@ -275,11 +275,12 @@ def test_listed_inner_products_are_each_pairs_dot_whatever_the_blocks():
 @pytest.mark.parametrize("n, c, k, dtype", [(37, 4000, 100, torch.float32), (5, 4003, 100, torch.float32),
                                             (64, 2600, 20, torch.float32), (8, 500, 100, torch.float32),
                                             (3, 41_000, 20, torch.float32), (9, 700, 30, torch.float64),
-                                            (4, 50, 50, torch.float32), (3, 60, 20, torch.bfloat16)])
+                                            (4, 50, 50, torch.float32), (3, 60, 20, torch.bfloat16),
+                                            (4, 30_000, 0, torch.float32)])
 def test_topk_rows_is_torchs_topk(n, c, k, dtype):
     """Through block maxima where rows are long (c >= 25 k; a ragged last block; ties), by introselect on shorter
-    ones, else (k = c, a dtype numpy lacks) torch.topk itself: the same values, columns that hold them, no column
-    twice."""
+    ones, else (k = c, k = 0, a dtype numpy lacks) torch.topk itself: the same values, columns that hold them, no
+    column twice."""
     gen = torch.Generator().manual_seed(c)
     scores = torch.randn(n, c, generator=gen).to(dtype)
     scores[0] = torch.randint(0, 5, (c,), generator=gen).to(dtype)  # a row of ties
@@ -289,7 +290,7 @@ def test_topk_rows_is_torchs_topk(n, c, k, dtype):
         want = torch.topk(s, k, dim=1)
         assert torch.equal(values, want.values)
         assert torch.equal(s.gather(1, cols), values)
-        assert all(len(set(row.tolist())) == k for row in cols)
+        assert values.shape == (n, k) and all(len(set(row.tolist())) == k for row in cols)
 
 
 def test_topk_rows_split_over_threads_is_the_one_thread_answer():
