@@ -427,6 +427,8 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
             paired(rcekd, f"{ds.prefix}-{base}", "rcekd", base, f"{ds.prefix}:rcekd_minus_{base}")
         if ds.prefix == "gow":
             paired(f"{rcekd}-once", rcekd, "cheap form", "the spec's", "gowalla_cheap_minus_spec")
+            for base in ("scratch", "ce", "rrd"):  # the cheap form against the baselines too, seed by seed
+                paired(f"{rcekd}-once", f"{ds.prefix}-{base}", "cheap form", base, f"gowalla_cheap_minus_{base}")
         for lv in lever_names:  # the levers are chosen on validation: this is the line that decides
             paired(f"{rcekd}-{lv}", rcekd, f"rcekd + {lv}", "rcekd", f"{ds.prefix}:{lv}_minus_rcekd", "valid",
                    VALID_METRIC)
