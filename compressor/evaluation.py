@@ -23,7 +23,7 @@ import torch
 
 from . import bootstrap
 from .errors import MismatchError
-from .retrieval import topk_rows
+from .retrieval import scores_buffer, topk_rows
 
 METRICS = ("recall", "ndcg", "mrr", "map")
 CLASSIC_METRICS = ("recall", "ndcg")  # what ``evaluate`` returns unless asked: training, result.json, checkpoints
@@ -37,13 +37,6 @@ def _block_mask(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray) -> t
     offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     cols = indices[np.repeat(starts, counts) + offsets]
     return rows, cols
-
-
-def scores_buffer(user_vecs: torch.Tensor, item_vecs: torch.Tensor, rows: int) -> torch.Tensor:
-    """An uninitialised [rows, n_items] block for ``topk_excluding``'s ``out``, made once and reused by a loop over
-    user blocks. A fresh block per call costs its first touch (page faults over ~170 MB at 1,024 x 41k items),
-    which at 20 dims took longer than the product itself (docs/benchmarks.md 3d)."""
-    return torch.empty((rows, item_vecs.shape[0]), dtype=user_vecs.dtype, device=user_vecs.device)
 
 
 @torch.no_grad()

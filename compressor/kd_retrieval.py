@@ -21,11 +21,11 @@ from .cluster_search import UserClusterSearcher, check_params
 from .data import Dataset
 from .distill import Teacher
 from .errors import TrainingError
-from .evaluation import scores_buffer, topk_excluding
+from .evaluation import topk_excluding
 from .losses import rowwise_positions
 from .pair_products import pair_dot
 from .retrieval import (TopKSearcher, TrainedQuantizer, exact_topk_on_device, faiss_has_gpu, recall_at_k, recall_sample,
-                        topk_cached)
+                        scores_buffer, topk_cached)
 
 log = logging.getLogger(__name__)
 

@@ -25,18 +25,8 @@ import numpy as np
 
 from .files import atomic_write_bytes
 
-__all__ = [
-    "Searcher",
-    "TopKSearcher",
-    "TrainedQuantizer",
-    "ip2l2_items",
-    "measure_recall",
-    "recall_at_k",
-    "recall_sample",
-    "set_thread_count",
-    "topk_cached",
-    "blocked_torch_topk",
-]
+__all__ = ["Searcher", "TopKSearcher", "TrainedQuantizer", "ip2l2_items", "measure_recall", "recall_at_k",
+           "recall_sample", "scores_buffer", "set_thread_count", "topk_cached", "blocked_torch_topk"]
 
 logger = logging.getLogger("compressor.retrieval")
 
@@ -307,14 +297,22 @@ def _selected_rows(a: np.ndarray, k: int, ordered: bool) -> tuple[np.ndarray, np
     return values, cols
 
 
+def scores_buffer(user_vecs, item_vecs, rows: int):
+    """An uninitialised [rows, n_items] block that a loop over user blocks computes every block's scores into
+    (``torch.mm(..., out=)``). A fresh block per iteration pays its first touch (page faults over ~170 MB at 1,024 x
+    41k items), which at 20 dims took longer than the product itself (docs/benchmarks.md 3d)."""
+    import torch  # lazy, as exact_topk_on_device
+
+    return torch.empty((rows, item_vecs.shape[0]), dtype=user_vecs.dtype, device=user_vecs.device)
+
+
 def exact_topk_on_device(user_vectors, item_vectors, k: int, block: int | None = None):
     """Exact top-k by inner product with torch on the tensors' own device (blocked matmul + topk).
 
-    The CUDA path when FAISS has no GPU support (faiss-cpu beside a CUDA torch): an exact search of
-    CiteULike-size refresh takes milliseconds on a GPU against seconds for IndexFlatIP on one CPU thread
-    (docs/benchmarks.md section 4), and the ids never leave the device. user_vectors [n, d], item_vectors [n_items, d] torch tensors ->
-    (scores [n, k], ids [n, k] int64) on their device, best first. Same answer as IndexFlatIP up to the order
-    of exact ties.
+    The CUDA path when FAISS has no GPU support (faiss-cpu beside a CUDA torch): an exact search of CiteULike-size
+    refresh takes milliseconds on a GPU against seconds for IndexFlatIP on one CPU thread (docs/benchmarks.md 4),
+    and the ids never leave the device. user_vectors [n, d], item_vectors [n_items, d] torch tensors -> (scores
+    [n, k], ids [n, k] int64) on their device, best first. Same answer as IndexFlatIP up to the order of exact ties.
     """
     import torch  # lazy: this module stays torch-free for export, which imports it for ip2l2 and recall
 
@@ -328,12 +326,11 @@ def exact_topk_on_device(user_vectors, item_vectors, k: int, block: int | None =
     ids = torch.empty((n, k), dtype=torch.int64, device=item_vectors.device)
     with torch.no_grad():
         items_t = item_vectors.t().contiguous()
-        # one block reused on the CPU (fresh ones pay page faults: docs/benchmarks.md 3d); CUDA's allocator caches
-        buffer = torch.empty((min(block, n), n_items), dtype=user_vectors.dtype) if scores.is_cpu else None
+        buffer = scores_buffer(user_vectors, item_vectors, min(block, n))
         for start in range(0, n, block):
             rows = user_vectors[start:start + block]
             scores[start:start + len(rows)], ids[start:start + len(rows)] = topk_rows(
-                rows @ items_t if buffer is None else torch.mm(rows, items_t, out=buffer[: len(rows)]), k)
+                torch.mm(rows, items_t, out=buffer[: len(rows)]), k)
     return scores, ids
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.evaluation import evaluate, scores_buffer, topk_excluding
+from compressor.evaluation import evaluate, topk_excluding
+from compressor.retrieval import scores_buffer
 
 
 def _csr(rows, n_users):
