@@ -10,6 +10,10 @@ what its candidate lists and the recall check compute; timed the same way, with 
 Vectors are random (scaled like a trained model's, which does not change the cost) or a checkpoint's
 (``--checkpoint``, a run directory or model file trained on ``--data``).
 
+``--parts refresh`` times the exact refresh of a distillation run (`distill.index: Flat`, every user's top-M over
+all items, training items kept) as this code computes it on the CPU (`exact_topk_on_device`) against FAISS's
+IndexFlatIP, which computed it before docs/benchmarks.md 4l; no baseline checkout needed.
+
     python benchmarks/evaluate_speed.py --out bench-out/evaluate_speed --baseline /tmp/old  # a checkout of another commit
 
 The baseline's modules resolve their relative imports against this checkout's package: a baseline whose
@@ -35,9 +39,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="directory for results.json (created)")
     ap.add_argument("--baseline", type=Path, help="a checkout of another commit: its compressor/evaluation.py and "
                     "compressor/retrieval.py are timed beside this one's")
-    ap.add_argument("--parts", nargs="+", default=["evaluate", "exact_topk"], choices=["evaluate", "exact_topk"])
+    ap.add_argument("--parts", nargs="+", default=["evaluate", "exact_topk"],
+                    choices=["evaluate", "exact_topk", "refresh"])
     ap.add_argument("--topk", type=int, default=100, help="M of the exact top-M part")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gowalla"))
+    ap.add_argument("--min-user-interactions", type=int, default=0, help="as data.min_user_interactions (CiteULike's "
+                    "recipes: 5)")
     ap.add_argument("--dims", type=int, nargs="*", default=[20, 300], help="random vectors of these sizes (none: only --checkpoint)")
     ap.add_argument("--checkpoint", nargs="*", default=[], help="run directories or model files to evaluate too")
     ap.add_argument("--block", type=int, default=1024, help="users per block (train.eval_block)")
@@ -58,7 +65,7 @@ def main() -> None:
     if a.baseline:
         impls["baseline"] = (load_module(a.baseline / "compressor" / "evaluation.py", "baseline_evaluation"),
                              load_module(a.baseline / "compressor" / "retrieval.py", "baseline_retrieval"))
-    data = load_dataset(a.data)
+    data = load_dataset(a.data, min_user_interactions=a.min_user_interactions)
     tr, va = data.train, data.valid
     gen = torch.Generator().manual_seed(0)
     models = {}
@@ -75,23 +82,20 @@ def main() -> None:
         configure_threads(threads)
         for label, (u, i) in models.items():
             for part in a.parts:
-                times = {name: [] for name in impls}
+                calls = _calls(part, impls, u, i, tr, va, a)
+                times = {name: [] for name in calls}
                 answers = {}
                 for r in range(a.repeats):
-                    names = list(impls) if r % 2 == 0 else list(impls)[::-1]  # alternated against drifting load
+                    names = list(calls) if r % 2 == 0 else list(calls)[::-1]  # alternated against drifting load
                     for name in names:
-                        ev, rt = impls[name]
                         t0 = time.perf_counter()
-                        if part == "evaluate":
-                            answers[name] = ev.evaluate(u, i, tr.indptr, tr.items, va.indptr, va.items, block=a.block)
-                        else:
-                            answers[name] = rt.exact_topk_on_device(u, i, a.topk)[1]
+                        answers[name] = calls[name]()
                         times[name].append(time.perf_counter() - t0)
-                row = {"part": part, "model": label, "threads": threads, "seconds": times,
+                row = {"part": part, "model": label, "threads": threads, "topk": a.topk, "seconds": times,
                        "median_s": {n: statistics.median(t) for n, t in times.items()}}
                 if part == "evaluate":
                     row["metrics"] = answers
-                if "baseline" in impls:
+                if "baseline" in calls:
                     row["paired_ratios_baseline_over_this"] = [b / t for b, t in zip(times["baseline"],
                                                                                      times["this code"])]
                     if part == "evaluate":
@@ -100,16 +104,32 @@ def main() -> None:
                         row["max_metric_difference"] = agree
                         agreement = f"largest metric difference {agree:.2e}"
                     else:
-                        agree = float((answers["baseline"] == answers["this code"]).float().mean())
+                        agree = float((torch.as_tensor(answers["baseline"]) == answers["this code"]).float().mean())
                         row["share_of_equal_ids"] = agree
                         agreement = f"equal ids {agree:.6f}"
                 res["runs"].append(row)
                 print(f"{part}, {label}, {threads} thread(s): "
                       + ", ".join(f"{n} {s:.2f} s" for n, s in row["median_s"].items())
                       + (f", paired ratios {', '.join(f'{x:.2f}' for x in row['paired_ratios_baseline_over_this'])}"
-                         f", {agreement}" if a.baseline else ""), flush=True)
+                         f", {agreement}" if "baseline" in calls else ""), flush=True)
     res["load_at_end"] = load_note()
     (a.out / "results.json").write_text(json.dumps(res, indent=1))
+
+
+def _calls(part: str, impls: dict, u, i, tr, va, a) -> dict:
+    """{name: () -> answer} of the implementations one part times: "this code" and, where there is one, the
+    "baseline" (another checkout's, or for ``refresh`` FAISS's IndexFlatIP on the same vectors)."""
+    if part == "refresh":
+        from compressor.retrieval import TopKSearcher, exact_topk_on_device
+
+        u, i = u.detach(), i.detach()
+        un, itn = u.numpy(), i.numpy()
+        return {"this code": lambda: exact_topk_on_device(u, i, a.topk)[1],
+                "baseline": lambda: TopKSearcher(itn, "Flat").search(un, a.topk)[1]}
+    if part == "evaluate":
+        return {name: (lambda ev=ev: ev.evaluate(u, i, tr.indptr, tr.items, va.indptr, va.items, block=a.block))
+                for name, (ev, _) in impls.items()}
+    return {name: (lambda rt=rt: rt.exact_topk_on_device(u, i, a.topk)[1]) for name, (_, rt) in impls.items()}
 
 
 if __name__ == "__main__":

@@ -739,7 +739,8 @@ def part_scale(spec: dict) -> dict:
                               cfg.distill.index_params)
     term = RCEKDTerm.from_config(cfg.distill, retrieval)
     marks = {}
-    obj = PeakAfterEpochStart(Distillation(term, KDUsers(cfg.distill.kd_users, retrieval.num_users, dev),
+    obj = PeakAfterEpochStart(Distillation(term, KDUsers(cfg.distill.kd_users, retrieval.num_users, dev,
+                                                         cfg.distill.kd_batch_users),
                                            cfg.distill.lambda_kd, retrieval), marks)
     tr = Trainer(cfg, data, obj, work / f"scale-{spec['users']}", dev, progress=False)
     with torch.no_grad():
@@ -996,8 +997,10 @@ def main():
                          "last.safetensors part-way through training: the refresh's recall and cost depend on the "
                          "student's geometry) instead of the 5-epoch scratch student")
     ap.add_argument("--epoch-only-once", action="store_true",
-                    help="time only scratch and the once_per_epoch form (more repeats in the same time, for the "
-                         "ratio of the two)")
+                    help="time only scratch and the cheap forms of --epoch-kd-users (more repeats in the same time, "
+                         "for their ratios)")
+    ap.add_argument("--epoch-kd-users", nargs="+", default=["once_per_epoch"],
+                    help="the cheap forms timed with --epoch-once (distill.kd_users modes other than every_batch)")
     ap.add_argument("--epoch-threads", type=int, nargs="*", default=[2],
                     help="thread counts for the epoch part; counts after the first run scratch vs Flat RCE-KD only")
     ap.add_argument("--batch-threads", type=int, nargs="*", default=[1, 2])
@@ -1066,12 +1069,14 @@ def main():
             if n == 0 and a.epoch_index and a.epoch_index != "Flat":
                 kd_indexes["rcekd-approx"] = [a.epoch_index, parse_params(a.epoch_index_params)]
                 if a.epoch_once:  # the same approximate refresh, each user's KD terms once per epoch
-                    kd_indexes["rcekd-approx-once"] = [a.epoch_index, parse_params(a.epoch_index_params),
-                                                       {"kd_users": "once_per_epoch"}]
+                    for mode in a.epoch_kd_users:
+                        name = "rcekd-approx-once" if mode == "once_per_epoch" else f"rcekd-approx-{mode}"
+                        kd_indexes[name] = [a.epoch_index, parse_params(a.epoch_index_params), {"kd_users": mode}]
             if a.epoch_only_once and n == 0:
-                if "rcekd-approx-once" not in kd_indexes:
+                cheap = {k: v for k, v in kd_indexes.items() if len(v) > 2}
+                if not cheap:
                     raise SystemExit("--epoch-only-once needs --epoch-once and an approximate --epoch-index")
-                kd_indexes = {"rcekd-approx-once": kd_indexes["rcekd-approx-once"]}
+                kd_indexes = cheap
             spec = {"threads": threads, "repeats": a.epoch_repeats, "student": a.epoch_student or student,
                     "teacher": teacher, "work": str(out), "kd_indexes": kd_indexes}
             key = "epoch" if n == 0 else f"epoch_threads{threads}"

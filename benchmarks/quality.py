@@ -22,6 +22,8 @@ seeds shows that).
             spec's form and in the cheap form: kd_users once_per_epoch with an IVF refresh)
     CiteULike's extra suites: ablation (3 seeds: full, w/o S, w/o T, const alpha, A sampled uniformly), hetero (LightGCN2000 -> MF20),
             once (every seed: rcekd with kd_users once_per_epoch, beside the spec's every_batch and scratch)
+    user_batches: with the data-set suites chosen, RCE-KD with kd_users user_batches on every seed (run names
+            PREFIX-rcekd-ub-sS; Gowalla's with the cheap form's UserClusters refresh)
     --levers (beyond the paper): RCE-KD with one change to its recipe (LEVERS below), on every seed of every
             data-set suite chosen; the table pairs each with the recipe on validation NDCG@10, the split a lever
             may be chosen on
@@ -53,6 +55,10 @@ GOWALLA_SPEC = ["--set", "distill.kd_users=every_batch", "--set", "distill.index
                 "distill.index_params={}"]
 GOWALLA_CHEAP = ["--set", "distill.kd_users=once_per_epoch", "--set", f"distill.index={GOWALLA_CHEAP_INDEX}",
                  "--set", f"distill.index_params={GOWALLA_CHEAP_INDEX_PARAMS}"]
+# suite user_batches: each user's KD terms once per epoch in KD batches of their own (docs/benchmarks.md 4m), with
+# the data set's cheap-form refresh (CiteULike: the recipe's exact one, as its once_per_epoch runs)
+USER_BATCHES = ["--set", "distill.kd_users=user_batches"]
+GOWALLA_USER_BATCHES = [*USER_BATCHES, *GOWALLA_CHEAP[2:]]
 BOOT_METRIC = "ndcg@20"  # the headline metric of the bootstrap tables (summary.json has every one of METRICS)
 PER_USER_DIR = "per-user"
 MRR = "mrr@20"  # from the per-user post-step only (result.json keeps recall and NDCG)
@@ -159,6 +165,9 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
                 scratch(ds, s)
             for m in ("ce", "rrd"):
                 student(ds, ds.run(m, s), f"mf-{m}.yaml", s)
+            if "user_batches" in suites:
+                student(ds, ds.run("rcekd-ub", s), "mf-rcekd.yaml", s,
+                        GOWALLA_USER_BATCHES if ds.prefix == "gow" else USER_BATCHES)
             for lever in levers if lever_seeds is None or s in lever_seeds else ():
                 overrides = LEVERS[lever]
                 overrides = overrides(f"{ds.recipes}/mf-rcekd.yaml") if callable(overrides) else overrides
@@ -483,7 +492,8 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench-out/quality"))
-    ap.add_argument("--suites", nargs="+", default=["main"], choices=[*DATA_SUITES, "ablation", "hetero", "once"],
+    ap.add_argument("--suites", nargs="+", default=["main"], choices=[*DATA_SUITES, "ablation", "hetero", "once",
+                                                                       "user_batches"],
                     help="main (CiteULike), ml1m, gowalla: teacher, scratch, CE, RRD and RCE-KD per data set; "
                          "ablation, hetero, once: CiteULike's extra comparisons (see above)")
     ap.add_argument("--levers", nargs="+", default=[], choices=list(LEVERS),

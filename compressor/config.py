@@ -21,6 +21,7 @@ from .kd_terms import CE_TARGETS
 from .models import MODEL_KINDS
 from .objectives import KD_USERS_MODES, METHOD_NAMES, method_needs_teacher
 from .optim import OPTIMIZER_NAMES
+from .retrieval import EXACT_FACTORIES
 
 
 class ConfigError(CompressError, ValueError):
@@ -140,15 +141,19 @@ class DistillConfig:
     kd_users: str = _f("every_batch", "Which users get the KD terms: every_batch = every distinct user of every BPR "
                                       "batch (the spec's); once_per_epoch = each user only in the first batch it "
                                       "appears in per epoch (a fraction of the KD work, at the same test quality "
-                                      "on CiteULike; docs/benchmarks.md sections 2c, 2d, 4).",
+                                      "on CiteULike; docs/benchmarks.md sections 2c, 2d, 4); user_batches = each "
+                                      "user once per epoch too, in shuffled KD batches of kd_batch_users users "
+                                      "spread evenly over the epoch (fewer, larger KD calls; section 4m).",
                        choices=KD_USERS_MODES)
+    kd_batch_users: int = _f(2048, "kd_users user_batches: users per KD batch.", min=1)
     exclude_seen: bool = _f(False, "Remove each user's training items from the teacher's and the student's top "
                                    "lists (the spec keeps them). Required by model.kind history: a user vector "
                                    "computed from the history must not be taught to rank the history itself.")
     teacher_weights: list = _f([], "With several teachers (--teacher given more than once): the weight of each "
                                     "one's scores, in order. Empty: each teacher's scores brought to the first "
                                     "one's spread and averaged.")
-    index: str = _f("Flat", "The student's top-M search: a FAISS factory string (Flat = exact, e.g. IVF1024,Flat), "
+    index: str = _f("Flat", "The student's top-M search: Flat = exact (torch's blocked matmul + top-k; FAISS's "
+                             "GPU index where installed), a FAISS factory string (e.g. IVF1024,Flat), "
                              "or UserClusters (users grouped by k-means, each ranked over its cluster's candidate "
                              "items: the cheapest at many users).")
     index_params: dict = _f({}, "Search parameters, e.g. {nprobe: 32} or {efSearch: 128}; UserClusters: {clusters: "
@@ -253,7 +258,7 @@ def _check(cfg: Config, source: str) -> Config:
         raise ConfigError(f"{source}: 'distill.rrd.interesting' must be <= 'distill.rrd.top_m'")
     if not 0 <= cfg.data.cold_users < 1:
         raise ConfigError(f"{source}: 'data.cold_users' must be in [0, 1), got {cfg.data.cold_users}")
-    if d.exclude_seen and d.index not in ("Flat", "FlatIP"):
+    if d.exclude_seen and d.index not in EXACT_FACTORIES:
         raise ConfigError(f"{source}: 'distill.exclude_seen' ranks exactly with the training items masked; it "
                           f"needs 'distill.index: Flat', got {d.index!r}")
     if d.index == "UserClusters":

@@ -1,5 +1,6 @@
 """What every KD term needs from outside its loss: the teacher's top-K (computed once, cached on disk), the
-student's top-M (refreshed every epoch with FAISS) and the frozen teacher's scores of per-user item lists.
+student's top-M (refreshed every epoch: exact with torch, or by an approximate index) and the frozen teacher's
+scores of per-user item lists.
 
 One ``KDRetrieval`` per distillation run; it holds the teacher tensors on the training device and the one piece of
 state that lives across epochs, the approximate index's trained quantizer. Nothing here allocates a
@@ -24,8 +25,8 @@ from .errors import TrainingError
 from .evaluation import topk_excluding
 from .losses import rowwise_positions
 from .pair_products import pair_dot
-from .retrieval import (TopKSearcher, TrainedQuantizer, exact_topk_on_device, faiss_has_gpu, recall_at_k, recall_sample,
-                        scores_buffer, topk_cached)
+from .retrieval import (EXACT_FACTORIES, TopKSearcher, TrainedQuantizer, exact_topk_on_device, faiss_has_gpu,
+                        recall_at_k, recall_sample, scores_buffer, topk_cached)
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +135,20 @@ class KDRetrieval:
                 u, i = model.vectors()
                 ids = masked_topk(u.detach().float(), i.detach().float(), m, *self.seen)
             return ids, {"time_retrieval_s": time.perf_counter() - t0}
-        if self.use_gpu and self.index in ("Flat", "FlatIP") and not faiss_has_gpu():
-            # faiss-cpu beside CUDA torch: the exact search on the GPU itself, not on one CPU thread.
-            if not self._said_torch_topk:
+        if self.index in EXACT_FACTORIES and not (self.use_gpu and faiss_has_gpu()):
+            # The exact search with torch on the training device: on the CPU 1.2-2x faster than FAISS's IndexFlatIP
+            # at the recipes' sizes (its heap selection against a blocked matmul + introselect, docs/benchmarks.md
+            # 4l); with faiss-cpu beside CUDA torch, on the GPU itself instead of one CPU thread. FAISS's own
+            # GPU index, where there is one.
+            if self.use_gpu and not self._said_torch_topk:
                 log.info("FAISS has no GPU support here: exact top-%d on %s with torch (blocked matmul + topk)",
                          m, self.device)
                 self._said_torch_topk = True
             with torch.no_grad():
                 u, i = model.vectors()
                 _, ids = exact_topk_on_device(u.detach().float(), i.detach().float(), m)
-            torch.cuda.synchronize(self.device)
+            if self.use_gpu:
+                torch.cuda.synchronize(self.device)
             return ids, {"time_retrieval_s": time.perf_counter() - t0}
         with torch.no_grad():
             u, i = model.vectors()

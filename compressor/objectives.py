@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # annotations only: config.py imports this module for its nam
     from .config import Config
 
 
-KD_USERS_MODES = ("every_batch", "once_per_epoch")  # distill.kd_users, see KDUsers
+KD_USERS_MODES = ("every_batch", "once_per_epoch", "user_batches")  # distill.kd_users, see KDUsers
 
 
 @dataclass(frozen=True)
@@ -146,23 +146,63 @@ class Scratch:
 
 
 class KDUsers:
-    """Which users of a BPR batch get the KD term: each distinct user of every batch (``every_batch``, the spec's),
-    or each user only in the first batch of the epoch that holds it (``once_per_epoch``: a fraction of the KD
-    work, see docs/benchmarks.md section 2c)."""
+    """Which users get the KD term in each BPR batch:
 
-    def __init__(self, mode: str, num_users: int, device: torch.device):
+    - ``every_batch`` (the spec's): each distinct user of every batch;
+    - ``once_per_epoch``: each user only in the first batch of the epoch that holds it (a fraction of the KD work,
+      docs/benchmarks.md section 2c);
+    - ``user_batches``: each user once per epoch too, in KD batches of its own: the epoch's users (those with
+      training interactions) shuffled into batches of ``batch_users``, the j-th of n added to the BPR batch in
+      which the epoch passes j/n of its interactions. ``once_per_epoch`` makes a KD call in every batch that holds
+      a new user (212 on Gowalla, 145 of them under 100 users), and each call has a fixed cost of 1-2.5 ms on
+      the CPU; here Gowalla's epoch makes 15 (docs/benchmarks.md 4m).
+    """
+
+    def __init__(self, mode: str, num_users: int, device: torch.device, batch_users: int = 2048):
         if mode not in KD_USERS_MODES:
             raise ValueError(f"kd_users {mode!r}; expected one of {', '.join(KD_USERS_MODES)}")
+        if batch_users < 1:
+            raise ValueError(f"kd_batch_users must be >= 1, got {batch_users}")
+        self.mode, self.device, self.batch_users = mode, device, batch_users
         # once_per_epoch: which users have had their KD term this epoch (cleared at every epoch start)
         self._done = (torch.zeros(num_users, dtype=torch.bool, device=device)
                       if mode == "once_per_epoch" else None)
+        # user_batches: the users that get KD, the epoch's batches of them, how many were handed out, and how many
+        # of the epoch's interactions the BPR batches have passed
+        self._users = torch.arange(num_users, device=device)
+        self._interactions = 0
+        self._batches: list[Tensor] = []
+        self._handed = self._passed = 0
 
-    def start_epoch(self) -> None:
+    def setup(self, train_indptr: np.ndarray) -> None:
+        """The training data (as CSR over this process's users): user_batches distils the users it holds, and
+        spreads their batches over its interactions."""
+        counts = np.diff(train_indptr)
+        self._users = torch.as_tensor(np.flatnonzero(counts > 0), device=self.device)
+        self._interactions = int(counts.sum())
+
+    def start_epoch(self, gen: torch.Generator) -> None:
+        """Before the epoch's first batch; user_batches draws its batches from ``gen``."""
         if self._done is not None:
             self._done.zero_()
+        if self.mode == "user_batches":
+            order = torch.randperm(len(self._users), generator=gen, device=gen.device).to(self.device)
+            self._batches = [b.sort().values for b in self._users[order].split(self.batch_users)]
+            self._handed = self._passed = 0
 
     def select(self, users: Tensor) -> Tensor:
         """The batch's KD users (sorted, distinct); with once_per_epoch they are marked done."""
+        if self.mode == "user_batches":
+            n = len(self._batches)
+            # the batches due once the epoch has passed this batch's first interaction; all at its last batch
+            due = n if self._passed + len(users) >= self._interactions else min(
+                n, self._passed * n // max(self._interactions, 1) + 1)
+            self._passed += len(users)
+            picked, self._handed = self._batches[self._handed:due], max(due, self._handed)
+            if len(picked) == 1:
+                return picked[0]
+            return (torch.cat(picked).sort().values if picked
+                    else torch.zeros(0, dtype=torch.long, device=self.device))
         bu = torch.unique(users)
         if self._done is not None:
             bu = bu[~self._done[bu]]
@@ -183,10 +223,12 @@ class Distillation:
         self.sparse_grads = ctx.sparse_grads
         self.retrieval.setup(ctx.data)
         self.term.setup(ctx.data, sparse_grads=ctx.sparse_grads)
+        self.kd_users.setup(ctx.data.train.indptr)
 
     def on_epoch_start(self, model, epoch, rng, gen) -> dict:
-        self.kd_users.start_epoch()
-        return self.term.on_epoch_start(model, epoch, gen)
+        diag = self.term.on_epoch_start(model, epoch, gen)
+        self.kd_users.start_epoch(gen)  # after the term's draws, which are then the same in every kd_users mode
+        return diag
 
     def run_state(self) -> tuple[dict, dict[str, Tensor]]:
         """The retrieval's (an approximate refresh's kept quantizer and nprobe); the term's epoch sets are rebuilt
@@ -204,7 +246,7 @@ class Distillation:
         bu = self.kd_users.select(users)
         if len(bu):
             kd, parts = self.term.loss(user_vectors_of(bu), i, bu)
-        else:  # no KD user left in this batch (once_per_epoch: 148 of Gowalla's 352): the term adds exactly 0
+        else:  # no KD user in this batch (once_per_epoch: 148 of Gowalla's 352): the term adds exactly 0
             kd, parts = torch.zeros((), dtype=base.dtype, device=base.device), {}
         loss = base + self.lambda_kd * kd
         return loss, {"loss": loss.detach(), "loss_base": base.detach(), "loss_kd": kd.detach(), **parts}
@@ -236,5 +278,5 @@ def build_objective(cfg: Config, teacher: Teacher | None, device: torch.device, 
         raise TeacherError(f"--method {d.method} needs --teacher")
     retrieval = KDRetrieval(teacher, device, Path(out).resolve().parent / TOPK_CACHE_DIR, d.index, d.index_params,
                             exclude_seen=d.exclude_seen)
-    return Distillation(make_term(d, retrieval), KDUsers(d.kd_users, retrieval.num_users, device), d.lambda_kd,
-                        retrieval)
+    return Distillation(make_term(d, retrieval), KDUsers(d.kd_users, retrieval.num_users, device, d.kd_batch_users),
+                        d.lambda_kd, retrieval)

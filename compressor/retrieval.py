@@ -25,12 +25,12 @@ import numpy as np
 
 from .files import atomic_write_bytes
 
-__all__ = ["Searcher", "TopKSearcher", "TrainedQuantizer", "ip2l2_items", "measure_recall", "recall_at_k",
-           "recall_sample", "scores_buffer", "set_thread_count", "topk_cached", "blocked_torch_topk"]
+__all__ = ["EXACT_FACTORIES", "Searcher", "TopKSearcher", "TrainedQuantizer", "ip2l2_items", "measure_recall",
+           "recall_at_k", "recall_sample", "scores_buffer", "set_thread_count", "topk_cached", "blocked_torch_topk"]
 
 logger = logging.getLogger("compressor.retrieval")
 
-_EXACT_FACTORIES = frozenset({"Flat", "FlatIP"})
+EXACT_FACTORIES = frozenset({"Flat", "FlatIP"})  # factory strings of the exact search
 # (user, item) pairs per block when recomputing the true scores of approximate results: bounds the sparse
 # pattern's index arrays (pair_products.listed_inner_products).
 _RESCORE_BLOCK_PAIRS = 1 << 24
@@ -98,7 +98,7 @@ class TopKSearcher:
         The per-epoch refresh of a moving student keeps it while the measured recall holds."""
         items = _as_f32(item_vectors, "item_vectors")
         self.factory = factory
-        self.is_exact = factory in _EXACT_FACTORIES
+        self.is_exact = factory in EXACT_FACTORIES
         self.n_items, self.dim = items.shape
         self.params = dict(params or {})
         self.on_gpu = False
