@@ -21,7 +21,7 @@ from compressor.cold import EVAL_USERS
 from compressor.config import check_distill, reference_markdown
 from compressor.distributed import launch_rank, launched_world_size
 from compressor.evaluation import report as evaluation_report
-from compressor.objectives import METHOD_NAMES
+from compressor.objectives import KD_USERS_MODES, METHOD_NAMES
 from compressor.run_dir import CONFIG_FILE, LOG_FILE
 from export.bundle import QUANTIZATIONS
 from export.from_checkpoint import export_checkpoint
@@ -417,11 +417,13 @@ def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_byte
               help="Early-stopping patience of the RCE-KD stage (overrides its train.patience; default: the "
                    "recipe's, 30 as in the paper). The teacher and the scratch baseline always train to their "
                    "recipes' patience, so the student is compared with a fully trained teacher.")
-@click.option("--kd-users", type=click.Choice(["once_per_epoch", "every_batch"]), default="once_per_epoch",
+@click.option("--kd-users", type=click.Choice(list(KD_USERS_MODES)), default="once_per_epoch",
               show_default=True,
               help="distill.kd_users of the RCE-KD stage. every_batch is the spec's form (KD terms for every "
                    "distinct user of every batch); once_per_epoch computes each user's once per epoch: the same "
-                   "CiteULike test NDCG@20 over 5 seeds at a fraction of the epoch time (docs/benchmarks.md 2c).")
+                   "CiteULike test NDCG@20 over 5 seeds at a fraction of the epoch time (docs/benchmarks.md 2c); "
+                   "user_batches once per epoch too, in KD batches of their own (fewer calls, 4m; its quality "
+                   "runs are in progress).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every stage.")
 @options.DEVICE
 @options.THREADS
