@@ -426,6 +426,10 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
             named[-1] = ("rcekd (the spec's: every_batch, exact refresh)", named[-1][1])
             named.append((f"rcekd, cheap form (once_per_epoch, {GOWALLA_CHEAP_INDEX} {GOWALLA_CHEAP_INDEX_PARAMS})",
                           seeds_of(lambda s: ds.run("rcekd-once", s))))
+        user_batches = any(ds.run("rcekd-ub", s) in results for s in seeds)
+        if user_batches:
+            refresh = f", {GOWALLA_CHEAP_INDEX} {GOWALLA_CHEAP_INDEX_PARAMS}" if ds.prefix == "gow" else ""
+            named.append((f"rcekd, kd_users user_batches{refresh}", seeds_of(lambda s: ds.run("rcekd-ub", s))))
         lever_names = [lv for lv in LEVERS if any(ds.run("rcekd", s, lv) in results for s in seeds)]
         levers = [(f"rcekd + {lv}", seeds_of(lambda s, lv=lv: ds.run("rcekd", s, lv))) for lv in lever_names]
         rows = group(named + levers)
@@ -438,6 +442,13 @@ def summarise(out: Path, seeds, n_resamples: int = 0, boot_seed: int = 0, device
             paired(f"{rcekd}-once", rcekd, "cheap form", "the spec's", "gowalla_cheap_minus_spec")
             for base in ("scratch", "ce", "rrd"):  # the cheap form against the baselines too, seed by seed
                 paired(f"{rcekd}-once", f"{ds.prefix}-{base}", "cheap form", base, f"gowalla_cheap_minus_{base}")
+        if user_batches:  # a cheap form against the spec's (issue 13's condition for a default), then the rest
+            stem = f"{rcekd}-ub"
+            for base, label, key in ((rcekd, "the spec's", "spec"), (f"{rcekd}-once", "once_per_epoch", "once"),
+                                     *((f"{ds.prefix}-{b}", b, b) for b in ("scratch", "ce", "rrd"))):
+                paired(stem, base, "user_batches", label, f"{ds.prefix}:user_batches_minus_{key}")
+            paired(stem, rcekd, "user_batches", "the spec's", f"{ds.prefix}:user_batches_minus_spec_valid", "valid",
+                   VALID_METRIC)
         for lv in lever_names:  # the levers are chosen on validation: this is the line that decides
             paired(f"{rcekd}-{lv}", rcekd, f"rcekd + {lv}", "rcekd", f"{ds.prefix}:{lv}_minus_rcekd", "valid",
                    VALID_METRIC)

@@ -23,15 +23,17 @@ def _sets(args):
 
 def test_every_job_of_every_suite_and_lever_is_a_valid_run(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes name data relative to the project root
-    suites = [*quality.DATA_SUITES, "ablation", "hetero", "once"]
+    suites = [*quality.DATA_SUITES, "ablation", "hetero", "once", "user_batches"]
     jobs = quality.build_jobs(suites, [0, 1], tmp_path, "cpu", 1, None, levers=list(quality.LEVERS))
     names = [j["name"] for j in jobs]
     assert len(names) == len(set(names))
     by_name = {j["name"]: j for j in jobs}
     for ds in quality.DATA_SUITES.values():
         for s in (0, 1):
-            for m in ("scratch", *quality.KD_METHODS, *(f"rcekd-{lv}" for lv in quality.LEVERS)):
+            for m in ("scratch", *quality.KD_METHODS, *(f"rcekd-{lv}" for lv in quality.LEVERS), "rcekd-ub"):
                 assert ds.run(m, s) in by_name, ds.run(m, s)
+            ub = api.make_config(None, _sets(by_name[ds.run("rcekd-ub", s)]["args"])).distill
+            assert ub.kd_users == "user_batches" and ub.index == ("UserClusters" if ds.prefix == "gow" else "Flat")
     for j in jobs:
         args = j["args"]
         cfg = api.make_config(args[args.index("--config") + 1], _sets(args))  # raises on an unknown key
@@ -78,9 +80,11 @@ def test_tables_gap_share_paired_differences_and_lever_validation(tmp_path):
         _result(tmp_path, f"ml1m-rrd-s{s}", rrd, 0.11)
         _result(tmp_path, f"ml1m-rcekd-s{s}", rcekd, 0.15)
         _result(tmp_path, f"ml1m-rcekd-tau2-s{s}", rcekd, lever_valid)
+        _result(tmp_path, f"ml1m-rcekd-ub-s{s}", rcekd - 0.01 * s, 0.15 + 0.001 * s)
     summary = quality.summarise(tmp_path, [0, 1], n_resamples=0)
     rows = {r["run"]: r for r in summary["tables"]["ML-1M MF200 -> MF20"]}
-    assert set(rows) == {"teacher MF200", "scratch", "ce", "rrd", "rcekd", "rcekd + tau2"}
+    assert set(rows) == {"teacher MF200", "scratch", "ce", "rrd", "rcekd", "rcekd + tau2",
+                         "rcekd, kd_users user_batches"}
     # scratch mean 0.21, teacher 0.30, RCE-KD mean 0.27: (0.27 - 0.21) / (0.30 - 0.21) = 67%
     assert rows["rcekd"]["gap_recovered"] == "67%"
     assert rows["scratch"]["gap_recovered"] == "0%"
@@ -90,6 +94,9 @@ def test_tables_gap_share_paired_differences_and_lever_validation(tmp_path):
     assert paired["ml1m:rcekd_minus_ce"] == pytest.approx([0.02, 0.05])
     assert paired["ml1m:rcekd_minus_rrd"] == pytest.approx([0.04, 0.03])
     assert paired["ml1m:tau2_minus_rcekd"] == pytest.approx([0.005, 0.0])  # a lever is judged on validation
+    assert paired["ml1m:user_batches_minus_spec"] == pytest.approx([0.0, -0.01])  # a cheap form against the spec's
+    assert paired["ml1m:user_batches_minus_spec_valid"] == pytest.approx([0.0, 0.001])
+    assert paired["ml1m:user_batches_minus_ce"] == pytest.approx([0.02, 0.04])
     md = (tmp_path / "summary.md").read_text()
     assert "rcekd + tau2 minus rcekd, valid ndcg@10" in md
     assert "rcekd ahead on 2/2 seeds" in md
