@@ -953,6 +953,8 @@ def parse_params(items):
 
 
 def main():
+    from compressor.objectives import KD_USERS_MODES  # (torch in this parent too; every part runs in a child)
+
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         part, spec_path = sys.argv[2], sys.argv[3]
         spec = json.loads(Path(spec_path).read_text())
@@ -1000,6 +1002,7 @@ def main():
                     help="time only scratch and the cheap forms of --epoch-kd-users (more repeats in the same time, "
                          "for their ratios)")
     ap.add_argument("--epoch-kd-users", nargs="+", default=["once_per_epoch"],
+                    choices=[m for m in KD_USERS_MODES if m != "every_batch"],
                     help="the cheap forms timed with --epoch-once (distill.kd_users modes other than every_batch)")
     ap.add_argument("--epoch-threads", type=int, nargs="*", default=[2],
                     help="thread counts for the epoch part; counts after the first run scratch vs Flat RCE-KD only")

@@ -422,8 +422,8 @@ def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_byte
               help="distill.kd_users of the RCE-KD stage. every_batch is the spec's form (KD terms for every "
                    "distinct user of every batch); once_per_epoch computes each user's once per epoch: the same "
                    "CiteULike test NDCG@20 over 5 seeds at a fraction of the epoch time (docs/benchmarks.md 2c); "
-                   "user_batches once per epoch too, in KD batches of their own (fewer calls, 4m; its quality "
-                   "runs are in progress).")
+                   "user_batches once per epoch too, in KD batches of their own (fewer calls, 4m; not yet "
+                   "a recipe's form).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every stage.")
 @options.DEVICE
 @options.THREADS

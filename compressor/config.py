@@ -252,6 +252,9 @@ def _check(cfg: Config, source: str) -> Config:
     d = cfg.distill
     if d.M < d.K:
         raise ConfigError(f"{source}: 'distill.M' ({d.M}) must be >= 'distill.K' ({d.K})")
+    if d.kd_batch_users != DistillConfig.kd_batch_users and d.kd_users != "user_batches":
+        raise ConfigError(f"{source}: 'distill.kd_batch_users' is read only with 'distill.kd_users: user_batches', "
+                          f"not {d.kd_users!r}")
     if d.L > d.M:
         raise ConfigError(f"{source}: 'distill.L' ({d.L}) must be <= 'distill.M' ({d.M})")
     if d.rrd.interesting > d.rrd.top_m:

@@ -136,10 +136,10 @@ class KDRetrieval:
                 ids = masked_topk(u.detach().float(), i.detach().float(), m, *self.seen)
             return ids, {"time_retrieval_s": time.perf_counter() - t0}
         if self.index in EXACT_FACTORIES and not (self.use_gpu and faiss_has_gpu()):
-            # The exact search with torch on the training device: on the CPU 1.2-2x faster than FAISS's IndexFlatIP
-            # at the recipes' sizes (its heap selection against a blocked matmul + introselect, docs/benchmarks.md
-            # 4l); with faiss-cpu beside CUDA torch, on the GPU itself instead of one CPU thread. FAISS's own
-            # GPU index, where there is one.
+            # The exact search with torch on the training device: a blocked matmul into one reused score block
+            # and an introselect, where IndexFlatIP keeps a heap per user (docs/benchmarks.md 4l); with faiss-cpu
+            # beside CUDA torch, on the GPU itself instead of one CPU thread. FAISS's own GPU index, where there
+            # is one.
             if self.use_gpu and not self._said_torch_topk:
                 log.info("FAISS has no GPU support here: exact top-%d on %s with torch (blocked matmul + topk)",
                          m, self.device)
@@ -159,7 +159,7 @@ class KDRetrieval:
         # hold fewer than m items); never feed -1 to a gather: those users get the exact search instead.
         short = (ids < 0).any(axis=1)
         if short.any():
-            ids[short] = TopKSearcher(i, "Flat", use_gpu=self.use_gpu).search(u[short], m)[1]
+            ids[short] = exact_topk_on_device(torch.from_numpy(u[short]), torch.from_numpy(i), m)[1].numpy()
             log.info("approximate top-%d (%s) came back short for %d users: searched exactly", m, self.index,
                      int(short.sum()))
             diag["retrieval_short_users"] = float(short.sum())

@@ -154,8 +154,9 @@ class KDUsers:
     - ``user_batches``: each user once per epoch too, in KD batches of its own: the epoch's users (those with
       training interactions) shuffled into batches of ``batch_users``, the j-th of n added to the BPR batch in
       which the epoch passes j/n of its interactions. ``once_per_epoch`` makes a KD call in every batch that holds
-      a new user (212 on Gowalla, 145 of them under 100 users), and each call has a fixed cost of 1-2.5 ms on
-      the CPU; here Gowalla's epoch makes 15 (docs/benchmarks.md 4m).
+      a user new to the epoch, most of them with few users, and a call has a fixed cost on top of its users';
+      this makes a few large ones (docs/benchmarks.md 4m). Under torchrun each rank batches and spreads its own
+      users (``batch_users`` per rank).
     """
 
     def __init__(self, mode: str, num_users: int, device: torch.device, batch_users: int = 2048):
@@ -167,9 +168,9 @@ class KDUsers:
         # once_per_epoch: which users have had their KD term this epoch (cleared at every epoch start)
         self._done = (torch.zeros(num_users, dtype=torch.bool, device=device)
                       if mode == "once_per_epoch" else None)
-        # user_batches: the users that get KD, the epoch's batches of them, how many were handed out, and how many
-        # of the epoch's interactions the BPR batches have passed
-        self._users = torch.arange(num_users, device=device)
+        # user_batches: the users that get KD (``setup``), the epoch's batches of them, how many were handed out,
+        # and how many of the epoch's interactions the BPR batches have passed
+        self._users: Tensor | None = None
         self._interactions = 0
         self._batches: list[Tensor] = []
         self._handed = self._passed = 0
@@ -186,6 +187,8 @@ class KDUsers:
         if self._done is not None:
             self._done.zero_()
         if self.mode == "user_batches":
+            if self._users is None:
+                raise RuntimeError("KDUsers.setup must run before the first epoch (user_batches reads the data)")
             order = torch.randperm(len(self._users), generator=gen, device=gen.device).to(self.device)
             self._batches = [b.sort().values for b in self._users[order].split(self.batch_users)]
             self._handed = self._passed = 0

@@ -309,9 +309,9 @@ def scores_buffer(user_vecs, item_vecs, rows: int):
 def exact_topk_on_device(user_vectors, item_vectors, k: int, block: int | None = None):
     """Exact top-k by inner product with torch on the tensors' own device (blocked matmul + topk).
 
-    The CUDA path when FAISS has no GPU support (faiss-cpu beside a CUDA torch): an exact search of CiteULike-size
-    refresh takes milliseconds on a GPU against seconds for IndexFlatIP on one CPU thread (docs/benchmarks.md 4),
-    and the ids never leave the device. user_vectors [n, d], item_vectors [n_items, d] torch tensors -> (scores
+    The exact refresh of a distillation run on the CPU (faster than IndexFlatIP there, docs/benchmarks.md 4l) and
+    on CUDA when FAISS has no GPU support (milliseconds on a GPU, and the ids never leave the device); also the
+    recall check and UserClusters' candidate lists. user_vectors [n, d], item_vectors [n_items, d] torch tensors -> (scores
     [n, k], ids [n, k] int64) on their device, best first. Same answer as IndexFlatIP up to the order of exact ties.
     """
     import torch  # lazy: this module stays torch-free for export, which imports it for ip2l2 and recall

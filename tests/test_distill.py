@@ -145,6 +145,21 @@ def test_the_exact_refresh_on_the_cpu_gives_indexflatip_answer_with_torch(teache
     assert all(len(set(row)) == 30 for row in ids)
 
 
+def test_a_resumed_user_batches_run_repeats_the_uninterrupted_one(teacher, slice_data, tmp_path):
+    """kd_users user_batches draws its KD batches from each epoch's generator: 2 epochs + --resume to 4 end on the
+    weights and the history of 4 epochs in one go."""
+    args = ["--set", f"data.path={slice_data}", *SMALL_KD, "--set", "distill.kd_users=user_batches",
+            "--set", "distill.kd_batch_users=50", *TINY_TRAIN]
+    run_cli("distill", "--teacher", teacher, "--out", tmp_path / "whole", "--epochs", 4, *args)
+    run_cli("distill", "--teacher", teacher, "--out", tmp_path / "cut", "--epochs", 2, *args)
+    run_cli("distill", "--teacher", teacher, "--out", tmp_path / "cut", "--epochs", 4, "--resume", *args)
+    whole, cut = run_history(tmp_path / "whole"), run_history(tmp_path / "cut")
+    keys = [k for k in whole[0] if k.startswith(("diag_", "valid_", "loss", "kd_"))]
+    assert whole[0]["loss_kd"] > 0 and [[h[k] for k in keys] for h in cut] == [[h[k] for k in keys] for h in whole]
+    assert (load_checkpoint(tmp_path / "cut" / "last.safetensors").fingerprint
+            == load_checkpoint(tmp_path / "whole" / "last.safetensors").fingerprint)
+
+
 def test_users_an_approximate_index_leaves_short_get_the_exact_top_m(teacher, slice_data, tmp_path, monkeypatch):
     """IVF with many small lists and nprobe 1 finds fewer than M items for many users (a young student's lists
     are uneven: Gowalla's cheap form crashed at epoch 7 on it): those users' lists come from the exact search,
@@ -438,7 +453,7 @@ def test_user_batches_distill_each_user_once_per_epoch_in_batches_of_their_own(t
     def objective(mode):
         cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8",
                                      "distill.K=10", "distill.M=30", "distill.L=10", f"distill.kd_users={mode}",
-                                     f"distill.kd_batch_users={batch_users}"])
+                                     *([f"distill.kd_batch_users={batch_users}"] if mode == "user_batches" else [])])
         data = api.load_data(cfg)
         obj = build_objective(cfg, load_teacher(teacher, data), torch.device("cpu"), tmp_path / mode)
         obj.setup(SetupContext(data))
@@ -466,6 +481,12 @@ def test_user_batches_distill_each_user_once_per_epoch_in_batches_of_their_own(t
             assert with_kd == list(range(len(picked)))
         orders.append(torch.cat(picked))
     assert not torch.equal(orders[0], orders[1])
+    # the shuffle comes from the epoch's generator alone: the same seed, the same batches
+    again, _ = objective("user_batches")
+    again.on_epoch_start(model, 1, np.random.default_rng(1), torch.Generator().manual_seed(1))
+    torch.manual_seed(12345)  # (the global stream moved: it must not matter)
+    assert torch.equal(torch.cat([again.kd_users.select(users[b:b + bpr_batch])
+                                  for b in range(0, len(users), bpr_batch)]), orders[0])
     # a batch's loss with its KD users is finite; the term drew its sets as once_per_epoch's does
     obj.on_epoch_start(model, 3, np.random.default_rng(3), torch.Generator().manual_seed(3))
     loss, parts = obj.batch_loss(model, users[:bpr_batch], items[:bpr_batch], items[:bpr_batch])
@@ -483,7 +504,8 @@ def _attributes(obj) -> dict:
 
 
 @pytest.mark.parametrize("method,extra", [(m, []) for m in METHOD_NAMES] + [("ce", ["distill.ce_target=teacher"]),
-                                                                            ("rcekd", ["train.optimizer=lazy_adam"])])
+                                                                            ("rcekd", ["train.optimizer=lazy_adam"]),
+                                                                            ("rcekd", ["distill.kd_users=user_batches"])])
 def test_objectives_create_all_their_state_in_the_constructor(teacher, slice_data, tmp_path, method, extra):
     """No hook adds an attribute, and the trainer sets none on the objective (it hands the sparse-gradient choice
     to setup); every registered method runs its hooks."""

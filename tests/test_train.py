@@ -42,6 +42,16 @@ def test_unknown_or_misspelled_key_is_an_error_naming_it(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
         load_config(bad)
+    # a setting the chosen form never reads is an error too, and one it reads is checked
+    bad.write_text("distill: {kd_batch_users: 512}\n")
+    with pytest.raises(ConfigError, match=r"'distill.kd_batch_users' is read only with 'distill.kd_users: "
+                                          r"user_batches', not 'every_batch'"):
+        load_config(bad)
+    bad.write_text("distill: {kd_users: user_batches, kd_batch_users: 0}\n")
+    with pytest.raises(ConfigError, match=r"'distill.kd_batch_users' must be >= 1, got 0"):
+        load_config(bad)
+    bad.write_text("distill: {kd_users: user_batches, kd_batch_users: 512}\n")
+    assert load_config(bad).distill.kd_batch_users == 512
 
 
 def test_cli_help_lists_commands_and_explains_options():
