@@ -142,8 +142,9 @@ class DistillConfig:
                                       "batch (the spec's); once_per_epoch = each user only in the first batch it "
                                       "appears in per epoch (a fraction of the KD work, at the same test quality "
                                       "on CiteULike; docs/benchmarks.md sections 2c, 2d, 4); user_batches = each "
-                                      "user once per epoch too, in shuffled KD batches of kd_batch_users users "
-                                      "spread evenly over the epoch (fewer, larger KD calls; section 4m).",
+                                      "user once per epoch too, in shuffled KD batches of kd_batch_users users, "
+                                      "one per BPR batch from the epoch's first (fewer, larger KD calls; section "
+                                      "4m).",
                        choices=KD_USERS_MODES)
     kd_batch_users: int = _f(2048, "kd_users user_batches: users per KD batch.", min=1)
     exclude_seen: bool = _f(False, "Remove each user's training items from the teacher's and the student's top "

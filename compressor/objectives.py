@@ -152,11 +152,13 @@ class KDUsers:
     - ``once_per_epoch``: each user only in the first batch of the epoch that holds it (a fraction of the KD work,
       docs/benchmarks.md section 2c);
     - ``user_batches``: each user once per epoch too, in KD batches of its own: the epoch's users (those with
-      training interactions) shuffled into batches of ``batch_users``, the j-th of n added to the BPR batch in
-      which the epoch passes j/n of its interactions. ``once_per_epoch`` makes a KD call in every batch that holds
-      a user new to the epoch, most of them with few users, and a call has a fixed cost on top of its users';
-      this makes a few large ones (docs/benchmarks.md 4m). Under torchrun each rank batches and spreads its own
-      users (``batch_users`` per rank).
+      training interactions) shuffled into batches of ``batch_users``, the j-th added to the epoch's j-th BPR
+      batch (all that are left to its last). ``once_per_epoch`` makes a KD call in every batch that holds a user
+      new to the epoch, most of them with few users, and a call has a fixed cost on top of its users'; this makes
+      a few large ones. They come first in the epoch, as most of ``once_per_epoch``'s users do, while the sets
+      drawn at the epoch's start still describe the student: spread evenly over the epoch instead, a Gowalla
+      student stopped early, behind on validation (docs/benchmarks.md 4m). Under torchrun each rank batches its
+      own users (``batch_users`` per rank).
     """
 
     def __init__(self, mode: str, num_users: int, device: torch.device, batch_users: int = 2048):
@@ -169,7 +171,7 @@ class KDUsers:
         self._done = (torch.zeros(num_users, dtype=torch.bool, device=device)
                       if mode == "once_per_epoch" else None)
         # user_batches: the users that get KD (``setup``), the epoch's batches of them, how many were handed out,
-        # and how many of the epoch's interactions the BPR batches have passed
+        # and how many of the epoch's interactions the BPR batches have passed (to know its last batch)
         self._users: Tensor | None = None
         self._interactions = 0
         self._batches: list[Tensor] = []
@@ -177,7 +179,7 @@ class KDUsers:
 
     def setup(self, train_indptr: np.ndarray) -> None:
         """The training data (as CSR over this process's users): user_batches distils the users it holds, and
-        spreads their batches over its interactions."""
+        hands the rest out at the batch that reaches its last interaction."""
         counts = np.diff(train_indptr)
         self._users = torch.as_tensor(np.flatnonzero(counts > 0), device=self.device)
         self._interactions = int(counts.sum())
@@ -196,12 +198,11 @@ class KDUsers:
     def select(self, users: Tensor) -> Tensor:
         """The batch's KD users (sorted, distinct); with once_per_epoch they are marked done."""
         if self.mode == "user_batches":
-            n = len(self._batches)
-            # the batches due once the epoch has passed this batch's first interaction; all at its last batch
-            due = n if self._passed + len(users) >= self._interactions else min(
-                n, self._passed * n // max(self._interactions, 1) + 1)
+            # one KD batch per BPR batch from the epoch's first on; whatever is left at its last
+            last = self._passed + len(users) >= self._interactions
             self._passed += len(users)
-            picked, self._handed = self._batches[self._handed:due], max(due, self._handed)
+            due = len(self._batches) if last else min(self._handed + 1, len(self._batches))
+            picked, self._handed = self._batches[self._handed:due], due
             if len(picked) == 1:
                 return picked[0]
             return (torch.cat(picked).sort().values if picked

@@ -447,9 +447,8 @@ def test_once_per_epoch_distills_each_user_exactly_once_per_epoch(teacher, slice
 def test_user_batches_distill_each_user_once_per_epoch_in_batches_of_their_own(teacher, slice_data, tmp_path,
                                                                              batch_users, bpr_batch):
     """kd_users user_batches: every user with training interactions exactly once per epoch, in shuffled batches of
-    at most kd_batch_users spread over the epoch (the first in its first BPR batch, all by its last, also when
-    there are more KD batches than BPR batches), another shuffle each epoch, and the term's own draws as in
-    the other modes."""
+    at most kd_batch_users, one per BPR batch from the epoch's first (the rest at its last when there are more KD
+    batches than BPR batches), another shuffle each epoch, and the term's own draws as in the other modes."""
     def objective(mode):
         cfg = api.make_config(None, [f"data.path={slice_data}", "data.format=users_dat", "model.dim=8",
                                      "distill.K=10", "distill.M=30", "distill.L=10", f"distill.kd_users={mode}",
@@ -474,11 +473,11 @@ def test_user_batches_distill_each_user_once_per_epoch_in_batches_of_their_own(t
         assert sorted(torch.cat(picked).tolist()) == trained  # each once
         assert all(torch.equal(p, p.sort().values) for p in picked)
         with_kd = [i for i, p in enumerate(picked) if len(p)]
-        if n_kd < len(picked):  # one KD batch at a time, at evenly spread BPR batches
-            assert max(len(p) for p in picked) <= batch_users
-            assert len(with_kd) == n_kd and with_kd[0] == 0 and with_kd[-1] >= len(picked) * (n_kd - 1) // n_kd - 1
-        else:  # more KD batches than BPR batches: some in every BPR batch
+        if n_kd < len(picked):  # one KD batch in each of the epoch's first n_kd BPR batches
+            assert with_kd == list(range(n_kd)) and max(len(p) for p in picked) <= batch_users
+        else:  # more KD batches than BPR batches: one in each, the rest in the last
             assert with_kd == list(range(len(picked)))
+            assert all(len(p) <= batch_users for p in picked[:-1]) and len(picked[-1]) > batch_users
         orders.append(torch.cat(picked))
     assert not torch.equal(orders[0], orders[1])
     # the shuffle comes from the epoch's generator alone: the same seed, the same batches
