@@ -311,8 +311,9 @@ def exact_topk_on_device(user_vectors, item_vectors, k: int, block: int | None =
 
     The exact refresh of a distillation run on the CPU (faster than IndexFlatIP there, docs/benchmarks.md 4l) and
     on CUDA when FAISS has no GPU support (milliseconds on a GPU, and the ids never leave the device); also the
-    recall check and UserClusters' candidate lists. user_vectors [n, d], item_vectors [n_items, d] torch tensors -> (scores
-    [n, k], ids [n, k] int64) on their device, best first. Same answer as IndexFlatIP up to the order of exact ties.
+    recall check and UserClusters' candidate lists. user_vectors [n, d], item_vectors [n_items, d] torch tensors
+    -> (scores [n, k], ids [n, k] int64) on their device, best first. Same answer as IndexFlatIP up to the order
+    of exact ties.
     """
     import torch  # lazy: this module stays torch-free for export, which imports it for ip2l2 and recall
 
