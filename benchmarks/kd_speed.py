@@ -398,6 +398,7 @@ def _epoch_breakdown(row: dict) -> dict:
             # the rest of on_epoch_start: the recall check (approximate index only) + the topk_overlap diagnostic
             "recall_check_s": max(refresh - retr - kds, 0.0), "neg_sampling_s": neg,
             "batches_s": total - refresh - neg, "retrieval_recall": row.get("diag_retrieval_recall"),
+            "retrieval_candidates": row.get("diag_retrieval_candidates"),
             "topk_overlap": row.get("diag_topk_overlap")}
 
 
@@ -439,11 +440,16 @@ def part_epoch(spec: dict) -> dict:
         tr.model.load_state_dict(state, strict=False)  # every student starts from the same trained vectors
     rows = {n: [] for n in trainers}
     names = list(trainers)
+    warmup = spec.get("warmup", 0)
+    for r in range(warmup):
+        for n in names:
+            trainers[n]._run_epoch(r + 1)
+        print(f"  warm-up epoch {r + 1} done", flush=True)
     for r in range(spec["repeats"]):
         order = names if r % 2 == 0 else names[::-1]  # alternate the order against drifting load
         for n in order:
             t0 = time.perf_counter()
-            row = trainers[n]._run_epoch(r + 1)
+            row = trainers[n]._run_epoch(warmup + r + 1)
             rows[n].append(_epoch_breakdown(row))
             print(f"  repeat {r + 1} {n}: {row['time_epoch_s']:.1f}s", flush=True)
     summary = {}
@@ -460,8 +466,9 @@ def part_epoch(spec: dict) -> dict:
         s["overhead_paired_median_s"] = med([a["epoch_s"] - b["epoch_s"] for a, b in zip(rows[n], rows["scratch"])])
         s["ratio_paired_median"] = med([a["epoch_s"] / b["epoch_s"] for a, b in zip(rows[n], rows["scratch"])])
         s["setup_teacher_topk_s"] = setup_s[n]
-    return {"threads": threads, "repeats": spec["repeats"], "kd_indexes": spec["kd_indexes"], "summary": summary,
-            "per_repeat": rows, "train_interactions": len(data.train), "batch_size": cfg.train.batch_size}
+    return {"threads": threads, "repeats": spec["repeats"], "warmup": warmup, "kd_indexes": spec["kd_indexes"],
+            "summary": summary, "per_repeat": rows, "train_interactions": len(data.train),
+            "batch_size": cfg.train.batch_size}
 
 
 # ------------------------------------------------------------------------------------------------ part: batch
@@ -862,9 +869,10 @@ def markdown(res: dict) -> str:
         if not (e and "summary" in e):
             continue
         L.append(f"## One epoch on Gowalla ({e['train_interactions']:,} training interactions, batch "
-                 f"{e['batch_size']}, {e['threads']} threads, median of {e['repeats']} interleaved repeats)\n")
-        L.append("| objective | epoch s | refresh s | of which retrieval | recall check + overlap diagnostic | "
-                 "KD sampling + teacher scoring | "
+                 f"{e['batch_size']}, {e['threads']} threads, median of {e['repeats']} interleaved repeats"
+                 + (f" after {e['warmup']} untimed epochs of each" if e.get("warmup") else "") + ")\n")
+        L.append("| objective | epoch s | refresh s | of which retrieval (candidates) | recall check + overlap "
+                 "diagnostic | KD sampling + teacher scoring | "
                  "negatives s | batches s | overhead vs scratch s | overhead / scratch epoch | paired overhead s | "
                  "KD epoch / scratch epoch, paired per repeat (median) |")
         L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -873,7 +881,8 @@ def markdown(res: dict) -> str:
             label = name if name == "scratch" else f"RCE-KD, {idx[0]} {idx[1] or ''}"
             if len(idx) > 2 and idx[2]:
                 label += ", " + ", ".join(f"{k} {v}" for k, v in idx[2].items())
-            L.append(f"| {label} | {fmt(s['epoch_s'])} | {fmt(s['refresh_s'])} | {fmt(s['retrieval_s'])} | "
+            cands = f" ({s['retrieval_candidates']:,.0f})" if s.get("retrieval_candidates") else ""
+            L.append(f"| {label} | {fmt(s['epoch_s'])} | {fmt(s['refresh_s'])} | {fmt(s['retrieval_s'])}{cands} | "
                      f"{fmt(s['recall_check_s'])} | {fmt(s['kd_sampling_scoring_s'])} | {fmt(s['neg_sampling_s'])} | "
                      f"{fmt(s['batches_s'])} | {fmt(s.get('overhead_s'))} | {fmt(s.get('overhead_over_scratch'))} | "
                      f"{fmt(s.get('overhead_paired_median_s'))} | {fmt(s.get('ratio_paired_median'))} |")
@@ -990,6 +999,9 @@ def main():
                     help="nlists of the 'rebuilt with fewer k-means iterations' IVF variant")
     ap.add_argument("--fast-niter", type=int, nargs="*", default=[5, 10], help="k-means iterations (FAISS default 25)")
     ap.add_argument("--epoch-repeats", type=int, default=3)
+    ap.add_argument("--epoch-warmup", type=int, default=0,
+                    help="untimed epochs of every objective before the timed repeats: what a refresh carries from "
+                         "epoch to epoch (raised candidates, UserClusters' last lists) settles as in a long run")
     ap.add_argument("--epoch-index", default="IVF256,Flat", help="approximate index for the RCE-KD epoch too")
     ap.add_argument("--epoch-index-params", nargs="*", default=["nprobe=8"])
     ap.add_argument("--epoch-once", action=argparse.BooleanOptionalAction, default=True,
@@ -1081,7 +1093,7 @@ def main():
                     raise SystemExit("--epoch-only-once needs --epoch-once and an approximate --epoch-index")
                 kd_indexes = cheap
             spec = {"threads": threads, "repeats": a.epoch_repeats, "student": a.epoch_student or student,
-                    "teacher": teacher, "work": str(out), "kd_indexes": kd_indexes}
+                    "teacher": teacher, "work": str(out), "kd_indexes": kd_indexes, "warmup": a.epoch_warmup}
             key = "epoch" if n == 0 else f"epoch_threads{threads}"
             res[key] = child("epoch", spec, out, key)
             save()

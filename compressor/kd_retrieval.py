@@ -2,9 +2,9 @@
 student's top-M (refreshed every epoch: exact with torch, or by an approximate index) and the frozen teacher's
 scores of per-user item lists.
 
-One ``KDRetrieval`` per distillation run; it holds the teacher tensors on the training device and the one piece of
-state that lives across epochs, the approximate index's trained quantizer. Nothing here allocates a
-users x items matrix.
+One ``KDRetrieval`` per distillation run; it holds the teacher tensors on the training device and what lives
+across epochs: an IVF index's trained quantizer, UserClusters' last lists, the raised search parameters. Nothing
+here allocates a users x items matrix.
 """
 
 from __future__ import annotations
@@ -71,22 +71,24 @@ class KDRetrieval:
         self._reusable: TrainedQuantizer | None = None  # last epoch's quantizer, while its recall held
         self._raised: dict = {}  # search parameters raised to hold the recall floor, kept for later refreshes
         self._held: int | None = None  # the nprobe (or candidates) at which the last refresh held the floor
+        self._previous: np.ndarray | None = None  # UserClusters: the last refresh's lists [U, m] int32
         self._said_torch_topk = False
 
     @property
     def num_users(self) -> int:
         return self.t_user.shape[0]
 
-    # What a refresh carries to the next one (the kept quantizer, the raised or held nprobe) is saved with a run's
-    # resume state: without it a resumed run retrained k-means and restarted from the configured nprobe, and no
-    # longer repeated the uninterrupted run.
+    # What a refresh carries to the next one (the kept quantizer, the raised or held nprobe, UserClusters' last
+    # lists) is saved with a run's resume state: without it a resumed run retrained k-means and restarted from the
+    # configured nprobe, and no longer repeated the uninterrupted run.
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-able numbers, tensors) of what the next refresh starts from; ``load_state`` restores them."""
         meta = {"index": self.index, "raised": dict(self._raised), "held": self._held}
-        if self._reusable is None:
-            return meta, {}
-        meta["trained"] = {"factory": self._reusable.factory, "dim": self._reusable.dim}
-        return meta, {"ivf_trained": torch.from_numpy(self._reusable.to_bytes())}
+        tensors = {} if self._previous is None else {"previous_topm": torch.from_numpy(self._previous)}
+        if self._reusable is not None:
+            meta["trained"] = {"factory": self._reusable.factory, "dim": self._reusable.dim}
+            tensors["ivf_trained"] = torch.from_numpy(self._reusable.to_bytes())
+        return meta, tensors
 
     def load_state(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Restore ``state``; nothing when the run now asks for another index (a resume with another
@@ -98,6 +100,7 @@ class KDRetrieval:
             return
         self._raised = dict(meta.get("raised") or {})
         self._held = meta.get("held", meta.get("held_nprobe"))  # (the key of runs saved before UserClusters)
+        self._previous = tensors["previous_topm"].numpy() if "previous_topm" in tensors else None
         try:
             self._reusable = (TrainedQuantizer.from_bytes(trained["factory"], trained["dim"],
                                                           tensors["ivf_trained"].numpy())
@@ -184,7 +187,15 @@ class KDRetrieval:
             # An approximate (IVF) index keeps its trained quantizer from the previous epoch while its recall
             # holds: the student moves little per epoch, and k-means is most of an IVF refresh (docs/benchmarks.md 4).
             searcher = TopKSearcher(i, self.index, use_gpu=self.use_gpu, params=params, trained_like=self._reusable)
-        ids = searcher.search(u, m)[1]
+        # UserClusters ranks every user's last list with its cluster's candidates (cluster_search)
+        previous = self._previous if self._previous is not None and self._previous.shape == (len(u), m) else None
+
+        def search() -> np.ndarray:
+            if isinstance(searcher, UserClusterSearcher):
+                return searcher.search(u, m, previous=previous)[1]
+            return searcher.search(u, m)[1]
+
+        ids = search()
         if searcher.is_exact:
             return ids, {}
         checking = time.perf_counter()
@@ -220,7 +231,7 @@ class KDRetrieval:
                 searcher.set_params(**{knob: value})
             else:
                 break
-            ids = searcher.search(u, m)[1]
+            ids = search()
             recall = recall_at_k(ids[sample], exact)
         # The next refresh starts at this value, or at half of it after a recall well above the floor (the
         # student settles, and a raised nprobe costs a proportional share of an exhaustive search).
@@ -239,6 +250,7 @@ class KDRetrieval:
             diag[f"retrieval_{knob}"] = float(searcher.params[knob])
         # only its trained quantizer is kept for the next epoch, and only while its recall holds
         self._reusable = searcher.release() if recall >= REUSE_RECALL_FLOOR else None
+        self._previous = ids.astype(np.int32) if isinstance(searcher, UserClusterSearcher) else None
         log.info("approximate top-%d (%s%s, %s): recall@%d %.4f vs exact", m, self.index,
                  ", quantizer kept" if searcher.reused_training else "", searcher.params, m, recall)
         return ids, diag

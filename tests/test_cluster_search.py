@@ -57,6 +57,27 @@ def test_the_same_vectors_and_seed_give_the_same_lists():
     assert (a[1] == b[1]).all() and (a[0] == b[0]).all()
 
 
+
+def test_a_users_previous_list_is_ranked_with_its_candidates_each_item_once():
+    u, i = _vectors()
+    exact_scores, exact_ids = TopKSearcher(i, "Flat").search(u, 30)
+    searcher = UserClusterSearcher(i, u, {"clusters": 32, "candidates": 40})
+    cold_scores, cold_ids = searcher.search(u, 30)
+    assert recall_at_k(cold_ids, exact_ids) < 0.9
+    # the true lists as the previous ones: what the centroids miss is there, so the search is exact
+    scores, ids = searcher.search(u, 30, previous=exact_ids)
+    assert (ids == exact_ids).all()
+    np.testing.assert_allclose(scores, exact_scores, rtol=0, atol=1e-5)
+    # lists that share items with the candidates (the cold lists, shifted): no item twice, and never a worse list
+    # than the candidates alone (each user's k-th score at least the cold one's)
+    shifted = np.roll(cold_ids, 7, axis=1)
+    scores, ids = searcher.search(u, 30, previous=shifted)
+    assert all(len(set(row)) == 30 for row in ids.tolist())
+    assert (scores[:, -1] >= cold_scores[:, -1] - 1e-6).all() and (np.diff(scores, axis=1) <= 0).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(u @ i.T, ids, axis=1), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="previous must be"):
+        searcher.search(u, 30, previous=exact_ids[:10])
+
 @pytest.mark.parametrize("params,needle", [({"nprobe": 8}, "not nprobe"), ({"clusters": 0}, "clusters must be"),
                                            ({"candidates": True}, "candidates must be"),
                                            ({"candidates": 1.5}, "candidates must be")])
@@ -91,9 +112,14 @@ def test_the_refresh_raises_the_candidates_to_the_recall_floor(teacher, slice_da
     u, i = (t.detach().numpy() for t in model.vectors())
     final = UserClusterSearcher(i, u, params={"clusters": 16, "candidates": int(diag["retrieval_candidates"])})
     assert diag["retrieval_recall"] == pytest.approx(measure_recall(final, u, i, 30, sample_users=500), abs=3e-4)
-    again = retrieval.student_topm(model, 30)[1]  # the next refresh starts from the raised candidates
+    # the next refresh starts from the raised candidates, and ranks each user's last list with them: on the same
+    # model that list is the answer found, so the refresh finds the same lists again
+    again_ids, again = retrieval.student_topm(model, 30)
     assert again["retrieval_candidates"] == diag["retrieval_candidates"] and again["retrieval_recall_first"] >= 0.95
-    assert retrieval.state()[0]["raised"] == {"candidates": int(diag["retrieval_candidates"])}
+    assert again["retrieval_recall"] >= diag["retrieval_recall"] and (again_ids == ids).all()
+    meta, tensors = retrieval.state()
+    assert meta["raised"] == {"candidates": int(diag["retrieval_candidates"])}
+    assert (tensors["previous_topm"].long() == ids).all() and tensors["previous_topm"].dtype == torch.int32
 
 
 def test_a_resumed_run_with_user_clusters_repeats_the_uninterrupted_one(teacher, slice_data, tmp_path):
