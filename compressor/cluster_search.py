@@ -118,8 +118,8 @@ class UserClusterSearcher:
     def search(self, user_vectors: np.ndarray, k: int,
                previous: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores [n, k] float32 inner products, ids [n, k] int64) of the users' top-k, best first. ``previous``:
-        [n, p] item ids per user (distinct within a row; e.g. its last refresh's list), ranked beside its
-        cluster's candidates (each item once)."""
+        [n, p] integer item ids per user (e.g. its last refresh's list; distinct within a row, which is not
+        checked), ranked beside its cluster's candidates, an item in both once."""
         users = torch.from_numpy(np.ascontiguousarray(user_vectors, dtype=np.float32))
         if users.ndim != 2 or users.shape[1] != self.dim:
             raise ValueError(f"user_vectors must be [n, {self.dim}], got {tuple(users.shape)}")
@@ -127,9 +127,13 @@ class UserClusterSearcher:
             raise ValueError(f"k must be in 1..{self.n_items}, got {k}")
         n = users.shape[0]
         if previous is not None:
-            if previous.ndim != 2 or previous.shape[0] != n:
-                raise ValueError(f"previous must be [{n}, p] item ids, got {tuple(previous.shape)}")
-            previous = torch.from_numpy(np.ascontiguousarray(previous)).long()
+            if previous.ndim != 2 or previous.shape[0] != n or not np.issubdtype(previous.dtype, np.integer):
+                raise ValueError(f"previous must be [{n}, p] integer item ids, got {previous.dtype} "
+                                 f"{tuple(previous.shape)}")
+            if previous.size and not (0 <= previous.min() and previous.max() < self.n_items):
+                raise ValueError(f"previous holds item ids outside 0..{self.n_items - 1}")
+            # (kept in its own dtype, int32 from a refresh; widened per block: [1M, 100] as int64 is 800 MB)
+            previous = torch.from_numpy(np.ascontiguousarray(previous)) if previous.shape[1] else None
         count = min(max(self.params["candidates"], k), self.n_items)
         if count == self.n_items:  # every item a candidate: the exact search, without [clusters, items] lists
             scores_t, ids_t = exact_topk_on_device(users, self._items, k, block=self._score_rows(self.n_items))
@@ -142,7 +146,8 @@ class UserClusterSearcher:
         bounds = torch.searchsorted(assign[order], torch.arange(candidates.shape[0] + 1)).tolist()
         scores = torch.empty((n, k), dtype=torch.float32)
         ids = torch.empty((n, k), dtype=torch.int64)
-        rows_per_block = self._score_rows(count + (0 if previous is None else previous.shape[1]))
+        # a block's scores, and with previous lists their items' rows ([rows, p, dim]) and products
+        rows_per_block = self._score_rows(count + (0 if previous is None else previous.shape[1] * (2 * self.dim + 1)))
         is_candidate = None if previous is None else torch.zeros(self.n_items, dtype=torch.bool)
         for c in range(candidates.shape[0]):
             members = order[bounds[c]:bounds[c + 1]]
@@ -160,7 +165,7 @@ class UserClusterSearcher:
                     ids[rows] = cand[columns]
                 else:  # the previous lists' items after the candidates; one already a candidate is ranked once
                     # (index_select, not indexing: a tenth of the time for [rows, p] ids)
-                    extra = previous.index_select(0, rows)
+                    extra = previous.index_select(0, rows).long()
                     extra_rows = self._items.index_select(0, extra.reshape(-1)).view(*extra.shape, self.dim)
                     extra_scores = (extra_rows * users[rows].unsqueeze(1)).sum(-1)
                     extra_scores.masked_fill_(is_candidate[extra], float("-inf"))

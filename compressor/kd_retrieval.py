@@ -175,7 +175,8 @@ class KDRetrieval:
         REUSE_RECALL_FLOOR: its recall@m against exact search is measured on a sample of users every refresh,
         and below the floor the search is redone: an nprobe stepped down from the last refresh's raised back,
         then a kept quantizer trained afresh, then nprobe doubled up to the list count (UserClusters: its
-        candidates, up to every item). The floor matters: a
+        candidates, up to every item; each search also ranks every user's list of the last refresh). The floor
+        matters: a
         fresh Gowalla student's IVF256 nprobe 8 recall fell from 0.96 to 0.59 over its first 25 RCE-KD epochs,
         and the KD terms built on those lists lost validation NDCG."""
         params = {**self.index_params, **self._raised}

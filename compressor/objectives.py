@@ -235,8 +235,8 @@ class Distillation:
         return diag
 
     def run_state(self) -> tuple[dict, dict[str, Tensor]]:
-        """The retrieval's (an approximate refresh's kept quantizer and nprobe); the term's epoch sets are rebuilt
-        from the model at every epoch start, so they carry nothing."""
+        """The retrieval's (an approximate refresh's kept quantizer, raised nprobe or candidates, UserClusters' last
+        lists); the term's epoch sets are rebuilt from the model at every epoch start, so they carry nothing."""
         meta, tensors = self.retrieval.state()
         return {"retrieval": meta}, {f"retrieval.{k}": v for k, v in tensors.items()}
 

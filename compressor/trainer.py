@@ -228,8 +228,8 @@ class Trainer:
         restore_optimizer(self.optimizer, ckpt)
         if ckpt.rng_state is not None:
             torch.set_rng_state(ckpt.rng_state)
-        # the objective's carried state (an approximate refresh's quantizer and nprobe) is restored once it is set
-        # up; under torchrun each rank's refresh held its own, and each rank reads its own back
+        # the objective's carried state (an approximate refresh's quantizer, nprobe, last lists) is restored once
+        # it is set up; under torchrun each rank's refresh held its own, and each rank reads its own back
         self._resumed_run_state = self.dist.own_run_state(ckpt.meta.get("objective_state") or {}, ckpt.run_state)
         self.epoch = ckpt.meta["epoch"]
         self.history = ckpt.meta["history"]

@@ -75,8 +75,15 @@ def test_a_users_previous_list_is_ranked_with_its_candidates_each_item_once():
     assert all(len(set(row)) == 30 for row in ids.tolist())
     assert (scores[:, -1] >= cold_scores[:, -1] - 1e-6).all() and (np.diff(scores, axis=1) <= 0).all()
     np.testing.assert_allclose(scores, np.take_along_axis(u @ i.T, ids, axis=1), rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="previous must be"):
-        searcher.search(u, 30, previous=exact_ids[:10])
+    # int32 lists (a refresh keeps them so), shorter than k, or empty: the same answers as their int64 / none
+    short = exact_ids[:, :5].astype(np.int32)
+    assert (searcher.search(u, 30, previous=short)[1] == searcher.search(u, 30, previous=exact_ids[:, :5])[1]).all()
+    assert recall_at_k(searcher.search(u, 30, previous=short)[1], exact_ids) > recall_at_k(cold_ids, exact_ids)
+    assert (searcher.search(u, 30, previous=exact_ids[:, :0])[1] == cold_ids).all()
+    for bad, needle in ((exact_ids[:10], "previous must be"), (exact_ids.astype(np.float32), "integer item ids"),
+                        (exact_ids + 3000, "outside 0..2999"), (np.full_like(exact_ids, -1), "outside 0..2999")):
+        with pytest.raises(ValueError, match=needle):
+            searcher.search(u, 30, previous=bad)
 
 @pytest.mark.parametrize("params,needle", [({"nprobe": 8}, "not nprobe"), ({"clusters": 0}, "clusters must be"),
                                            ({"candidates": True}, "candidates must be"),
@@ -152,6 +159,12 @@ def test_a_resume_state_is_read_only_by_the_index_that_saved_it(teacher, slice_d
     assert clusters.state()[0] == {"index": "UserClusters", "raised": {}, "held": None}
     clusters.load_state(from_clusters, {})
     assert clusters.state()[0] == from_clusters
+    # UserClusters' last lists travel with its state, and only to a UserClusters refresh
+    lists = {"previous_topm": torch.arange(12, dtype=torch.int32).view(4, 3)}
+    clusters.load_state(from_clusters, lists)
+    assert (clusters.state()[1]["previous_topm"] == lists["previous_topm"]).all()
+    ivf.load_state(from_clusters, lists)
+    assert "previous_topm" not in ivf.state()[1]
 
 
 def test_unset_params_are_sized_to_the_data():
