@@ -417,13 +417,12 @@ def serve(source, host, port, workers, max_k, max_batch, fallback, max_body_byte
               help="Early-stopping patience of the RCE-KD stage (overrides its train.patience; default: the "
                    "recipe's, 30 as in the paper). The teacher and the scratch baseline always train to their "
                    "recipes' patience, so the student is compared with a fully trained teacher.")
-@click.option("--kd-users", type=click.Choice(list(KD_USERS_MODES)), default="once_per_epoch",
-              show_default=True,
-              help="distill.kd_users of the RCE-KD stage. every_batch is the spec's form (KD terms for every "
-                   "distinct user of every batch); once_per_epoch computes each user's once per epoch: the same "
-                   "CiteULike test NDCG@20 over 5 seeds at a fraction of the epoch time (docs/benchmarks.md 2c); "
-                   "user_batches once per epoch too, in KD batches of their own (fewer calls, 4m; not yet "
-                   "a recipe's form).")
+@click.option("--kd-users", type=click.Choice(list(KD_USERS_MODES)), default=None,
+              help="distill.kd_users of the RCE-KD stage (default: its recipe's; the bundled recipes' is "
+                   "user_batches: each user's KD terms once per epoch, in KD batches of their own, at the spec's "
+                   "test NDCG@20 over 5 CiteULike seeds for a fraction of its epoch time, docs/benchmarks.md 4o). "
+                   "every_batch is the spec's form (KD terms for every distinct user of every batch); "
+                   "once_per_epoch each user's once per epoch, in the first batch that holds it (2c).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every stage.")
 @options.DEVICE
 @options.THREADS

@@ -143,8 +143,8 @@ class DistillConfig:
                                       "appears in per epoch (a fraction of the KD work, at the same test quality "
                                       "on CiteULike; docs/benchmarks.md sections 2c, 2d, 4); user_batches = each "
                                       "user once per epoch too, in shuffled KD batches of kd_batch_users users, "
-                                      "one per BPR batch from the epoch's first (fewer, larger KD calls; section "
-                                      "4m).",
+                                      "one per BPR batch from the epoch's first (fewer, larger KD calls, the spec's "
+                                      "test quality: the CiteULike and Gowalla recipes' form; sections 4m, 4o).",
                        choices=KD_USERS_MODES)
     kd_batch_users: int = _f(2048, "kd_users user_batches: users per KD batch.", min=1)
     exclude_seen: bool = _f(False, "Remove each user's training items from the teacher's and the student's top "

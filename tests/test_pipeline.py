@@ -22,7 +22,7 @@ def recipes(tmp_path_factory, slice_data):
     (d / "teacher.yaml").write_text(data + "model: {kind: mf, dim: 32}\n" + train)
     (d / "student.yaml").write_text(data + "model: {kind: mf, dim: 8}\n" + train)
     (d / "kd.yaml").write_text(data + "model: {kind: mf, dim: 8}\n" + train +
-                               "distill: {method: rcekd, K: 10, M: 30, L: 10, lambda_kd: 1.0}\n")
+                               "distill: {method: rcekd, K: 10, M: 30, L: 10, lambda_kd: 1.0, kd_users: user_batches}\n")
     return d
 
 
@@ -47,8 +47,8 @@ def test_pipeline_runs_reuses_and_reports(recipes, tmp_path):
     assert "- RCE-KD student: trained here" in report
     configs = {st: read_meta(out / st)["config"] for st in ("teacher", "scratch", "rcekd")}
     assert {st: c["train"]["patience"] for st, c in configs.items()} == {"teacher": 5, "scratch": 5, "rcekd": 5}
-    assert configs["rcekd"]["distill"]["kd_users"] == "once_per_epoch"  # --kd-users' default
-    assert "distill.kd_users once_per_epoch" in report
+    assert configs["rcekd"]["distill"]["kd_users"] == "user_batches"  # the recipe's, --kd-users unset
+    assert "distill.kd_users user_batches" in report
     assert (out / "report" / "valid_ndcg10.png").stat().st_size > 1000
     for stage in ("teacher", "scratch", "rcekd"):  # each stage keeps its own log, epochs included
         assert "epoch 1 " in (out / stage / "train.log").read_text()
