@@ -21,8 +21,8 @@ def recipes(tmp_path_factory, slice_data):
     train = "train: {batch_size: 512, lr: 0.005, threads: 1, patience: 5}\n"
     (d / "teacher.yaml").write_text(data + "model: {kind: mf, dim: 32}\n" + train)
     (d / "student.yaml").write_text(data + "model: {kind: mf, dim: 8}\n" + train)
-    (d / "kd.yaml").write_text(data + "model: {kind: mf, dim: 8}\n" + train +
-                               "distill: {method: rcekd, K: 10, M: 30, L: 10, lambda_kd: 1.0, kd_users: user_batches}\n")
+    (d / "kd.yaml").write_text(data + "model: {kind: mf, dim: 8}\n" + train + "distill: {method: rcekd, K: 10, M: 30, "
+                               "L: 10, lambda_kd: 1.0, kd_users: user_batches}\n")
     return d
 
 
@@ -47,8 +47,8 @@ def test_pipeline_runs_reuses_and_reports(recipes, tmp_path):
     assert "- RCE-KD student: trained here" in report
     configs = {st: read_meta(out / st)["config"] for st in ("teacher", "scratch", "rcekd")}
     assert {st: c["train"]["patience"] for st, c in configs.items()} == {"teacher": 5, "scratch": 5, "rcekd": 5}
-    assert configs["rcekd"]["distill"]["kd_users"] == "user_batches"  # the recipe's, --kd-users unset
-    assert "distill.kd_users user_batches" in report
+    assert configs["rcekd"]["distill"]["kd_users"] == "once_per_epoch"  # --kd-users' default, not the recipe's
+    assert "distill.kd_users once_per_epoch" in report
     assert (out / "report" / "valid_ndcg10.png").stat().st_size > 1000
     for stage in ("teacher", "scratch", "rcekd"):  # each stage keeps its own log, epochs included
         assert "epoch 1 " in (out / stage / "train.log").read_text()
@@ -80,6 +80,10 @@ def test_pipeline_runs_reuses_and_reports(recipes, tmp_path):
     assert stages == {"teacher": "reused", "scratch": "reused", "rcekd": "reused", "export.teacher": "reused",
                       "export.scratch": "reused", "export.rcekd": "reused", "register": "reused"}
     assert json.loads((out / "report" / "summary.json").read_text())["stages"] == stages
+    assert {s: (out / s / "model.safetensors").stat().st_mtime_ns for s in model_mtime} == model_mtime
+    # a rerun asking for another student is refused, not answered with the kept one; nothing is touched
+    p3 = run_cli(*_args(recipes, out, "--kd-users", "every_batch"), env=env, cwd=tmp_path, check=False)
+    assert_one_line_error(p3, str(out / "rcekd"), "distill.kd_users 'once_per_epoch' (now 'every_batch')", "--fresh")
     assert {s: (out / s / "model.safetensors").stat().st_mtime_ns for s in model_mtime} == model_mtime
 
 

@@ -71,8 +71,9 @@ def stage_overrides(o: PipelineOptions, stage: str, threads: int | None = None) 
 def stage_configs(o: PipelineOptions) -> dict[str, Config]:
     """Every stage's validated config, built before anything trains: a mistake in any recipe or override, or a
     recipe the report cannot compare, is refused before the first epoch."""
-    configs = {"scratch": api.make_config(recipe(o.student_config), stage_overrides(o, "scratch")),
-               "rcekd": api.make_config(recipe(o.kd_config), stage_overrides(o, "rcekd"))}
+    configs = {"scratch": api.make_config(recipe(o.student_config), [*stage_overrides(o, "scratch"),
+                                                                      "distill.method=scratch"]),
+               "rcekd": api.make_config(recipe(o.kd_config), [*stage_overrides(o, "rcekd"), "distill.method=rcekd"])}
     if not o.teacher:
         configs["teacher"] = api.make_config(recipe(o.teacher_config), stage_overrides(o, "teacher"))
     k = int(GATE_METRIC.partition("@")[2])

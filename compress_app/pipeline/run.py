@@ -32,7 +32,8 @@ from ..tracking.gate import GATE_METRIC
 from . import scratch_process
 from .deliver import dir_bytes, export_stage, log_report, register_stage, serving_latency
 from .options import PipelineOptions, stage_configs
-from .stages import GIVEN, RAN, RESUMED, STAGE_RUNS, lock, read_result, run_stage, train_rcekd, train_scratch, train_teacher
+from .stages import (GIVEN, RAN, RESUMED, STAGE_RUNS, check_kept_stages, lock, read_result, run_stage, train_rcekd,
+                     train_scratch, train_teacher)
 
 log = logging.getLogger(PIPELINE_LOGGER)
 
@@ -61,7 +62,9 @@ def _given_teacher(o: PipelineOptions) -> tuple[Path, Path, dict]:
 
 def _run_locked(o: PipelineOptions, out: Path) -> dict:
     # Everything that can be refused is checked before --fresh deletes anything or a stage trains.
-    stage_configs(o)
+    configs = stage_configs(o)
+    if not o.fresh:
+        check_kept_stages(out, configs)
     resolve_device(o.device)
     given = _given_teacher(o) if o.teacher else None
     if o.fresh:

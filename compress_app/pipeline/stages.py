@@ -10,8 +10,11 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from compressor import api
-from compressor.run_dir import LOG_FILE, RESULT_FILE, RESUME_FILE
+from compressor.config import Config, ConfigError, to_dict
+from compressor.run_dir import CONFIG_FILE, LOG_FILE, RESULT_FILE, RESUME_FILE
 from compressor.trainer import TrainingError
 
 from ..logs import PIPELINE_LOGGER, log_file_handler
@@ -47,6 +50,37 @@ def tracking_callbacks(o: PipelineOptions, command: str) -> list:
         return []
     return [MlflowTracker(command, tracking_uri=o.mlflow.get("tracking_uri"), experiment=o.mlflow.get("experiment"),
                           optional=o.mlflow.get("optional", False))]
+
+
+# how many threads a stage ran with does not change what it trained (the teacher's depend on whether the scratch
+# baseline trains beside it)
+IGNORED_KEYS = frozenset({"train.threads"})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_kept_stages(out: Path, configs: dict[str, Config]) -> None:
+    """A finished stage is reused and an interrupted one resumed only if it ran the config this invocation asks
+    for: a rerun with another --kd-users, --set or recipe would otherwise get the earlier student back without a
+    word. ConfigError naming the stage and the first keys that differ; nothing is touched."""
+    for name, cfg in configs.items():
+        run_dir = out / name
+        done = read_result(run_dir) is not None
+        if not (run_dir / CONFIG_FILE).exists() or not (done or (run_dir / RESUME_FILE).exists()):
+            continue
+        kept = _flat(yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {})
+        asked = _flat(json.loads(json.dumps(to_dict(cfg))))  # (tuples as lists, as the saved YAML has them)
+        differ = [k for k in sorted(set(kept) | set(asked)) if k not in IGNORED_KEYS and kept.get(k) != asked.get(k)]
+        if differ:
+            said = ", ".join(f"{k} {kept.get(k)!r} (now {asked.get(k)!r})" for k in differ[:3])
+            more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+            raise ConfigError(f"{run_dir}: this stage {'finished' if done else 'was interrupted'} with {said}{more}; "
+                              "--fresh redoes every stage, or use another --out")
 
 
 def run_stage(name: str, run_dir: Path, train) -> tuple[dict, str]:
