@@ -11,7 +11,8 @@ measured against exact search on a sample of users every refresh (``kd_retrieval
 recall with time (as many as there are items: the exact search itself). A refresh may also hand each user its
 previous list (``search(previous=...)``), which is ranked with the cluster's candidates: a student's top-100
 keeps about 90% of its items from one epoch to the next, so what the centroid misses is mostly there already,
-and a KD-trained Gowalla student holds the recall floor at a quarter of the candidates (docs/benchmarks.md 4n).
+and a KD-trained Gowalla student holds the recall floor at a half to a quarter of the candidates (2,000 along a
+run, 1,000 once it has converged, against 4,000; docs/benchmarks.md 4n, 4o).
 
 ``distill.index: UserClusters`` selects it, ``distill.index_params`` may set ``clusters`` and ``candidates``; unset,
 they are sized to the data (``sized_defaults``).

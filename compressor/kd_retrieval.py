@@ -176,9 +176,8 @@ class KDRetrieval:
         and below the floor the search is redone: an nprobe stepped down from the last refresh's raised back,
         then a kept quantizer trained afresh, then nprobe doubled up to the list count (UserClusters: its
         candidates, up to every item; each search also ranks every user's list of the last refresh). The floor
-        matters: a
-        fresh Gowalla student's IVF256 nprobe 8 recall fell from 0.96 to 0.59 over its first 25 RCE-KD epochs,
-        and the KD terms built on those lists lost validation NDCG."""
+        matters: a fresh Gowalla student's IVF256 nprobe 8 recall fell from 0.96 to 0.59 over its first 25 RCE-KD
+        epochs, and the KD terms built on those lists lost validation NDCG."""
         params = {**self.index_params, **self._raised}
         if self.index == USER_CLUSTERS:  # (fewer candidates than m would rank m all the same)
             params = check_params(params, sizes=(len(u), len(i)))
