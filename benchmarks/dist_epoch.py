@@ -98,12 +98,14 @@ def _group(users, items):
     return users[starts], np.split(items, cuts)
 
 
-# the cases were measured on the Gowalla recipe as specified; it distils in user_batches with a UserClusters refresh
-# since docs/benchmarks.md 4o, so the spec's form is spelled out
-SPEC_FORM = ["--set", "distill.kd_users=every_batch", "--set", "distill.index=Flat", "--set", "distill.index_params={}"]
-
-
 def command(case: str, work: Path, out: Path, world: int, threads: int, epochs: int) -> list[str]:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from compressor.config import spec_form_sets
+
+    # the cases were measured on the Gowalla recipe as specified; it distils in user_batches with a UserClusters
+    # refresh since docs/benchmarks.md 4o, so the spec's form is spelled out (the 1M case sets its own index after)
+    spec = spec_form_sets()
     base = [sys.executable, "-m", "compress_app", "distill", "--out", str(out), "--epochs", str(epochs),
             "--set", f"train.eval_every={epochs}", "--set", "train.checkpoint_every=1000", "--no-mlflow",
             "--quiet", "--threads", str(threads), "--nproc", str(world)]
@@ -112,11 +114,11 @@ def command(case: str, work: Path, out: Path, world: int, threads: int, epochs: 
         if case == "gowalla-scratch":
             return [*base, "--method", "scratch", "--config", "configs/gowalla/mf-student.yaml", *data]
         return [*base, "--config", "configs/gowalla/mf-rcekd.yaml", "--teacher", str(work / "gowalla-teacher.npz"),
-                *data, *SPEC_FORM]
+                *data, *spec]
     data = ["--config", "configs/gowalla/mf-rcekd.yaml", "--set", f"data.path={work / 'synth-1m'}"]
     if case == "synth-1m-scratch":
         return [*base, "--method", "scratch", *data]
-    return [*base, *data, "--teacher", str(work / "synth-1m-teacher.npz"), *SPEC_FORM[:2], "--set",
+    return [*base, *data, "--teacher", str(work / "synth-1m-teacher.npz"), *spec, "--set",
             "distill.index=IVF1024,Flat", "--set", "distill.index_params={nprobe: 64}"]
 
 

@@ -57,12 +57,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from compressor.run_dir import METRICS_FILE, RESULT_FILE, RESUME_FILE  # noqa: E402  (constants only)
+from compressor.config import spec_form, spec_form_sets  # noqa: E402
 
 GOWALLA = ROOT.parent / "shared" / "data" / "gowalla"
 KD_CONFIG = ROOT / "configs" / "gowalla" / "mf-rcekd.yaml"
-# the recipe as specified (it distils in user_batches with a UserClusters refresh since docs/benchmarks.md 4o):
-# every objective starts from this and sets its own index and kd_users, so the rows mean what they did
-SPEC_FORM = {"kd_users": "every_batch", "index": "Flat", "index_params": {}}
 STUDENT_CONFIG = ROOT / "configs" / "gowalla" / "mf-student.yaml"
 TEACHER_CONFIG = ROOT / "configs" / "gowalla" / "mf-teacher.yaml"
 MB = 1 << 20
@@ -430,7 +428,9 @@ def part_epoch(spec: dict) -> dict:
     for name, (factory, params, *extra) in spec["kd_indexes"].items():
         cfg = load_config(KD_CONFIG)
         cfg.train.threads = threads
-        for key, value in {**SPEC_FORM, "index": factory, "index_params": params}.items():
+        # every objective starts from the recipe as specified (it distils in user_batches with a UserClusters refresh
+        # since docs/benchmarks.md 4o) and sets its own index and kd_users, so the rows mean what they did
+        for key, value in {**spec_form(), "index": factory, "index_params": params}.items():
             setattr(cfg.distill, key, value)
         for key, value in (extra[0] if extra else {}).items():  # e.g. {"kd_users": "once_per_epoch"}
             setattr(cfg.distill, key, value)
@@ -502,7 +502,7 @@ def part_batch(spec: dict) -> dict:
     teacher = load_teacher(spec["teacher"], data)
     cfg = load_config(KD_CONFIG)
     cfg.train.threads = threads
-    for key, value in SPEC_FORM.items():
+    for key, value in spec_form().items():
         setattr(cfg.distill, key, value)
     d = cfg.distill
     obj = build_objective(cfg, teacher, dev, Path(spec["work"]) / "batch-kd")
@@ -1114,7 +1114,7 @@ def main():
         shutil.rmtree(run_dir, ignore_errors=True)
         cmd = [sys.executable, "-m", "compress_app", "distill", "--teacher", teacher, "--config", str(KD_CONFIG),
                "--out", str(run_dir), "--epochs", "1", "--threads", str(a.threads), "--quiet", "--no-mlflow",
-               *(x for key, value in SPEC_FORM.items() for x in ("--set", f"distill.{key}={value}"))]
+               *spec_form_sets()]
         print("peak RSS of a Gowalla distillation ...", flush=True)
         res["rss"] = {**run_measured(cmd, out / "rss-distill.log"), "index": "Flat (the spec's form)"}
         save()

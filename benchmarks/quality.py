@@ -47,14 +47,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from compressor.run_dir import MODEL_FILE, RESULT_FILE, RESUME_FILE  # noqa: E402  (constants only)
+from compressor.config import spec_form_sets  # noqa: E402
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 # The cheap form's refresh on Gowalla: user clusters sized to the data (256 / 1,000), recall@100 0.96 against the
 # exact top-100 at half IVF256's search time on a trained student (docs/benchmarks.md section 4i).
 GOWALLA_CHEAP_INDEX, GOWALLA_CHEAP_INDEX_PARAMS = "UserClusters", "{}"
-# RCE-KD as specified, spelled out: the CiteULike and Gowalla recipes distil in user_batches (docs/benchmarks.md
-# 4o), and their spec-form runs must not change with that default (CiteULike's refresh is exact in its recipe)
-SPEC = ["--set", "distill.kd_users=every_batch"]
-GOWALLA_SPEC = [*SPEC, "--set", "distill.index=Flat", "--set", "distill.index_params={}"]
+# RCE-KD as specified, spelled out (config.spec_form): the CiteULike and Gowalla recipes distil in user_batches
+# (docs/benchmarks.md 4o), and their spec-form runs must not change with that default
+SPEC = spec_form_sets()
 GOWALLA_CHEAP = ["--set", "distill.kd_users=once_per_epoch", "--set", f"distill.index={GOWALLA_CHEAP_INDEX}",
                  "--set", f"distill.index_params={GOWALLA_CHEAP_INDEX_PARAMS}"]
 # suite user_batches: each user's KD terms once per epoch in KD batches of their own (docs/benchmarks.md 4m), with
@@ -159,7 +159,7 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
     for s in seeds:
         for ds in chosen:
             if ds.prefix == "gow":  # both RCE-KD forms spelled out, so the pairing does not depend on the defaults
-                student(ds, ds.run("rcekd", s), "mf-rcekd.yaml", s, GOWALLA_SPEC)
+                student(ds, ds.run("rcekd", s), "mf-rcekd.yaml", s, SPEC)
                 scratch(ds, s)
                 student(ds, ds.run("rcekd-once", s), "mf-rcekd.yaml", s, GOWALLA_CHEAP)
             else:
@@ -173,7 +173,7 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
             for lever in levers if lever_seeds is None or s in lever_seeds else ():
                 overrides = LEVERS[lever]
                 overrides = overrides(f"{ds.recipes}/mf-rcekd.yaml") if callable(overrides) else overrides
-                pinned = GOWALLA_SPEC if ds.prefix == "gow" else SPEC  # paired with the spec-form run of its seed
+                pinned = SPEC  # paired with the spec-form run of its seed
                 student(ds, ds.run("rcekd", s, lever), "mf-rcekd.yaml", s,
                         [*(a for kv in overrides for a in ("--set", kv)), *pinned])
     if {"ablation", "once"} & set(suites):

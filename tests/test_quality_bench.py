@@ -35,8 +35,9 @@ def test_every_job_of_every_suite_and_lever_is_a_valid_run(tmp_path, monkeypatch
             ub = api.make_config(None, _sets(by_name[ds.run("rcekd-ub", s)]["args"])).distill
             assert ub.kd_users == "user_batches" and ub.index == ("UserClusters" if ds.prefix == "gow" else "Flat")
             # the spec-form runs (RCE-KD, its ablations and levers) stay the spec's whatever the recipes' default
+            ablations = ("wo_S", "wo_T", "const_alpha", "uniform_A") if ds.prefix == "cite" else ()
             for name in (ds.run("rcekd", s), *(ds.run("rcekd", s, lv) for lv in quality.LEVERS),
-                         *(f"abl-{v}-s{s}" for v in ("wo_S", "wo_T", "const_alpha", "uniform_A") if ds.prefix == "cite")):
+                         *(f"abl-{v}-s{s}" for v in ablations)):
                 args = by_name[name]["args"]
                 spec = api.make_config(args[args.index("--config") + 1], _sets(args)).distill
                 assert spec.kd_users == "every_batch" and spec.index == "Flat", name

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from compressor import api
-from compressor.config import Config, ConfigError, to_dict
+from compressor.config import Config, ConfigError, flatten, to_dict
 from compressor.run_dir import CONFIG_FILE, LOG_FILE, RESULT_FILE, RESUME_FILE
 from compressor.trainer import TrainingError
 
@@ -57,13 +57,6 @@ def tracking_callbacks(o: PipelineOptions, command: str) -> list:
 IGNORED_KEYS = frozenset({"train.threads"})
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_kept_stages(out: Path, configs: dict[str, Config]) -> None:
     """A finished stage is reused and an interrupted one resumed only if it ran the config this invocation asks
     for: a rerun with another --kd-users, --set or recipe would otherwise get the earlier student back without a
@@ -73,8 +66,8 @@ def check_kept_stages(out: Path, configs: dict[str, Config]) -> None:
         done = read_result(run_dir) is not None
         if not (run_dir / CONFIG_FILE).exists() or not (done or (run_dir / RESUME_FILE).exists()):
             continue
-        kept = _flat(yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {})
-        asked = _flat(json.loads(json.dumps(to_dict(cfg))))  # (tuples as lists, as the saved YAML has them)
+        kept = flatten(yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {})
+        asked = flatten(json.loads(json.dumps(to_dict(cfg))))  # (tuples as lists, as the saved YAML has them)
         differ = [k for k in sorted(set(kept) | set(asked)) if k not in IGNORED_KEYS and kept.get(k) != asked.get(k)]
         if differ:
             said = ", ".join(f"{k} {kept.get(k)!r} (now {asked.get(k)!r})" for k in differ[:3])
