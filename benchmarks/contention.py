@@ -2,8 +2,8 @@
 
     python benchmarks/contention.py --out bench-out/contention [--epochs 2] [--resume]
 
-Trains a 1-epoch MF400 teacher once, then runs `compress distill` (RCE-KD, and --method scratch) for --epochs
-epochs with train.threads=0 (every core this process may use), in four conditions, each in a fresh process:
+Trains a 1-epoch MF400 teacher once, then runs `compress distill` (RCE-KD in the spec's form, and --method
+scratch) for --epochs epochs with train.threads=0 (every core this process may use), in four conditions, each in a fresh process:
 quiet / beside one busy single-threaded process, each with the tool's default (OMP_WAIT_POLICY=PASSIVE, which
 the compressor package sets unless the environment has a value) and with libgomp's own default (spinning a while
 before sleeping: OMP_WAIT_POLICY set to an empty value, which libgomp rejects with one warning line and ignores;
@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from compressor.config import spec_form_sets  # noqa: E402
+
 BURNER = "while True: pass"
 # the environment of each policy: the tool's default (nothing set: PASSIVE), libgomp's default (set but empty)
 POLICIES = {"tool-PASSIVE": {}, "libgomp-default": {"OMP_WAIT_POLICY": ""}}
@@ -64,9 +67,12 @@ def main() -> int:
                     env = dict(base, **POLICIES[policy])
                     burner = subprocess.Popen([sys.executable, "-c", BURNER]) if load == "busy" else None
                     try:
+                        # the RCE-KD epoch is the spec's form (every_batch, exact refresh), what section 4b
+                        # timed before the recipe moved to user_batches: its numbers keep their meaning
+                        form = spec_form_sets() if method == "rcekd" else []
                         cli(["distill", "--teacher", teacher, "--method", method, "--config",
                              "configs/citeulike/mf-rcekd.yaml", "--out", run, "--epochs", a.epochs, "--threads", 0,
-                             "--set", "train.patience=1000", "--quiet"], env)
+                             "--set", "train.patience=1000", *form, "--quiet"], env)
                     finally:
                         if burner is not None:
                             burner.kill()
