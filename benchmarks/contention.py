@@ -1,6 +1,7 @@
 """Thread collapse on a busy box: one RCE-KD (and one scratch) CiteULike epoch quiet and beside a CPU burner.
 
     python benchmarks/contention.py --out bench-out/contention [--epochs 2] [--resume]
+    python benchmarks/contention.py --out bench-out/spin --methods rcekd --spincounts 300 100000   # + GOMP_SPINCOUNT
 
 Trains a 1-epoch MF400 teacher once, then runs `compress distill` (RCE-KD in the spec's form, and --method
 scratch) for --epochs epochs with train.threads=0 (every core this process may use), in four conditions, each in a fresh process:
@@ -48,23 +49,28 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "contention")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="keep finished runs")
+    ap.add_argument("--spincounts", type=int, nargs="*", default=[],
+                    help="also time the tool's default with GOMP_SPINCOUNT=N (libgomp: spins before a waiting thread "
+                         "sleeps, ~100,000 per ms; it overrides the wait policy's own count), one condition per N")
+    ap.add_argument("--methods", nargs="+", default=["rcekd", "scratch"], choices=["rcekd", "scratch"])
     a = ap.parse_args()
+    policies = {**POLICIES, **{f"spin-{n}": {"GOMP_SPINCOUNT": str(n)} for n in a.spincounts}}
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     base.update(COMPRESS_NO_MLFLOW="1")
     teacher = out / "teacher"
     if not (teacher / "result.json").exists():
         cli(["train", "--config", "configs/citeulike/mf-teacher.yaml", "--out", teacher, "--epochs", 1, "--quiet"], base)
     results = {}
-    for method in ("rcekd", "scratch"):
-        for policy in POLICIES:
+    for method in a.methods:
+        for policy in policies:
             for load in ("quiet", "busy"):
                 name = f"{method}-{policy}-{load}"
                 run = out / name
                 if not (a.resume and (run / "result.json").exists()):
                     subprocess.run(["rm", "-rf", str(run)], check=True)
-                    env = dict(base, **POLICIES[policy])
+                    env = dict(base, **policies[policy])
                     burner = subprocess.Popen([sys.executable, "-c", BURNER]) if load == "busy" else None
                     try:
                         # the RCE-KD epoch is the spec's form (every_batch, exact refresh), what section 4b
@@ -81,8 +87,8 @@ def main() -> int:
                 kept = times[1:] if len(times) > 1 else times
                 results[name] = {"epoch_s": times, "median_s": statistics.median(kept)}
                 print(name, results[name], flush=True)
-    for method in ("rcekd", "scratch"):
-        for policy in POLICIES:
+    for method in a.methods:
+        for policy in policies:
             q, b = results[f"{method}-{policy}-quiet"]["median_s"], results[f"{method}-{policy}-busy"]["median_s"]
             results[f"{method}-{policy}-ratio"] = round(b / q, 2)
     results["load"] = {"loadavg": Path("/proc/loadavg").read_text().split()[:3], "cores": len(os.sched_getaffinity(0)),
