@@ -173,9 +173,8 @@ def build_jobs(suites, seeds, out: Path, device: str, threads: int, max_epochs: 
             for lever in levers if lever_seeds is None or s in lever_seeds else ():
                 overrides = LEVERS[lever]
                 overrides = overrides(f"{ds.recipes}/mf-rcekd.yaml") if callable(overrides) else overrides
-                pinned = SPEC  # paired with the spec-form run of its seed
-                student(ds, ds.run("rcekd", s, lever), "mf-rcekd.yaml", s,
-                        [*(a for kv in overrides for a in ("--set", kv)), *pinned])
+                student(ds, ds.run("rcekd", s, lever), "mf-rcekd.yaml", s,  # paired with its seed's spec-form run
+                        [*(a for kv in overrides for a in ("--set", kv)), *SPEC])
     if {"ablation", "once"} & set(suites):
         teacher(cite)
     if "ablation" in suites:
